@@ -1,0 +1,78 @@
+"""Locate: token positions of the subject and activations of modules at those positions.
+
+Tokenisation follows the original ROME/MEMIT code exactly (it decides which token is "the
+subject's last token"): the template is split at ``{}``; a non-empty prefix loses its trailing
+space, which moves onto the word (" " + subject.strip()); prefix, word and suffix are tokenised
+separately without special tokens; the index is len(prefix) + len(word) - 1. The model always
+sees the whole filled sentence tokenised at once, right-padded.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .errors import RequestError
+from .trace import Trace
+
+
+def fill(template: str, prompt: str, subject: str) -> str:
+    """Context template + request prompt + subject -> sentence ("{}" appears once in each)."""
+    return template.replace("{}", prompt, 1).replace("{}", subject, 1)
+
+
+def subject_last_index(tok, template: str, subject: str) -> int:
+    """Index of the subject's last token in ``template`` (with one "{}") filled with ``subject``."""
+    if template.count("{}") != 1:
+        raise RequestError(f"template {template!r} must contain exactly one '{{}}' for the subject")
+    prefix, suffix = template.split("{}")
+    word = subject
+    if prefix:
+        if prefix.endswith(" "):
+            prefix, word = prefix[:-1], " " + subject.strip()
+    n_prefix = len(tok(prefix, add_special_tokens=False)["input_ids"]) if prefix else 0
+    n_word = len(tok(word, add_special_tokens=False)["input_ids"])
+    return n_prefix + n_word - 1
+
+
+def encode(tok, texts: Sequence[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded token ids and attention mask, no special tokens."""
+    rows = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(len(r) for r in rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def activations_at(lm, texts: Sequence[str], idxs: Sequence[int], *, inputs=(), outputs=(),
+                   batch_size: int = 128) -> dict[tuple[str, str], torch.Tensor]:
+    """Inputs/outputs of named modules at one position per text: {("in"|"out", name): [n, d]}.
+
+    The forward stops as soon as all requested modules have fired.
+    """
+    device = next(lm.model.parameters()).device
+    got: dict[tuple[str, str], list[torch.Tensor]] = {("in", n): [] for n in inputs} | {("out", n): [] for n in outputs}
+    for s in range(0, len(texts), batch_size):
+        ids, mask = encode(lm.tokenizer, texts[s: s + batch_size], device)
+        rows = torch.arange(ids.shape[0], device=device)
+        pos = torch.tensor(idxs[s: s + batch_size], device=device)
+        with Trace(lm.model, inputs=inputs, outputs=outputs, stop=True) as tr:
+            lm.model(input_ids=ids, attention_mask=mask)
+        for n in inputs:
+            got[("in", n)].append(tr.inputs[n][rows, pos])
+        for n in outputs:
+            got[("out", n)].append(tr.outputs[n][rows, pos])
+    return {k: torch.cat(v) for k, v in got.items()}
+
+
+def word_activations(lm, templates: Sequence[str], subjects: Sequence[str], **kw) -> dict:
+    """``activations_at`` at the subject's last token of each filled template."""
+    texts = [t.replace("{}", s, 1) for t, s in zip(templates, subjects)]
+    idxs = [subject_last_index(lm.tokenizer, t, s) for t, s in zip(templates, subjects)]
+    return activations_at(lm, texts, idxs, **kw)

@@ -1,0 +1,145 @@
+"""Second-moment statistics C = E[k kᵀ] of the keys (inputs of the MLP output projection).
+
+One forward pass over the corpus collects C for every requested layer at once, and stops after
+the deepest of them (no upper layers, no LM head). Padding positions are never counted. The
+moment is uncentred and divides by the number of real tokens, like the original code; λ of MEMIT
+multiplies this mean-normalised matrix.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .errors import DataError, HParamsError
+from .paths import PACKAGE_DATA, atomic_path, cache_dir
+from .trace import Trace
+
+CORPORA = {"wikitext": PACKAGE_DATA / "corpus" / "wiki.train.tokens.head2.75MiB.gz"}
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class SecondMoment:
+    total: torch.Tensor  # Σ k kᵀ, [d_mlp, d_mlp]
+    count: int  # number of keys (real tokens)
+
+    def moment(self) -> torch.Tensor:
+        return self.total / self.count
+
+
+def detokenize_wikitext(line: str) -> str:
+    line = line.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
+    return re.sub(r" ([.,;:!?')])", r"\1", line).replace("( ", "(").strip()
+
+
+def corpus_texts(name: str, n_samples: int) -> list[str]:
+    """The first ``n_samples`` paragraphs of a corpus (headings and blank lines skipped)."""
+    path = CORPORA.get(name)
+    if path is None:
+        path = Path(name)
+        if not path.is_file():
+            raise HParamsError(f"mom2_dataset {name!r} is neither a known corpus ({', '.join(CORPORA)}) nor a file")
+    opener = gzip.open if str(path).endswith(".gz") else open
+    texts = []
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                s = line.strip()
+                if not s or (s.startswith("=") and s.endswith("=")):
+                    continue
+                texts.append(detokenize_wikitext(s))
+                if len(texts) >= n_samples:
+                    break
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read corpus {path}: {e}") from None
+    if not texts:
+        raise DataError(f"corpus {path} holds no text")
+    return texts
+
+
+def token_batches(tok, texts: Sequence[str], max_tokens: int, batch_tokens: int = 4096):
+    """Tokenise, cut at ``max_tokens``, sort by length and yield right-padded (ids, mask) batches."""
+    rows = [tok(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts]
+    rows = sorted((r for r in rows if r), key=len)
+    pad = tok.pad_token_id or 0
+    i = 0
+    while i < len(rows):
+        n = 1  # rows are sorted, so the batch width is its last row's length
+        while i + n < len(rows) and (n + 1) * len(rows[i + n]) <= batch_tokens:
+            n += 1
+        chunk = rows[i: i + n]
+        ids = torch.full((n, len(chunk[-1])), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, r in enumerate(chunk):
+            ids[j, : len(r)] = torch.tensor(r)
+            mask[j, : len(r)] = 1
+        yield ids, mask
+        i += n
+
+
+@torch.no_grad()
+def accumulate_second_moments(lm, layers: Sequence[int], batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                              dtype: torch.dtype = torch.float32, progress: bool = False,
+                              total_tokens: int | None = None) -> dict[int, SecondMoment]:
+    """One pass over ``batches`` of (input_ids, attention_mask); C for all ``layers`` at once."""
+    model, adapter = lm.model, lm.adapter
+    device = next(model.parameters()).device
+    names = {l: adapter.rewrite_tmp.format(l) for l in layers}
+    d = adapter.d_mlp(model)
+    totals = {l: torch.zeros(d, d, dtype=dtype, device=device) for l in layers}
+    count = 0
+    bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="statistics", disable=not progress)
+    for ids, mask in batches:
+        ids, mask = ids.to(device), mask.to(device)
+        with Trace(model, inputs=list(names.values()), stop=True) as tr:
+            model(input_ids=ids, attention_mask=mask)
+        keep = mask.bool()
+        for l, n in names.items():
+            x = tr.inputs[n][keep].to(dtype)
+            totals[l].addmm_(x.T, x)
+        n_tok = int(keep.sum())
+        count += n_tok
+        bar.update(n_tok)
+    bar.close()
+    return {l: SecondMoment(totals[l], count) for l in layers}
+
+
+def _cache_file(lm, layer: int, corpus: str, n_samples: int, max_tokens: int, dtype: str) -> Path:
+    tag = hashlib.sha256(f"{corpus}|{n_samples}|{max_tokens}|{dtype}|{lm.dtype}".encode()).hexdigest()[:16]
+    return cache_dir() / "stats" / lm.fingerprint[:24] / f"layer{layer}-{tag}.safetensors"
+
+
+def second_moments(lm, layers: Sequence[int], hp, progress: bool = True, use_cache: bool = True) -> dict[int, torch.Tensor]:
+    """C for ``layers`` from the hparams' corpus, cached on disk per (model, layer, corpus, size, dtype)."""
+    dtype = DTYPES[hp.mom2_dtype]
+    files = {l: _cache_file(lm, l, hp.mom2_dataset, hp.mom2_n_samples, hp.mom2_max_tokens, hp.mom2_dtype) for l in layers}
+    out: dict[int, torch.Tensor] = {}
+    missing = []
+    for l in layers:
+        if use_cache and files[l].is_file():
+            out[l] = load_file(str(files[l]))["mom2"]
+        else:
+            missing.append(l)
+    if missing:
+        texts = corpus_texts(hp.mom2_dataset, hp.mom2_n_samples)
+        t0 = time.perf_counter()
+        stats = accumulate_second_moments(lm, missing, token_batches(lm.tokenizer, texts, hp.mom2_max_tokens),
+                                          dtype=dtype, progress=progress)
+        for l, s in stats.items():
+            out[l] = s.moment().cpu()
+            if use_cache:
+                with atomic_path(files[l]) as tmp:
+                    save_file({"mom2": out[l].contiguous(), "count": torch.tensor(s.count)}, str(tmp),
+                              metadata={"corpus": hp.mom2_dataset, "n_samples": str(hp.mom2_n_samples),
+                                        "max_tokens": str(hp.mom2_max_tokens), "seconds": f"{time.perf_counter() - t0:.2f}"})
+    return out
