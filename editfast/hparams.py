@@ -44,7 +44,7 @@ class HParams:
     kl_factor: float = 0.0625
     mom2_adjustment: bool = True
     mom2_dataset: str = "wikitext"
-    mom2_n_samples: int = 2000
+    mom2_n_samples: int = 1000
     mom2_dtype: str = "float32"
     mom2_max_tokens: int = 128  # each corpus text is cut at this many tokens
     # Original module-name keys (validated against the adapter, see MODULE_KEYS).
@@ -135,9 +135,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                       clamp_norm_factor=4, mom2_update_weight=15000, mom2_n_samples=100000),
     },
     "smollm2-135m": {
-        "rome": dict(layers=[5], v_loss_layer=29, clamp_norm_factor=4, mom2_n_samples=2000),
+        "rome": dict(layers=[5], v_loss_layer=29, clamp_norm_factor=4, mom2_n_samples=1000),
         "memit": dict(layers=[4, 5, 6, 7, 8], v_loss_layer=29, clamp_norm_factor=0.75,
-                      mom2_update_weight=20000, mom2_n_samples=2000),
+                      mom2_update_weight=20000, mom2_n_samples=1000),
     },
     # Tiny test models (4 layers).
     "tiny": {

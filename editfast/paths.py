@@ -15,7 +15,7 @@ PACKAGE_DATA = Path(__file__).parent / "_data"
 def cache_dir() -> Path:
     """$EDITFAST_CACHE, else $XDG_CACHE_HOME/editfast, else ~/.cache/editfast."""
     if os.environ.get("EDITFAST_CACHE"):
-        return Path(os.environ["EDITFAST_CACHE"])
+        return Path(os.environ["EDITFAST_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "editfast"
 
@@ -35,6 +35,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-def write_json(path: str | Path, obj) -> None:
+def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+        tmp.write_text(text)
+        tmp.chmod(0o644)
+
+
+def write_json(path: str | Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, default=str) + "\n")

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import GOLDEN
 import torch
 from safetensors.torch import load_file
 
@@ -30,7 +31,6 @@ from editfast.methods import METHODS
 from editfast.stats import accumulate_second_moments
 from editfast.update import weight_delta
 
-GOLDEN = Path(os.environ.get("EDITFAST_GOLDEN_DIR", Path(__file__).resolve().parents[2] / "shared" / "golden"))
 CASES = sorted(p for p in GOLDEN.glob("*/meta.json")) if GOLDEN.is_dir() else []
 TIGHT = 1e-4
 # Tensors downstream of the target optimisation, end to end (golden README, "Suggested approach").

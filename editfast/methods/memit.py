@@ -7,6 +7,7 @@ For each layer l (in order, on the model as edited so far): keys K at the subjec
 
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import torch
@@ -41,8 +42,10 @@ def edit_memit(lm, requests: Sequence[Request], hp, groups: Sequence[Sequence[st
     z_layer = hp.layers[-1]
     z_module = adapter.layer_tmp.format(z_layer)
     if targets is None:
+        t0 = time.perf_counter()
         loss_layer = hp.loss_layer(adapter.num_layers(model))
         res = [optimize_target(lm, r, hp, flat, z_module, loss_layer) for r in requests]
+        trace["targets_s"] = time.perf_counter() - t0
         targets = torch.stack([x.target for x in res], 1)
         trace.update(target_init=torch.stack([x.target_init for x in res], 1),
                      z_delta=torch.stack([x.delta for x in res], 1), losses=[x.losses for x in res])

@@ -7,6 +7,7 @@ in the right vector (golden README, quirk Q1). Requests are applied one after an
 
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import torch
@@ -37,9 +38,11 @@ def compute_rome(lm, request: Request, hp, templates: Sequence[str], mom2: torch
     u = u_un / u_un.norm()
 
     if target is None:
+        t0 = time.perf_counter()
         res = optimize_target(lm, request, hp, list(templates), adapter.mlp_tmp.format(layer),
                               hp.loss_layer(adapter.num_layers(model)))
         target = res.target
+        trace["targets_s"] = trace.get("targets_s", 0.0) + time.perf_counter() - t0
         trace.update(target_init=res.target_init, delta=res.delta, losses=res.losses)
     bare = word_activations(lm, [request.prompt], [request.subject], inputs=[rewrite], outputs=[rewrite])
     k_bare, w_k_bare = bare[("in", rewrite)][0].float(), bare[("out", rewrite)][0].float()
@@ -55,8 +58,13 @@ def edit_rome(lm, requests: Sequence[Request], hp, templates: Sequence[str], mom
     """Edit the model in place, one request after another; returns the applied updates."""
     updates = []
     for i, r in enumerate(requests):
+        step: dict = {}
         up = compute_rome(lm, r, hp, templates, mom2s.get(hp.layers[0]),
-                          None if targets is None else targets[:, i], trace if len(requests) == 1 else None)
+                          None if targets is None else targets[:, i], step)
+        if trace is not None:
+            seconds = trace.get("targets_s", 0.0) + step.get("targets_s", 0.0)
+            trace.update(step if len(requests) == 1 else {})
+            trace["targets_s"] = seconds
         apply_update(lm, up)
         updates.append(up)
     return updates

@@ -1,0 +1,57 @@
+"""Context templates: short prefixes that the key and the target are averaged over.
+
+Generated from the model like the original code (top-k 5 sampling after the prompts "The",
+"Therefore", "Because", "I", "You"; "{" and "}" removed; ". {}" appended), seeded, or fixed for
+reproducibility. MEMIT's groups are [["{}"], five of 10 tokens]; ROME's flat list is
+["{}"] + the lengths/counts of ``context_template_length_params``. For ROME the original
+samples from GPT-2's <|endoftext|>; a BOS-free start works on every tokenizer, so editfast
+uses the same five starter words for both methods.
+"""
+
+from __future__ import annotations
+
+import torch
+
+STARTERS = ["The", "Therefore", "Because", "I", "You"]
+# Five fixed prefixes written the way generated ones look (the golden reference set uses these).
+FIXED = ["The following is a true statement. {}", "Therefore, it is known. {}", "Because of this, we know. {}",
+         "I have read about it. {}", "You may already know this. {}"]
+
+
+@torch.no_grad()
+def sample_prefixes(lm, n_per_starter: int, length: int, seed: int) -> list[str]:
+    """``n_per_starter`` texts per starter word, ``length`` tokens in all, top-k 5 sampling."""
+    model, tok = lm.model, lm.tokenizer
+    device = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    out = []
+    for word in STARTERS:
+        ids = torch.tensor([tok(word, add_special_tokens=False)["input_ids"]] * n_per_starter, device=device)
+        past = None
+        step_in = ids
+        while ids.shape[1] < length:
+            res = model(input_ids=step_in, past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            probs = torch.softmax(res.logits[:, -1].float(), -1)
+            top_p, top_i = probs.topk(5, dim=-1)
+            pick = torch.multinomial((top_p / top_p.sum(-1, keepdim=True)).cpu(), 1, generator=gen).to(device)
+            step_in = top_i.gather(1, pick)
+            ids = torch.cat([ids, step_in], 1)
+        for row in ids:
+            text = tok.decode(row, skip_special_tokens=True)
+            out.append(text.replace("{", " ").replace("}", " ") + ". {}")
+    return out
+
+
+def context_templates(lm, method: str, hp, seed: int = 0, mode: str = "generated") -> list[list[str]]:
+    """Template groups for ``method``: generated from the model with ``seed``, or ``fixed``."""
+    if mode == "fixed":
+        return [["{}"], list(FIXED)] if method == "memit" else [["{}", *FIXED]]
+    if mode != "generated":
+        raise ValueError(f"context template mode must be 'generated' or 'fixed', got {mode!r}")
+    if method == "memit":
+        return [["{}"], sample_prefixes(lm, 1, 10, seed)]
+    flat = ["{}"]
+    for i, (length, count) in enumerate(getattr(hp, "context_template_length_params", [[5, 10], [10, 10]])):
+        flat += sample_prefixes(lm, max(1, count // len(STARTERS)), length, seed + i)
+    return [flat]

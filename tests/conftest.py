@@ -1,0 +1,22 @@
+"""Shared test settings.
+
+- TRITON_INTERPRET=1 when no CUDA device exists, set before any kernel module is imported, so
+  the Triton kernels run (slowly, exactly) on the CPU.
+- One torch thread: the CI machine has 2 cores and the tests are small; two threads fighting
+  another process made small matmuls up to 100x slower.
+- GOLDEN: the reference vectors of the original ROME/MEMIT code ($EDITFAST_GOLDEN_DIR).
+"""
+
+import os
+from pathlib import Path
+
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    torch.set_num_threads(int(os.environ.get("EDITFAST_TEST_THREADS", "1")))
+except ImportError:  # pragma: no cover
+    pass
+
+GOLDEN = Path(os.environ.get("EDITFAST_GOLDEN_DIR", Path(__file__).resolve().parents[2] / "shared" / "golden"))

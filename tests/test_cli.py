@@ -1,0 +1,133 @@
+"""The CLI: a real edit run on a tiny model, and every kind of bad input (one line, exit 2, no files)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from editfast.cli import main
+
+TINY = ["--model", "random:tiny-llama", "--templates", "fixed", "--quiet"]
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return e.value.code or 0, out.out, out.err
+
+
+def test_edit_memit_writes_results(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = run(["edit", "--method", "memit", "--n", "4", "--batch-size", "2", "--out", str(out), *TINY], capsys)
+    assert code == 0, err
+    assert "efficacy" in stdout and "edits/s" in stdout
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["n"] == 4 and res["config"]["batch_size"] == 2
+    assert len(res["per_request"]) == 4 and {"pre", "post"} <= set(res["per_request"][0])
+    assert set(res["summary"]["post"]) >= {"efficacy_success", "paraphrase_success", "neighborhood_success"}
+    assert res["timings"]["edit_s"] > 0 and len(res["timings"]["batches"]) == 2
+    journal = load_file(str(out / "journal.safetensors"))
+    assert {"batch0.layer1.U", "batch1.layer2.V"} <= set(journal)
+    assert journal["batch0.layer1.U"].shape[1] == 2  # rank = facts per batch
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_edit_rome_save_model(tmp_path, capsys):
+    out = tmp_path / "rome"
+    code, stdout, err = run(["edit", "--method", "rome", "--n", "2", "--save-model", "--out", str(out), *TINY], capsys)
+    assert code == 0, err
+    assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "config.json").is_file()
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["batch_size"] == 1 and res["hparams"]["layers"] == [1]
+
+
+def test_zsre_dataset(tmp_path, capsys):
+    code, stdout, err = run(["edit", "--dataset", "zsre", "--n", "2", "--out", str(tmp_path / "z"), *TINY], capsys)
+    assert code == 0, err
+    assert "rewrite acc" in stdout
+
+
+BAD = {
+    "unknown method": (["--method", "nope"], "nope"),
+    "unknown model": (["--model", "no-such-model"], "no-such-model"),
+    "unknown dataset": (["--dataset", "nosuch"], "nosuch"),
+    "n too large": (["--n", "100000"], "100000"),
+    "n zero": (["--n", "0"], "--n"),
+    "unknown hparam via --set": (["--set", "bogus_key=1"], "bogus_key"),
+    "wrong hparam type": (["--set", "v_lr=fast"], "v_lr"),
+    "layer out of range": (["--set", "layers=[9]"], "layers"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_input_exit_2(case, tmp_path, capsys):
+    extra, word = BAD[case]
+    out = tmp_path / "out"
+    argv = ["edit", "--out", str(out), "--n", "2", *TINY, *extra]
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("editfast: error:"), err
+    assert word.lower() in lines[0].lower()
+    assert not out.exists() or not any(out.iterdir())
+
+
+def write(path, obj):
+    path.write_text(json.dumps(obj))
+    return path
+
+
+@pytest.mark.parametrize("records,word", [
+    ([{"prompt": "The capital is", "subject": "France", "target_new": "Rome"}], "subject"),
+    ([{"prompt": "{} is in", "subject": "Paris", "target_new": " "}], "target"),
+    ([{"prompt": "{} is in", "subject": "Paris"}], "target_new"),
+], ids=["subject missing from prompt", "empty target", "missing field"])
+def test_bad_request_file(records, word, tmp_path, capsys):
+    data = write(tmp_path / "reqs.json", records)
+    code, _, err = run(["edit", "--dataset", str(data), "--n", "1", "--out", str(tmp_path / "o"), *TINY], capsys)
+    assert code == 2 and word in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupt_and_missing_files(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"prompt": ')
+    code, _, err = run(["edit", "--dataset", str(bad), "--out", str(tmp_path / "o"), *TINY], capsys)
+    assert code == 2 and "bad.json" in err
+    code, _, err = run(["edit", "--hparams", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "o"), *TINY], capsys)
+    assert code == 2 and "none.yaml" in err
+    hp = tmp_path / "hp.yaml"
+    hp.write_text("layers: [1]\nmom2_update_weight: lots\n")
+    code, _, err = run(["edit", "--hparams", str(hp), "--out", str(tmp_path / "o"), *TINY], capsys)
+    assert code == 2 and "mom2_update_weight" in err
+    hp.write_text("layers: [1]\nnot_a_key: 3\n")
+    code, _, err = run(["edit", "--hparams", str(hp), "--out", str(tmp_path / "o"), *TINY], capsys)
+    assert code == 2 and "not_a_key" in err and "valid keys" in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_out_dir(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    code, _, err = run(["edit", "--out", str(ro / "x"), *TINY], capsys)
+    assert code == 2 and "not writable" in err
+
+
+def test_out_dir_is_a_file(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("keep")
+    code, _, err = run(["edit", "--out", str(f / "sub"), *TINY], capsys)
+    assert code == 2 and "not writable" in err
+    assert f.read_text() == "keep"
+
+
+def test_entry_point_help():
+    res = subprocess.run([sys.executable, "-m", "editfast.cli", "edit", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "--method" in res.stdout and "--batch-size" in res.stdout
