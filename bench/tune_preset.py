@@ -1,7 +1,9 @@
 """Tune MEMIT's λ (mom2_update_weight) and clamp for a model without a published preset.
 
-Held-out facts: CounterFact cases (from ``counterfact-full``, none of the 500 full-schema cases
-that tests use) that the model already knows (greedy first token = the true object). The target
+Held-out facts that the model already knows (greedy first token = the true object), never the
+ones tests/test_edit.py uses: ``--pool full`` takes them from ``counterfact-full`` (one
+neighbourhood prompt each), ``--pool counterfact`` from the 500 full-schema cases minus the test's
+(ten neighbourhood prompts each, a finer specificity signal). The target
 vectors z do not depend on λ, so they are optimised once per clamp value and every λ reuses them.
 Facts are edited in independent batches of ``--batch`` from the unedited model.
 
@@ -24,7 +26,7 @@ from editfast.methods.memit import edit_memit
 from editfast.metrics import summarize
 from editfast.models import load_model
 from editfast.stats import second_moments
-from editfast.targets import optimize_target
+from editfast.targets import optimize_targets
 from editfast.templates import context_templates
 
 
@@ -52,13 +54,21 @@ def main() -> None:
     ap.add_argument("--lambdas", default="20000,5000,2000,1000,500,200")
     ap.add_argument("--clamps", default="0.75,2,4")
     ap.add_argument("--layers", default="4,5,6,7,8")
+    ap.add_argument("--pool", choices=["full", "counterfact"], default="full")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
     torch.manual_seed(0)
     lm = load_model(args.model)
-    used = {r.case_id for r in load_dataset("counterfact")}
-    pool = [r for r in load_dataset("counterfact-full", 8000) if r.case_id not in used]
+    small = load_dataset("counterfact")
+    if args.pool == "full":
+        used = {r.case_id for r in small}
+        pool = [r for r in load_dataset("counterfact-full", 8000) if r.case_id not in used]
+    else:
+        from tests.test_edit import KNOWN
+
+        test_ids = {small[i].case_id for i in KNOWN}
+        pool = [r for r in small if r.case_id not in test_ids]
     facts = known_facts(lm, pool, args.facts)
     print(f"{len(facts)} known held-out facts: case ids {[r.case_id for r in facts]}")
     layers = [int(x) for x in args.layers.split(",")]
@@ -74,8 +84,9 @@ def main() -> None:
     for clamp in [float(c) for c in args.clamps.split(",")]:
         hp_c = resolve_hparams("memit", lm.spec, lm.model.config, {"layers": layers, "clamp_norm_factor": clamp})
         t = time.perf_counter()
-        zs = [torch.stack([optimize_target(lm, r, hp_c, flat, lm.adapter.layer_tmp.format(layers[-1]),
-                                           hp_c.loss_layer(lm.adapter.num_layers(lm.model))).target for r in b], 1)
+        site = lm.adapter.layer_tmp.format(layers[-1])
+        ll = hp_c.loss_layer(lm.adapter.num_layers(lm.model))
+        zs = [torch.stack([x.target for x in optimize_targets(lm, b, hp_c, flat, site, layers[-1], ll)], 1)
               for b in batches]
         z_s = time.perf_counter() - t
         for lam in [float(x) for x in args.lambdas.split(",")]:
@@ -92,7 +103,9 @@ def main() -> None:
             s = summarize(post)
             row = {"clamp": clamp, "lambda": lam, "efficacy": s["efficacy_success"],
                    "paraphrase": s["paraphrase_success"], "neighbourhood": s["neighborhood_success"],
-                   "neighbourhood_pre": pre["neighborhood_success"], "z_seconds": z_s}
+                   "neighbourhood_pre": pre["neighborhood_success"],
+                   "neighbourhood_magnitude": s["neighborhood_magnitude"],
+                   "neighbourhood_magnitude_pre": pre["neighborhood_magnitude"], "z_seconds": z_s}
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.json:

@@ -20,6 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from editfast.kernels.second_moment import mirror_upper_, second_moment_accumulate_
+
 from .errors import DataError, HParamsError
 from .paths import PACKAGE_DATA, atomic_path, cache_dir
 from .trace import Trace
@@ -90,27 +92,62 @@ def token_batches(tok, texts: Sequence[str], max_tokens: int, batch_tokens: int 
 @torch.no_grad()
 def accumulate_second_moments(lm, layers: Sequence[int], batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                               dtype: torch.dtype = torch.float32, progress: bool = False,
-                              total_tokens: int | None = None) -> dict[int, SecondMoment]:
-    """One pass over ``batches`` of (input_ids, attention_mask); C for all ``layers`` at once."""
+                              total_tokens: int | None = None, backend: str = "fast") -> dict[int, SecondMoment]:
+    """C for all ``layers`` from ``batches`` of (input_ids, attention_mask).
+
+    fast: one pass for all layers, stopped after the deepest. reference: the original algorithm,
+    one pass per layer (each stopped at its layer), full fp32 ``aᵀa`` per batch.
+    """
+    if backend == "reference":
+        batches = list(batches)
+        return {l: _one_pass(lm, [l], batches, dtype, progress, total_tokens, upper=False)[l] for l in layers}
+    if backend != "fast":
+        raise ValueError(f"backend must be 'fast' or 'reference', got {backend!r}")
+    return _one_pass(lm, layers, batches, dtype, progress, total_tokens, upper=dtype == torch.float32)
+
+
+def _one_pass(lm, layers, batches, dtype, progress, total_tokens, upper: bool, resume: dict | None = None,
+              checkpoint=None, every: int = 50) -> dict[int, SecondMoment]:
+    """One forward over ``batches`` stopped after the deepest of ``layers``.
+
+    upper: accumulate with the second-moment kernel (upper triangle on CUDA), mirrored at the
+    end; otherwise a full fp32/fp64 ``aᵀa`` per batch, as the original code.
+    resume: {"totals": {layer: tensor}, "count": int, "batches": int} of an interrupted run;
+    checkpoint(state) is called every ``every`` batches with the same structure.
+    """
     model, adapter = lm.model, lm.adapter
     device = next(model.parameters()).device
     names = {l: adapter.rewrite_tmp.format(l) for l in layers}
     d = adapter.d_mlp(model)
     totals = {l: torch.zeros(d, d, dtype=dtype, device=device) for l in layers}
-    count = 0
+    count, done = 0, 0
+    if resume:
+        totals = {l: resume["totals"][l].to(device=device, dtype=dtype).clone() for l in layers}
+        count, done = resume["count"], resume["batches"]
     bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="statistics", disable=not progress)
-    for ids, mask in batches:
+    bar.update(count)
+    for b, (ids, mask) in enumerate(batches):
+        if b < done:
+            continue
         ids, mask = ids.to(device), mask.to(device)
         with Trace(model, inputs=list(names.values()), stop=True) as tr:
             model(input_ids=ids, attention_mask=mask)
         keep = mask.bool()
         for l, n in names.items():
-            x = tr.inputs[n][keep].to(dtype)
-            totals[l].addmm_(x.T, x)
+            if upper:
+                second_moment_accumulate_(totals[l], tr.inputs[n], rows=keep)
+            else:
+                x = tr.inputs[n][keep].to(dtype)
+                totals[l].addmm_(x.T, x)
         n_tok = int(keep.sum())
         count += n_tok
         bar.update(n_tok)
+        if checkpoint is not None and (b + 1) % every == 0:
+            checkpoint({"totals": totals, "count": count, "batches": b + 1})
     bar.close()
+    if upper:
+        for t in totals.values():
+            mirror_upper_(t)
     return {l: SecondMoment(totals[l], count) for l in layers}
 
 
@@ -119,8 +156,30 @@ def _cache_file(lm, layer: int, corpus: str, n_samples: int, max_tokens: int, dt
     return cache_dir() / "stats" / lm.fingerprint[:24] / f"layer{layer}-{tag}.safetensors"
 
 
-def second_moments(lm, layers: Sequence[int], hp, progress: bool = True, use_cache: bool = True) -> dict[int, torch.Tensor]:
-    """C for ``layers`` from the hparams' corpus, cached on disk per (model, layer, corpus, size, dtype)."""
+def _save_partial(path: Path, state: dict) -> None:
+    tensors = {f"total.layer{l}": t.detach().cpu().contiguous() for l, t in state["totals"].items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"count": str(state["count"]), "batches": str(state["batches"])})
+
+
+def _load_partial(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        totals = {int(k.split("layer")[1]): f.get_tensor(k) for k in f.keys()}
+    return {"totals": totals, "count": int(meta["count"]), "batches": int(meta["batches"])}
+
+
+def second_moments(lm, layers: Sequence[int], hp, progress: bool = True, use_cache: bool = True,
+                   checkpoint_every: int = 50) -> dict[int, torch.Tensor]:
+    """C for ``layers`` from the hparams' corpus, cached on disk per (model, layer, corpus, size, dtype).
+
+    Missing layers are computed together in one pass. Every ``checkpoint_every`` batches the
+    running sums are saved, so an interrupted run resumes where it stopped.
+    """
     dtype = DTYPES[hp.mom2_dtype]
     files = {l: _cache_file(lm, l, hp.mom2_dataset, hp.mom2_n_samples, hp.mom2_max_tokens, hp.mom2_dtype) for l in layers}
     out: dict[int, torch.Tensor] = {}
@@ -130,16 +189,23 @@ def second_moments(lm, layers: Sequence[int], hp, progress: bool = True, use_cac
             out[l] = load_file(str(files[l]))["mom2"]
         else:
             missing.append(l)
-    if missing:
-        texts = corpus_texts(hp.mom2_dataset, hp.mom2_n_samples)
-        t0 = time.perf_counter()
-        stats = accumulate_second_moments(lm, missing, token_batches(lm.tokenizer, texts, hp.mom2_max_tokens),
-                                          dtype=dtype, progress=progress)
-        for l, s in stats.items():
-            out[l] = s.moment().cpu()
-            if use_cache:
-                with atomic_path(files[l]) as tmp:
-                    save_file({"mom2": out[l].contiguous(), "count": torch.tensor(s.count)}, str(tmp),
-                              metadata={"corpus": hp.mom2_dataset, "n_samples": str(hp.mom2_n_samples),
-                                        "max_tokens": str(hp.mom2_max_tokens), "seconds": f"{time.perf_counter() - t0:.2f}"})
+    if not missing:
+        return out
+    texts = corpus_texts(hp.mom2_dataset, hp.mom2_n_samples)
+    partial = files[missing[0]].with_name(f"partial-{'-'.join(map(str, missing))}-{files[missing[0]].name}")
+    resume = _load_partial(partial) if use_cache else None
+    t0 = time.perf_counter()
+    stats = _one_pass(lm, missing, token_batches(lm.tokenizer, texts, hp.mom2_max_tokens), dtype, progress, None,
+                      upper=dtype == torch.float32, resume=resume,
+                      checkpoint=(lambda st: _save_partial(partial, st)) if use_cache else None, every=checkpoint_every)
+    for l, s in stats.items():
+        out[l] = s.moment().cpu()
+        if use_cache:
+            with atomic_path(files[l]) as tmp:
+                save_file({"mom2": out[l].contiguous(), "count": torch.tensor(s.count)}, str(tmp),
+                          metadata={"corpus": hp.mom2_dataset, "n_samples": str(hp.mom2_n_samples),
+                                    "max_tokens": str(hp.mom2_max_tokens), "tokens": str(s.count),
+                                    "seconds": f"{time.perf_counter() - t0:.2f}"})
+    if use_cache and partial.exists():
+        partial.unlink()
     return out

@@ -15,6 +15,7 @@ applied to a few gathered hidden states, never to [B, T, V]).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,11 @@ from .trace import Trace
 
 KL_PROMPT = "{} is a"
 EARLY_STOP_LOSS = 5e-2
+
+
+def compute_dtype(model) -> torch.dtype:
+    """δ and the loss are fp32, or fp64 for a float64 model (used to test the paths exactly)."""
+    return torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
 
 
 def target_text(target_new: str) -> str:
@@ -82,13 +88,14 @@ def optimize_target(lm, request: Request, hp, templates: list[str], site: str, l
     rows_all = torch.arange(b.ids.shape[0], device=b.ids.device)
     kl_row = b.ids.shape[0] - 1
 
-    delta = torch.zeros(adapter.d_model(model), device=b.ids.device, dtype=torch.float32, requires_grad=True)
+    acc = compute_dtype(model)
+    delta = torch.zeros(adapter.d_model(model), device=b.ids.device, dtype=acc, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
     state: dict[str, torch.Tensor] = {}
 
     def add_delta(h: torch.Tensor) -> torch.Tensor:
         if "init" not in state:
-            state["init"] = h[0, b.lookup[0]].detach().float().clone()
+            state["init"] = h[0, b.lookup[0]].detach().to(acc).clone()
         return h.index_put((rows_all, b.lookup), delta.to(h.dtype).expand(len(rows_all), -1), accumulate=True)
 
     result = TargetResult(target_init=torch.empty(0), delta=torch.empty(0))
@@ -98,12 +105,12 @@ def optimize_target(lm, request: Request, hp, templates: list[str], site: str, l
         with Trace(model, outputs=outs, edit={site: add_delta}, detach=False) as tr:
             h_last = model.base_model(input_ids=b.ids, attention_mask=b.mask).last_hidden_state
         h_loss = final_norm(tr.outputs[loss_module]) if loss_module else h_last
-        logits = head(h_loss[b.nll_rows, b.nll_pos]).float()
+        logits = head(h_loss[b.nll_rows, b.nll_pos]).to(acc)
         token_lp = torch.log_softmax(logits, -1).gather(1, b.nll_tgt[:, None])[:, 0]
-        per_row = torch.zeros(b.n_rewrite, device=logits.device).index_add(0, b.nll_rows, token_lp)
+        per_row = torch.zeros(b.n_rewrite, device=logits.device, dtype=acc).index_add(0, b.nll_rows, token_lp)
         nll_each = -per_row / len(b.target_ids)
         nll = nll_each.mean()
-        kl_lp = torch.log_softmax(head(h_last[kl_row, b.lookup[kl_row]]).float(), -1)
+        kl_lp = torch.log_softmax(head(h_last[kl_row, b.lookup[kl_row]]).to(acc), -1)
         if "kl_init" not in state:
             state["kl_init"] = kl_lp.detach().clone()
         kl = hp.kl_factor * (kl_lp.exp() * (kl_lp - state["kl_init"])).sum()
@@ -123,3 +130,195 @@ def optimize_target(lm, request: Request, hp, templates: list[str], site: str, l
     result.target_init = state["init"]
     result.delta = delta.detach().clone()
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# The fast path: all requests of a batch optimised together.
+#
+# - One forward batch holds every request's prompts; each request has its own δ row, its own
+#   Adam state (the update is elementwise, so one [n, d] Adam equals n separate ones) and its own
+#   early stop: a finished request keeps its δ and leaves the batch.
+# - Hidden states up to the edit layer do not depend on δ: they are computed once without
+#   gradients. Every step replaces the forward of layers 0..l by "return the cached output of
+#   layer l, plus δ at the subject tokens", so only the layers above l run. Adding δ to the MLP
+#   output (ROME) equals adding it to the decoder layer's output, since every supported block
+#   adds its MLP output to the residual stream.
+
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
+
+
+def _adam_rows_(p, g, m, v, step: int, lr: float, rows: torch.Tensor) -> None:
+    """torch.optim.Adam's update (no weight decay, no amsgrad) applied to ``rows`` only."""
+    b1, b2 = ADAM_BETAS
+    m[rows] = m[rows] * b1 + g[rows] * (1 - b1)
+    v[rows] = v[rows] * b2 + g[rows] * g[rows] * (1 - b2)
+    bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
+    denom = v[rows].sqrt() / math.sqrt(bc2) + ADAM_EPS
+    p[rows] = p[rows] - (lr / bc1) * m[rows] / denom
+
+
+class _SkipBelow:
+    """Replace the forward of layers 0..l: they pass their input through, and layer l returns
+    ``self.h`` (set before each forward), keeping the layer's output structure."""
+
+    def __init__(self, model, adapter, layer: int, rest: tuple):
+        self.mods = [model.get_submodule(adapter.layer_tmp.format(i)) for i in range(layer + 1)]
+        self.rest, self.h = rest, None
+
+    def _wrap(self, h):
+        return (h, *self.rest) if self.rest is not None else h
+
+    def __enter__(self):
+        def passthrough(*args, **kw):
+            return self._wrap(args[0] if args else kw["hidden_states"])
+
+        for m in self.mods[:-1]:
+            m.forward = passthrough
+        self.mods[-1].forward = lambda *a, **kw: self._wrap(self.h)
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.mods:
+            del m.forward
+        return False
+
+
+def plan_chunks(batches: list[_Batch], max_tokens: int) -> list[list[int]]:
+    """Group requests so that rows × width of each group stays under ``max_tokens``."""
+    chunks, cur, width, rows = [], [], 0, 0
+    for i, b in enumerate(batches):
+        w, r = max(width, b.ids.shape[1]), rows + b.ids.shape[0]
+        if cur and r * w > max_tokens:
+            chunks.append(cur)
+            cur, w, r = [], b.ids.shape[1], b.ids.shape[0]
+        cur.append(i)
+        width, rows = w, r
+    return chunks + ([cur] if cur else [])
+
+
+def default_max_tokens(device: torch.device, d_model: int, n_layers: int) -> int:
+    """Tokens per optimisation chunk: activations for backward of about 24·d bytes per token and layer."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = free * 0.5
+    else:
+        budget = 4 * 2**30
+    return max(256, int(budget / (24 * d_model * n_layers * 4)))
+
+
+def optimize_targets(lm, requests: list[Request], hp, templates: list[str], site: str, layer: int, loss_layer: int,
+                     backend: str = "fast", max_tokens: int | None = None) -> list[TargetResult]:
+    """Optimise the targets of all ``requests`` (``backend="reference"``: one at a time)."""
+    if backend == "reference":
+        return [optimize_target(lm, r, hp, templates, site, loss_layer) for r in requests]
+    if backend != "fast":
+        raise ValueError(f"backend must be 'fast' or 'reference', got {backend!r}")
+    batches = [_Batch(lm, r, templates) for r in requests]
+    model, adapter = lm.model, lm.adapter
+    device = next(model.parameters()).device
+    max_tokens = max_tokens or default_max_tokens(device, adapter.d_model(model), adapter.num_layers(model))
+    out: list[TargetResult] = [None] * len(requests)  # type: ignore[list-item]
+    for chunk in plan_chunks(batches, max_tokens):
+        for i, res in zip(chunk, _optimize_chunk(lm, [batches[i] for i in chunk], hp, site, layer, loss_layer)):
+            out[i] = res
+    return out
+
+
+def _optimize_chunk(lm, bs: list[_Batch], hp, site: str, layer: int, loss_layer: int) -> list[TargetResult]:
+    model, adapter = lm.model, lm.adapter
+    device = bs[0].ids.device
+    n, P = len(bs), bs[0].ids.shape[0]
+    width = max(b.ids.shape[1] for b in bs)
+    pad = lm.tokenizer.pad_token_id or 0
+    ids = torch.cat([F.pad(b.ids, (0, width - b.ids.shape[1]), value=pad) for b in bs])
+    mask = torch.cat([F.pad(b.mask, (0, width - b.mask.shape[1])) for b in bs])
+    lookup = torch.cat([b.lookup for b in bs])
+    req_of_row = torch.arange(n, device=device).repeat_interleave(P)
+    # NLL entries: (row, position, token, request); T_i per request
+    nll_rows = torch.cat([b.nll_rows + i * P for i, b in enumerate(bs)])
+    nll_pos = torch.cat([b.nll_pos for b in bs])
+    nll_tgt = torch.cat([b.nll_tgt for b in bs])
+    n_tgt = torch.tensor([len(b.target_ids) for b in bs], device=device, dtype=compute_dtype(model))
+    kl_rows = torch.arange(n, device=device) * P + P - 1
+    layer_mod = adapter.layer_tmp.format(layer)
+    n_layers = adapter.num_layers(model)
+    loss_module = None if loss_layer >= n_layers - 1 else adapter.layer_tmp.format(loss_layer)
+    final_norm = model.get_submodule(adapter.final_norm)
+    head = model.get_output_embeddings()
+
+    # Hidden states up to the edit layer, once, without gradients.
+    raw: dict = {}
+    hook = model.get_submodule(layer_mod).register_forward_hook(lambda m, a, o: raw.setdefault("out", o))
+    try:
+        with torch.no_grad(), Trace(model, outputs=[site, layer_mod], stop=True) as tr:
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        hook.remove()
+    h_cache = tr.outputs[layer_mod]
+    rest = tuple(raw["out"][1:]) if isinstance(raw["out"], tuple) else None
+    acc = compute_dtype(model)
+    init = tr.outputs[site][torch.arange(n, device=device) * P, lookup[torch.arange(n, device=device) * P]].to(acc)
+
+    d = init.shape[1]
+    delta = torch.zeros(n, d, device=device, dtype=acc)
+    m_buf, v_buf = torch.zeros_like(delta), torch.zeros_like(delta)
+    results = [TargetResult(target_init=init[i].clone(), delta=torch.empty(0)) for i in range(n)]
+    active = torch.ones(n, dtype=torch.bool, device=device)
+    kl_init = None
+    max_norm = hp.clamp_norm_factor * init.norm(dim=1)
+    with _SkipBelow(model, adapter, layer, rest) as skip:
+        for it in range(hp.v_num_grad_steps):
+            act = active.nonzero()[:, 0]
+            row_sel = (req_of_row[:, None] == act[None, :]).any(1).nonzero()[:, 0]
+            new_index = torch.full((n,), -1, device=device, dtype=torch.long)
+            new_index[act] = torch.arange(len(act), device=device)
+            d_act = delta[act].clone().requires_grad_(True)
+            h = h_cache[row_sel]
+            r_local = torch.arange(len(row_sel), device=device)
+            skip.h = h.index_put((r_local, lookup[row_sel]), d_act[new_index[req_of_row[row_sel]]].to(h.dtype),
+                                 accumulate=True)
+            with Trace(model, outputs=[loss_module] if loss_module else [], detach=False) as tr2:
+                h_last = model.base_model(input_ids=ids[row_sel], attention_mask=mask[row_sel],
+                                          use_cache=False).last_hidden_state
+            # map global rows -> local rows of this step
+            local_of_row = torch.full((n * P,), -1, device=device, dtype=torch.long)
+            local_of_row[row_sel] = r_local
+            keep = local_of_row[nll_rows] >= 0
+            h_src = final_norm(tr2.outputs[loss_module]) if loss_module else h_last
+            rows_l = local_of_row[nll_rows[keep]]
+            logits = head(h_src[rows_l, nll_pos[keep]]).to(acc)
+            token_lp = torch.log_softmax(logits, -1).gather(1, nll_tgt[keep][:, None])[:, 0]
+            req_l = new_index[req_of_row[nll_rows[keep]]]
+            nll_row = torch.zeros(len(act) * (P - 1), device=device, dtype=acc).index_add(
+                0, req_l * (P - 1) + (nll_rows[keep] % P), token_lp)
+            nll_each = -nll_row.view(len(act), P - 1) / n_tgt[act][:, None]
+            nll = nll_each.mean(1)
+            kr = local_of_row[kl_rows[act]]
+            kl_lp = torch.log_softmax(head(h_last[kr, lookup[kl_rows[act]]]).to(acc), -1)
+            if kl_init is None:
+                kl_init = kl_lp.detach().clone()
+            kl = hp.kl_factor * (kl_lp.exp() * (kl_lp - kl_init[act])).sum(1)
+            wd = hp.v_weight_decay * (d_act.norm(dim=1) / init[act].norm(dim=1) ** 2)
+            loss = nll + kl + wd
+            avg_prob = torch.exp(-nll_each).mean(1)
+            for j, i in enumerate(act.tolist()):
+                results[i].losses.append({"loss": loss[j].item(), "nll": nll[j].item(), "kl": kl[j].item(),
+                                          "wd": wd[j].item(), "avg_prob": avg_prob[j].item()})
+            done = (loss.detach() < EARLY_STOP_LOSS) | (it == hp.v_num_grad_steps - 1)
+            if bool(done.all()):
+                break
+            loss[~done].sum().backward()
+            with torch.no_grad():
+                step_rows = act[~done]
+                grad = torch.zeros_like(delta)
+                grad[act] = d_act.grad
+                _adam_rows_(delta, grad, m_buf, v_buf, it + 1, hp.v_lr, step_rows)
+                norms = delta[step_rows].norm(dim=1)
+                over = norms > max_norm[step_rows]
+                if over.any():
+                    r = step_rows[over]
+                    delta[r] = delta[r] * (max_norm[r] / delta[r].norm(dim=1))[:, None]
+            active[act[done]] = False
+    for i in range(n):
+        results[i].delta = delta[i].clone()
+    return results

@@ -33,7 +33,7 @@ class Trace:
     def __init__(self, model: nn.Module, *, inputs=(), outputs=(), edit: dict[str, Callable] | None = None,
                  stop: bool = False, detach: bool = True):
         self.model, self.stop, self.detach = model, stop, detach
-        self.want_in, self.want_out = list(inputs), list(outputs)
+        self.want_in, self.want_out = list(dict.fromkeys(inputs)), list(dict.fromkeys(outputs))
         self.edit = dict(edit or {})
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}

@@ -13,6 +13,8 @@ from typing import Iterator, Sequence
 
 import torch
 
+from editfast.kernels.lowrank_update import lowrank_update_
+
 
 @dataclass
 class LowRankUpdate:
@@ -29,23 +31,11 @@ class LowRankUpdate:
         return self.U @ self.V.T
 
 
-def lowrank_add_(W: torch.Tensor, U: torch.Tensor, V: torch.Tensor, alpha: float = 1.0, in_out: bool = False) -> torch.Tensor:
-    """W += alpha · U Vᵀ in place (W stored [in, out] when ``in_out``), fp32 math, one rounding.
-
-    Reference implementation; the CUDA path is a Triton kernel with the same contract.
-    """
-    delta = (V.float() @ U.float().T) if in_out else (U.float() @ V.float().T)
-    if W.dtype == torch.float32:
-        W.add_(delta, alpha=alpha)
-    else:
-        W.copy_(W.float().add_(delta, alpha=alpha).to(W.dtype))
-    return W
-
-
 @torch.no_grad()
 def apply_update(lm, update: LowRankUpdate, alpha: float = 1.0) -> None:
-    W = lm.adapter.rewrite_weight(lm.model, update.layer)
-    lowrank_add_(W.data, update.U.to(W.device), update.V.to(W.device), alpha, in_out=lm.adapter.weight_in_out)
+    """W += alpha · U Vᵀ through the low-rank kernel (fp32 math, one rounding), in the weight's layout."""
+    W = lm.adapter.rewrite_weight(lm.model, update.layer).data
+    lowrank_update_(W.T if lm.adapter.weight_in_out else W, update.U.to(W.device), update.V.to(W.device), alpha)
 
 
 def weight_delta(lm, update: LowRankUpdate) -> torch.Tensor:

@@ -51,7 +51,8 @@ def test_memit_ten_known_facts(pristine):
     print("pre", pre, "\npost", post, "\ntimings", res.timings)
     assert post["efficacy_success"] >= 0.9
     assert post["paraphrase_success"] >= 0.5
-    assert abs(post["neighborhood_success"] - pre["neighborhood_success"]) <= 0.1
+    # "within 0.1" of the unedited model (measured: 0.80 -> 0.70, 10 of 100 prompts; float epsilon)
+    assert abs(post["neighborhood_success"] - pre["neighborhood_success"]) <= 0.1 + 1e-9
     assert len(res.journal) == 1 and all(u.rank == 10 for u in res.journal[0])
 
 

@@ -5,7 +5,8 @@ memit_* is run through editfast's public API and every tensor its meta.json list
 (relative Frobenius error). Nothing here is specific to a model or case: a new folder of the
 same layout is picked up as it is.
 
-Two runs per edit case:
+Both backends ("fast": batched targets, factorise-once fp32 solve; "reference": the original
+algorithm step by step) run every edit case, twice:
 - end to end (editfast optimises z itself): deterministic tensors at 1e-4; tensors downstream
   of the z optimisation at the looser tolerances the golden README gives for that stage (the
   tiny models' optimisation amplifies float noise);
@@ -143,7 +144,7 @@ def logp_first_token(lm, prompt: str, target: str) -> float:
         return torch.log_softmax(lm.model(input_ids=ids).logits[0, -1].float(), -1)[t].item()
 
 
-def run_edit(case: Path, meta: dict, gold: dict, restore, staged: bool):
+def run_edit(case: Path, meta: dict, gold: dict, restore, staged: bool, backend: str):
     method, lm, hp, mom2s = edit_inputs(case, meta)
     restore(lm)
     reqs = requests_of(meta)
@@ -152,7 +153,8 @@ def run_edit(case: Path, meta: dict, gold: dict, restore, staged: bool):
     if staged:
         given = gold["zs"] if method == "memit" else gold["target"][:, None]
     trace: dict = {}
-    updates = METHODS[method](lm, reqs, hp, groups if method == "memit" else groups[0], mom2s, targets=given, trace=trace)
+    updates = METHODS[method](lm, reqs, hp, groups if method == "memit" else groups[0], mom2s, targets=given,
+                              trace=trace, backend=backend)
     for up in updates:
         trace[f"delta_w.layer{up.layer}"] = weight_delta(lm, up)
     first_layer = hp.layers[0]
@@ -168,7 +170,7 @@ def run_edit(case: Path, meta: dict, gold: dict, restore, staged: bool):
     if staged:  # the optimisation outputs were given, not produced
         names = [n for n in names if n not in ("target_init", "delta", "z_delta", "zs", "target")]
     errors = compare(trace, gold, names, tol)
-    assert not errors, f"{case.name} ({'staged' if staged else 'end to end'}): " + "; ".join(errors)
+    assert not errors, f"{case.name} ({'staged' if staged else 'end to end'}, {backend}): " + "; ".join(errors)
     if staged:
         for ev in meta["evaluation"]["requests"]:
             req = next(r for r in reqs if r.case_id == ev["case_id"])
@@ -178,17 +180,18 @@ def run_edit(case: Path, meta: dict, gold: dict, restore, staged: bool):
 
 @pytest.mark.parametrize("meta_path", CASES, ids=[p.parent.name for p in CASES])
 @pytest.mark.parametrize("staged", [False, True], ids=["end_to_end", "staged"])
-def test_golden_case(meta_path: Path, staged: bool, restore):
+@pytest.mark.parametrize("backend", ["fast", "reference"])
+def test_golden_case(meta_path: Path, staged: bool, backend: str, restore):
     case = meta_path.parent
     meta = json.loads(meta_path.read_text())
     gold = load_file(str(case / "tensors.safetensors"))
     kind = case.name.split("_", 1)[0]
     if kind == "stats":
-        if staged:
-            pytest.skip("statistics have one stage")
+        if staged or backend == "reference":
+            pytest.skip("statistics: one stage, one path (the per-layer reference is tested in test_stats.py)")
         run_stats(case, meta, gold)
     elif kind in METHODS:
-        run_edit(case, meta, gold, restore, staged)
+        run_edit(case, meta, gold, restore, staged, backend)
     else:
         pytest.skip(f"unknown case kind {kind!r}")
 

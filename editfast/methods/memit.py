@@ -2,7 +2,8 @@
 
 For each layer l (in order, on the model as edited so far): keys K at the subject's last token
 (bare template weighted ½, the others share ½), residual R = (z − h_zlayer) / (layers left), and
-ΔW_l = R Kᵀ (λC_l + K Kᵀ)⁻¹, kept as factors U = R, V = (λC_l + K Kᵀ)⁻¹ K.
+ΔW_l = R Kᵀ (λC_l + K Kᵀ)⁻¹, kept as factors U = R, V = (λC_l + K Kᵀ)⁻¹ K
+(see ``solve.Moment`` for the reference float64 solve and the fast factorise-once path).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch
 
 from ..data import Request
 from ..locate import word_activations
-from ..targets import optimize_target
+from ..solve import as_moment
+from ..targets import optimize_targets
 from ..update import LowRankUpdate, apply_update
 
 
@@ -27,14 +29,9 @@ def group_mean_keys(keys: torch.Tensor, groups: Sequence[Sequence[str]]) -> torc
     return torch.stack(out, 1).mean(1)
 
 
-def solve_adj_keys(K: torch.Tensor, mom2: torch.Tensor, lam: float) -> torch.Tensor:
-    """(λC + K Kᵀ)⁻¹ K in float64 (the reference solve)."""
-    K = K.double()
-    return torch.linalg.solve(lam * mom2.to(K.device).double() + K @ K.T, K)
-
-
 def edit_memit(lm, requests: Sequence[Request], hp, groups: Sequence[Sequence[str]], mom2s: dict[int, torch.Tensor],
-               targets: torch.Tensor | None = None, trace: dict | None = None) -> list[LowRankUpdate]:
+               targets: torch.Tensor | None = None, trace: dict | None = None,
+               backend: str = "fast") -> list[LowRankUpdate]:
     """Edit the model in place with one MEMIT batch; returns the applied per-layer updates."""
     adapter, model = lm.adapter, lm.model
     trace = {} if trace is None else trace
@@ -44,7 +41,7 @@ def edit_memit(lm, requests: Sequence[Request], hp, groups: Sequence[Sequence[st
     if targets is None:
         t0 = time.perf_counter()
         loss_layer = hp.loss_layer(adapter.num_layers(model))
-        res = [optimize_target(lm, r, hp, flat, z_module, loss_layer) for r in requests]
+        res = optimize_targets(lm, list(requests), hp, flat, z_module, z_layer, loss_layer, backend=backend)
         trace["targets_s"] = time.perf_counter() - t0
         targets = torch.stack([x.target for x in res], 1)
         trace.update(target_init=torch.stack([x.target_init for x in res], 1),
@@ -61,8 +58,8 @@ def edit_memit(lm, requests: Sequence[Request], hp, groups: Sequence[Sequence[st
         cur = word_activations(lm, [r.prompt for r in requests], [r.subject for r in requests],
                                outputs=[z_module])[("out", z_module)].float().T  # [d_model, n]
         tgt = targets.to(cur.device) - cur
-        adj_k = solve_adj_keys(K, mom2s[layer], hp.mom2_update_weight)
-        resid = tgt.double() / (len(hp.layers) - i)
+        adj_k = as_moment(mom2s[layer]).adj_keys(K, hp.mom2_update_weight, backend)
+        resid = tgt.to(adj_k.dtype) / (len(hp.layers) - i)
         up = LowRankUpdate(layer, resid, adj_k)
         apply_update(lm, up)
         updates.append(up)

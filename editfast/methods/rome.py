@@ -14,12 +14,13 @@ import torch
 
 from ..data import Request
 from ..locate import word_activations
-from ..targets import optimize_target
+from ..solve import as_moment
+from ..targets import optimize_targets
 from ..update import LowRankUpdate, apply_update
 
 
 def compute_rome(lm, request: Request, hp, templates: Sequence[str], mom2: torch.Tensor | None,
-                 target: torch.Tensor | None = None, trace: dict | None = None) -> LowRankUpdate:
+                 target: torch.Tensor | None = None, trace: dict | None = None, backend: str = "fast") -> LowRankUpdate:
     """The rank-one update for one request on the current model (not applied)."""
     adapter, model = lm.adapter, lm.model
     layer = hp.layers[0]
@@ -30,7 +31,7 @@ def compute_rome(lm, request: Request, hp, templates: Sequence[str], mom2: torch
                             [request.subject] * len(templates), inputs=[rewrite])[("in", rewrite)].float()
     k_avg = keys.mean(0)
     if hp.mom2_adjustment:
-        inv = torch.inverse(mom2.to(keys.device).float())
+        inv = as_moment(mom2).inverse().to(keys.device)
         u_un = inv @ k_avg
         trace["inv_mom2"] = inv
     else:
@@ -39,8 +40,8 @@ def compute_rome(lm, request: Request, hp, templates: Sequence[str], mom2: torch
 
     if target is None:
         t0 = time.perf_counter()
-        res = optimize_target(lm, request, hp, list(templates), adapter.mlp_tmp.format(layer),
-                              hp.loss_layer(adapter.num_layers(model)))
+        res = optimize_targets(lm, [request], hp, list(templates), adapter.mlp_tmp.format(layer), layer,
+                               hp.loss_layer(adapter.num_layers(model)), backend=backend)[0]
         target = res.target
         trace["targets_s"] = trace.get("targets_s", 0.0) + time.perf_counter() - t0
         trace.update(target_init=res.target_init, delta=res.delta, losses=res.losses)
@@ -54,13 +55,14 @@ def compute_rome(lm, request: Request, hp, templates: Sequence[str], mom2: torch
 
 
 def edit_rome(lm, requests: Sequence[Request], hp, templates: Sequence[str], mom2s: dict[int, torch.Tensor],
-              targets: torch.Tensor | None = None, trace: dict | None = None) -> list[LowRankUpdate]:
+              targets: torch.Tensor | None = None, trace: dict | None = None,
+              backend: str = "fast") -> list[LowRankUpdate]:
     """Edit the model in place, one request after another; returns the applied updates."""
     updates = []
     for i, r in enumerate(requests):
         step: dict = {}
         up = compute_rome(lm, r, hp, templates, mom2s.get(hp.layers[0]),
-                          None if targets is None else targets[:, i], step)
+                          None if targets is None else targets[:, i], step, backend)
         if trace is not None:
             seconds = trace.get("targets_s", 0.0) + step.get("targets_s", 0.0)
             trace.update(step if len(requests) == 1 else {})

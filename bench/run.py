@@ -1,0 +1,136 @@
+"""One table of every benchmark: editfast's fast path against the reference path, same run.
+
+    python bench/run.py [--quick] [--json FILE] [--model M]
+
+Rows: kernels (second moment vs X.T@X, low-rank update vs W.add_(U@V.T) and vs a plain copy)
+and pipeline stages on a real model: statistics one pass vs per-layer passes, targets batched vs
+per request, MEMIT end to end fast vs reference (statistics excluded: both read the same cached
+C). ``ratio = baseline_s / editfast_s``. On CPU the kernel rows that run the Triton interpreter
+only prove the harness works; the pipeline rows are real CPU ratios. ``--quick`` (CPU, 2 cores)
+finishes within 10 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench.kernel_rows import device_name, kernel_rows, median_time, row  # noqa: E402
+from editfast.data import load_dataset  # noqa: E402
+from editfast.hparams import resolve_hparams  # noqa: E402
+from editfast.methods.memit import edit_memit  # noqa: E402
+from editfast.models import load_model  # noqa: E402
+from editfast.solve import Moment  # noqa: E402
+from editfast.stats import accumulate_second_moments, corpus_texts, second_moments, token_batches  # noqa: E402
+from editfast.targets import optimize_targets  # noqa: E402
+from editfast.templates import context_templates  # noqa: E402
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def restore_after(lm, layers):
+    saved = {l: lm.adapter.rewrite_weight(lm.model, l).detach().clone() for l in layers}
+
+    def restore():
+        with torch.no_grad():
+            for l, w in saved.items():
+                lm.adapter.rewrite_weight(lm.model, l).copy_(w)
+
+    return restore
+
+
+def pipeline_rows(model: str, quick: bool, device: str, dtype: str) -> list[dict]:
+    lm = load_model(model, device=device, dtype=dtype)
+    dev = device_name(torch.device(device))
+    hp = resolve_hparams("memit", lm.spec, lm.model.config)
+    layers = hp.layers
+    rows = []
+
+    # statistics: one pass for all layers vs one pass per layer (the original), same batches
+    texts = corpus_texts("wikitext", 64 if quick else 400)
+    batches = list(token_batches(lm.tokenizer, texts, 128))
+    n_tok = sum(int(m.sum()) for _, m in batches)
+    ref_s = timed(lambda: accumulate_second_moments(lm, layers, batches, backend="reference"))
+    fast_s = timed(lambda: accumulate_second_moments(lm, layers, batches, backend="fast"))
+    rows.append(row("statistics: one pass vs per-layer passes", dev,
+                     f"{model}, layers {layers[0]}-{layers[-1]}, {n_tok} tokens", dtype, ref_s, fast_s,
+                     f"{n_tok / fast_s:.0f} tok/s vs {n_tok / ref_s:.0f} tok/s"))
+
+    # targets: all facts of a batch together vs one at a time (same steps, same z)
+    n = 10 if quick else 50
+    reqs = load_dataset("counterfact", n)
+    groups = context_templates(lm, "memit", hp, mode="fixed")
+    flat = [t for g in groups for t in g]
+    site = lm.adapter.layer_tmp.format(layers[-1])
+    ll = hp.loss_layer(lm.adapter.num_layers(lm.model))
+    t_ref = time.perf_counter()
+    ref = optimize_targets(lm, reqs, hp, flat, site, layers[-1], ll, backend="reference")
+    ref_s = time.perf_counter() - t_ref
+    t_fast = time.perf_counter()
+    fast = optimize_targets(lm, reqs, hp, flat, site, layers[-1], ll, backend="fast")
+    fast_s = time.perf_counter() - t_fast
+    err = max(((a.target - b.target).norm() / b.target.norm()).item() for a, b in zip(fast, ref))
+    steps = sum(len(r.losses) for r in ref)
+    rows.append(row("targets: batched vs per-request", dev, f"{model}, n={n}, {steps} steps in all", dtype,
+                     ref_s, fast_s, f"max rel z difference {err:.1e}"))
+
+    # MEMIT end to end (statistics cached and shared): fast vs reference backend
+    mom2s = second_moments(lm, layers, hp, progress=False)
+    restore = restore_after(lm, layers)
+    ref_s = timed(lambda: edit_memit(lm, reqs, hp, groups, {l: Moment(c) for l, c in mom2s.items()},
+                                     backend="reference"))
+    restore()
+    fast_s = timed(lambda: edit_memit(lm, reqs, hp, groups, {l: Moment(c) for l, c in mom2s.items()}, backend="fast"))
+    restore()
+    rows.append(row("MEMIT end to end (excl. statistics)", dev, f"{model}, n={n}, layers {layers}", dtype,
+                     ref_s, fast_s, f"{n / fast_s:.2f} edits/s vs {n / ref_s:.2f}"))
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    head = f"{'name':<44} {'device':<22} {'sizes':<44} {'dtype':<9} {'baseline':>10} {'editfast':>10} {'ratio':>7}  extra"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['name']:<44} {r['device']:<22} {r['sizes']:<44} {r['dtype']:<9} {r['baseline_s']:>9.4f}s "
+              f"{r['editfast_s']:>9.4f}s {r['ratio']:>6.2f}x  {r.get('extra', '')}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes: within 10 minutes on a 2-core CPU")
+    ap.add_argument("--json", default=None, help="also write the rows as a JSON list")
+    ap.add_argument("--model", default=None, help="default: smollm2-135m on CPU, random:gpt2-xl on CUDA")
+    ap.add_argument("--skip-pipeline", action="store_true")
+    args = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", "bfloat16") if cuda else ("cpu", "float32")
+    model = args.model or ("random:gpt2-xl" if cuda else "smollm2-135m")
+    print(f"# editfast bench · {platform.node()} · torch {torch.__version__} · threads {torch.get_num_threads()} · "
+          f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+    rows = kernel_rows(args.quick)
+    if not args.skip_pipeline:
+        rows += pipeline_rows(model, args.quick, device, dtype)
+    keep = ("name", "device", "sizes", "dtype", "baseline_s", "editfast_s", "ratio")
+    print_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps([{k: r[k] for k in keep} | {"extra": r.get("extra", "")} for r in rows],
+                                              indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
