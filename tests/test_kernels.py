@@ -341,13 +341,20 @@ def _facts(compiled):
                 sass_local=bool(re.search(r"\b(LDL|STL)\b", sass.stdout)) if sass.returncode == 0 else None)
 
 
-def _aot_report():
+def aot_unavailable():
+    """Why kernels cannot be compiled for sm_90 here (None: they can)."""
     try:
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
     except ImportError as e:
-        return {"skip": f"triton has no NVIDIA backend: {e}"}
+        return f"triton has no NVIDIA backend: {e}"
     if not (TOOLS / "ptxas").exists():
-        return {"skip": f"ptxas is not shipped at {TOOLS}"}
+        return f"ptxas is not shipped at {TOOLS}"
+    return None
+
+
+def _aot_report():
+    if why := aot_unavailable():
+        return {"skip": why}
     out = {}
     for dt, rows in SM_CASES:
         args = dict(X=f"*{dt}:16", ROWS="*i32:16", C="*fp32:16", TILE_I="*i32:16", TILE_J="*i32:16",
@@ -365,15 +372,21 @@ def _aot_report():
     return out
 
 
-@pytest.fixture(scope="module")
-def aot():
+def aot_child_report(script):
+    """Run ``python script --aot`` without TRITON_INTERPRET; its last stdout line is a JSON report
+    (``{"skip": reason}`` skips the calling test)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, __file__, "--aot"], capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run([sys.executable, script, "--aot"], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     if "skip" in report:
         pytest.skip(report["skip"])
     return report
+
+
+@pytest.fixture(scope="module")
+def aot():
+    return aot_child_report(__file__)
 
 
 def assert_no_spills(facts):

@@ -161,3 +161,14 @@ def test_statistics_cache_and_resume(tmp_path, monkeypatch):
         assert torch.allclose(resumed[l], full[l], rtol=1e-6, atol=1e-9)
     cached = stats.second_moments(lm, [1, 2], hp, progress=False)  # from the cache
     assert all(torch.equal(cached[l], resumed[l]) for l in (1, 2))
+
+
+def test_plan_groups():
+    from editfast.targets import plan_groups
+
+    lengths = [1, 1, 1, 6, 6, 6, 6, 3, 3]
+    # free calls: one group per length; expensive calls: one padded group
+    assert sorted(map(sorted, plan_groups(lengths, 0))) == [[0, 1, 2], [3, 4, 5, 6], [7, 8]]
+    assert plan_groups(lengths, 10_000) == [list(range(9))]
+    groups = plan_groups(lengths, 5)
+    assert sorted(i for g in groups for i in g) == list(range(9))

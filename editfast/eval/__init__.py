@@ -1,0 +1,1 @@
+"""General-ability evaluation: eight task categories plus WikiText perplexity on one batched engine."""
