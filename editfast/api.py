@@ -174,3 +174,30 @@ def edit(lm, requests: Sequence[Request], method: str = "memit", *, hparams: HPa
               "method": method, "n": len(requests), "batch_size": batch_size, "seed": seed, "backend": backend,
               "templates": templates if isinstance(templates, str) else "given"}
     return EditResult(method, config, hp.to_dict(), [list(g) for g in groups], per_request, summary, timings, journal)
+
+
+def load_journal(run_dir: str | Path, lm=None) -> tuple[dict[str, Any], list[list[LowRankUpdate]]]:
+    """The config and updates of an ``editfast edit`` run directory; checks it matches ``lm``."""
+    import json
+
+    from safetensors.torch import load_file
+
+    run = Path(run_dir)
+    res_file, j_file = run / "results.json", run / "journal.safetensors"
+    if not res_file.is_file() or not j_file.is_file():
+        raise EditfastError(f"{run} is not an edit run directory (needs results.json and journal.safetensors)")
+    try:
+        config = json.loads(res_file.read_text())["config"]
+        tensors = load_file(str(j_file))
+    except (ValueError, KeyError, OSError) as e:
+        raise EditfastError(f"cannot read edit run {run}: {e}") from None
+    if lm is not None and config.get("model_fingerprint") != lm.fingerprint:
+        raise EditfastError(f"edit run {run} was made on model {config.get('model')!r} "
+                            f"(fingerprint {str(config.get('model_fingerprint'))[:12]}), not on {lm.spec!r} "
+                            f"(fingerprint {lm.fingerprint[:12]})")
+    batches: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
+    for name, t in tensors.items():
+        b, layer, part = name.split(".")
+        batches.setdefault(int(b[5:]), {}).setdefault(int(layer[5:]), {})[part] = t
+    journal = [[LowRankUpdate(l, f["U"], f["V"]) for l, f in sorted(batches[b].items())] for b in sorted(batches)]
+    return config, journal

@@ -93,9 +93,14 @@ def cli() -> None:
 @click.option("--dtype", default="float32", show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--no-eval", is_flag=True, help="Skip the edit metrics.")
+@click.option("--eval", "eval_tasks", default=None, metavar="TASKS",
+              help="Also evaluate general abilities before and after editing (all, or e.g. gsm8k,rte).")
+@click.option("--eval-limit", type=int, default=None, help="Examples per task for --eval.")
+@click.option("--protocol", type=click.Choice(["standard", "paper"]), default="standard", show_default=True,
+              help="Evaluation protocol for --eval.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def edit_cmd(method, n, model, dataset, offset, batch_size, seed, out, save_model, hparams_file, sets, templates,
-             dtype, device, no_eval, quiet):
+             dtype, device, no_eval, eval_tasks, eval_limit, protocol, quiet):
     """Apply N edits from a dataset, report efficacy, paraphrase and neighbourhood scores."""
     from .api import edit
     from .data import load_dataset
@@ -109,12 +114,28 @@ def edit_cmd(method, n, model, dataset, offset, batch_size, seed, out, save_mode
         raise click.UsageError(f"--batch-size must be >= 1, got {batch_size}")
     overrides = parse_set(sets)
     requests = load_dataset(dataset, n, offset=offset)
+    if eval_tasks:
+        from .eval.tasks import resolve_tasks
+
+        resolve_tasks(eval_tasks)  # unknown task names fail before any work
+        if eval_limit is not None and eval_limit <= 0:
+            raise click.UsageError(f"--eval-limit must be >= 1, got {eval_limit}")
     created = check_out_dir(out)
     try:
         lm = load_model(model, dtype=dtype, device=device)
         hp = resolve_hparams(method, lm.spec, lm.model.config, overrides, hparams_file)
+        before = None
+        if eval_tasks:
+            from .eval.runner import evaluate
+
+            before = evaluate(lm, eval_tasks, protocol, eval_limit, seed, progress=not quiet)
         result = edit(lm, requests, method, hparams=hp, batch_size=batch_size, seed=seed, templates=templates,
                       evaluate=not no_eval, progress=not quiet)
+        if eval_tasks:
+            from .eval.runner import markdown_table, write_report
+
+            after = evaluate(lm, eval_tasks, protocol, eval_limit, seed, progress=not quiet)
+            write_report(out / "eval", before, after)
         if save_model:
             target = out / "model"
             tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=out))
@@ -132,7 +153,62 @@ def edit_cmd(method, n, model, dataset, offset, batch_size, seed, out, save_mode
             out.rmdir()
         raise
     click.echo(summary_table(result))
+    if eval_tasks:
+        click.echo("\n" + markdown_table(before, after))
     click.echo(f"results: {out / 'results.json'}")
+
+
+@cli.command("eval")
+@click.option("--model", default="smollm2-135m", show_default=True,
+              help="Model: HF directory, .gguf file, 'smollm2-135m' or 'random:<preset>'.")
+@click.option("--edits", "edits", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="An 'editfast edit' output directory: evaluate before and after applying its edits.")
+@click.option("--tasks", default="all", show_default=True, help="all, or a comma list: gsm8k,rte,nq,boolq,mutual,"
+              "samsum,conll03,sst2,wikitext.")
+@click.option("--protocol", type=click.Choice(["standard", "paper"]), default="standard", show_default=True)
+@click.option("--limit", type=int, default=None, help="Examples per task (deterministic subsample by --seed).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", "batch_tokens", default="auto", show_default=True,
+              help="Tokens per batch, or 'auto' (the largest that fits).")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--dtype", default="float32", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def eval_cmd(model, edits, tasks, protocol, limit, seed, batch_tokens, out, dtype, device, quiet):
+    """Measure general abilities (eight task categories + WikiText perplexity)."""
+    from .api import load_journal
+    from .eval.runner import evaluate, markdown_table, write_report
+    from .eval.tasks import resolve_tasks
+    from .models import load_model
+    from .update import apply_update
+
+    if limit is not None and limit <= 0:
+        raise click.UsageError(f"--limit must be >= 1, got {limit}")
+    if batch_tokens != "auto":
+        try:
+            batch_tokens = int(batch_tokens)
+            assert batch_tokens > 0
+        except (ValueError, AssertionError):
+            raise click.UsageError(f"--batch-size must be 'auto' or a positive number, got {batch_tokens!r}")
+    resolve_tasks(tasks)
+    created = check_out_dir(out)
+    try:
+        lm = load_model(model, dtype=dtype, device=device)
+        journal = load_journal(edits, lm)[1] if edits else None
+        before = evaluate(lm, tasks, protocol, limit, seed, batch_tokens, progress=not quiet)
+        after = None
+        if journal is not None:
+            for ups in journal:
+                for u in ups:
+                    apply_update(lm, u)
+            after = evaluate(lm, tasks, protocol, limit, seed, batch_tokens, progress=not quiet)
+        write_report(out, before, after)
+    except BaseException:
+        if created and out.exists() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    click.echo(markdown_table(before, after))
+    click.echo(f"results: {out / 'eval.json'}")
 
 
 def main(argv: list[str] | None = None) -> None:

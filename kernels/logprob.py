@@ -26,10 +26,11 @@ of the tile if it lies there, and updates the running max m and sum s = Σ exp(l
 program writes its (m, s) for its rows to a ``[splits, N]`` buffer and the target logit to
 ``[N]`` (exactly one program holds each row's target). A few torch ops on these small buffers
 combine the splits: ``lse = M + log Σ_s S_s·exp(m_s - M)``, ``is_argmax = target_logit >= M``.
-The split count fills the GPU when N is small (one row block at N <= 64: the vocabulary is
-spread over ~8 programs per SM, so the op runs at weight-read bandwidth) and is 1-few at large
-N; row blocks are the fastest grid axis, so the programs running together read the same weight
-chunks (L2 hits, the weight comes from DRAM about once per wave).
+On CUDA the split count is ``min(chunks, cdiv(8·SMs, row blocks))``: at small N (one row block
+at N <= 64) the vocabulary is spread over ~8 programs per SM, so the op is bound by reading the
+weight once; at N = 4096 on 132 SMs it is 64 row blocks x 17 ranges (~59 chunks each). Row
+blocks are the fastest grid axis, so the programs running together read the same weight chunks
+(meant to hit L2 rather than DRAM; not yet measured on a GPU).
 
 Numerics:
   - logits are fp32 accumulations of exact products for bf16/fp16 (tensor cores; equal to an
@@ -49,7 +50,8 @@ Numerics:
     soft-capping) applies ``c·tanh(logit / c)`` after the bias; the kernel evaluates tanh as
     ``1 - 2 / (exp(2x) + 1)`` (absolute error ~1e-7·c), the reference with ``torch.tanh``.
   - Targets outside ``[0, V)`` (e.g. an ignore index of -100) give logprob ``-inf`` and
-    is_argmax False on both paths.
+    is_argmax False on both paths. ``-inf`` logits (a bias that masks tokens) are fine, also
+    when whole chunks or vocabulary ranges are masked; a target at a masked token gets ``-inf``.
 """
 
 from __future__ import annotations
@@ -119,7 +121,8 @@ def _logprob_kernel(
         acc = tl.where(in_v[None, :], acc, float("-inf"))
         t_logit += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], acc, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(acc, axis=1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(acc - m_new[:, None]), axis=1)
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far (a bias mask): exp gives 0, no NaN
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(acc - shift[:, None]), axis=1)
         m = m_new
     out = split * N + offs_n
     tl.store(MAX_OUT + out, m, mask=in_n)
@@ -171,11 +174,14 @@ def token_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor, targets
             logits += bias[v0:v1].to(dev, torch.float32)
         if softcap is not None:
             logits = torch.tanh(logits / softcap).mul_(softcap)
-        lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
-        row_max = torch.maximum(row_max, logits.amax(dim=1))
         here = valid & (t >= v0) & (t < v1)
         picked = logits.gather(1, (t - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
         t_logit = torch.where(here, picked, t_logit)
+        chunk_max = logits.amax(dim=1)
+        row_max = torch.maximum(row_max, chunk_max)
+        shift = chunk_max.nan_to_num(0.0, 0.0, 0.0)  # a chunk of -inf logits (masked by the bias) adds exp(-inf) = 0
+        chunk_lse = logits.sub_(shift[:, None]).exp_().sum(dim=1).log_().add_(shift)  # logits consumed
+        lse = torch.logaddexp(lse, chunk_lse)
     return t_logit - lse, valid & (t_logit >= row_max)
 
 
@@ -238,5 +244,6 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         INPUT_PRECISION=precision, **cfg,
     )
     row_max = part_max.amax(dim=0)
-    lse = row_max + (part_sum * torch.exp(part_max - row_max)).sum(dim=0).log()
+    shift = torch.where(row_max == float("-inf"), 0.0, row_max)
+    lse = shift + (part_sum * torch.exp(part_max - shift)).sum(dim=0).log()
     return t_logit - lse, t_logit >= row_max

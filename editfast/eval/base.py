@@ -65,6 +65,7 @@ class Task:
     category: str = ""  # "reasoning", "nli", "open-domain QA", ...
     data_file: str = ""  # path relative to editfast/_data/tasks/
     primary: dict[str, str] = {}  # protocol -> name of the headline metric
+    higher_is_better: bool = True  # of the headline metric (False for perplexity)
 
     def load(self) -> list[dict[str, Any]]:
         """All examples of the shipped data file, in file order. Raise DataError if missing/malformed."""

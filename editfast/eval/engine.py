@@ -1,0 +1,300 @@
+"""One batched inference engine for every task: scoring and greedy generation.
+
+Scoring (log-likelihood of continuations, rolling perplexity windows):
+- requests are tokenised like lm-evaluation-harness (the context's trailing spaces move to the
+  continuation; the continuation's ids are cut from the encoding of context + continuation);
+- each distinct context runs once, left-padded, and its keys/values are cached; all
+  continuations of that context then run against the cache. A label set of single tokens
+  therefore costs one forward per example, and multi-token options share their context's
+  forward;
+- continuation log-probabilities come from the fused kernel (``editfast.kernels.logprob``):
+  hidden states × LM head → log-sum-exp and gather, chunked over the vocabulary, never
+  materialising [B, T, V] fp32 logits;
+- contexts are sorted by length and batched by a token budget across all tasks.
+
+Generation: batched greedy decoding with a KV cache, left padding, per-request stop strings and
+max_new_tokens; finished sequences leave the batch; prompts are sorted by length (bucketed
+across tasks).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from editfast.kernels.logprob import token_logprobs
+
+from .base import Generate, LogLik, LogLikResult, Output, Request, Rolling, RollingResult
+
+CPU_BATCH_TOKENS = 4096
+
+
+def _cache(model, kv, rows: torch.Tensor):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for i, (k, v) in enumerate(kv):
+        cache.update(k[rows], v[rows], i)
+    return cache
+
+
+class Engine:
+    """Answer evaluation requests for one loaded model (``editfast.load_model``)."""
+
+    def __init__(self, lm, batch_tokens: int | str = "auto", max_length: int | None = None, progress: bool = True):
+        self.lm, self.model, self.tok = lm, lm.model, lm.tokenizer
+        self.head = self.model.get_output_embeddings()
+        if self.head is None:
+            from editfast.errors import ModelError
+
+            raise ModelError(f"model {lm.spec!r} has no LM head; evaluation needs a causal LM")
+        self.device = next(self.model.parameters()).device
+        cfg = self.model.config
+        self.max_length = max_length or min(
+            getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048, 2048)
+        self.batch_tokens = self._auto_batch_tokens() if batch_tokens == "auto" else int(batch_tokens)
+        self.progress = progress
+        self.prefix_id = self.tok.eos_token_id if self.tok.eos_token_id is not None else (self.tok.pad_token_id or 0)
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.prefix_id
+        self.stats: dict[str, float] = defaultdict(float)
+
+    # -- sizing ---------------------------------------------------------------------------------
+    def _auto_batch_tokens(self) -> int:
+        """CPU: a fixed budget (bigger batches stop paying off on a few cores). CUDA: the largest
+        power-of-two token budget whose forward at full length fits, found by trying."""
+        if self.device.type != "cuda":
+            return CPU_BATCH_TOKENS
+        budget = 1 << 20
+        while budget > self.max_length:
+            try:
+                rows = max(1, budget // self.max_length)
+                ids = torch.full((rows, self.max_length), self.tok.eos_token_id or 0, device=self.device)
+                with torch.no_grad():
+                    h = self.model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+                    token_logprobs(h[:, -64:].reshape(-1, h.shape[-1]), self.head.weight,
+                                   torch.zeros(rows * 64, dtype=torch.long, device=self.device))
+                del h
+                torch.cuda.empty_cache()
+                return budget // 2  # headroom for the KV cache and generation
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                budget //= 2
+        return self.max_length
+
+    # -- public ---------------------------------------------------------------------------------
+    def run(self, requests: Sequence[Request]) -> list[Output]:
+        """Answer mixed requests; outputs are aligned with ``requests``."""
+        out: list[Output] = [None] * len(requests)  # type: ignore[list-item]
+        by_kind: dict[type, list[int]] = defaultdict(list)
+        for i, r in enumerate(requests):
+            by_kind[type(r)].append(i)
+        if by_kind[LogLik]:
+            for i, res in zip(by_kind[LogLik], self.loglikelihood([requests[i] for i in by_kind[LogLik]])):
+                out[i] = res
+        if by_kind[Rolling]:
+            for i, res in zip(by_kind[Rolling], self.rolling([requests[i] for i in by_kind[Rolling]])):
+                out[i] = res
+        if by_kind[Generate]:
+            for i, res in zip(by_kind[Generate], self.generate([requests[i] for i in by_kind[Generate]])):
+                out[i] = res
+        return out
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """lm-evaluation-harness's split: trailing spaces of the context go to the continuation."""
+        n = len(context) - len(context.rstrip())
+        if n:
+            context, continuation = context[:-n], context[-n:] + continuation
+        whole = self.tok(context + continuation, add_special_tokens=False)["input_ids"]
+        ctx = self.tok(context, add_special_tokens=False)["input_ids"]
+        if not ctx:
+            ctx = [self.prefix_id]
+            return ctx, whole
+        return ctx, whole[len(ctx):]
+
+    def loglikelihood(self, requests: Sequence[LogLik]) -> list[LogLikResult]:
+        pairs = [self.encode_pair(r.context, r.continuation) for r in requests]
+        return self.score_ids(pairs, desc="loglikelihood")
+
+    def rolling(self, requests: Sequence[Rolling]) -> list[RollingResult]:
+        """Every token of each text predicted; windows of ``max_length`` whose context is the one
+        token before them (the prefix token for the first window), as lm-evaluation-harness."""
+        pieces, owner = [], []
+        for i, r in enumerate(requests):
+            toks = self.tok(r.text, add_special_tokens=False)["input_ids"]
+            full = [self.prefix_id] + toks
+            for s in range(0, len(toks), self.max_length):
+                pieces.append(([full[s]], full[s + 1: s + 1 + self.max_length]))
+                owner.append(i)
+        scored = self.score_ids(pieces, desc="perplexity")
+        lp, nt = [0.0] * len(requests), [0] * len(requests)
+        for i, res in zip(owner, scored):
+            lp[i] += res.logprob
+            nt[i] += res.n_tokens
+        return [RollingResult(lp[i], nt[i], len(r.text.split()), len(r.text.encode("utf-8")))
+                for i, r in enumerate(requests)]
+
+    # -- scoring core ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def score_ids(self, pairs: Sequence[tuple[list[int], list[int]]], desc: str = "score") -> list[LogLikResult]:
+        """Log-likelihood of token continuations given token contexts, contexts shared."""
+        L = self.max_length
+        fixed = []
+        for ctx, cont in pairs:
+            cont = cont[-L:]  # a continuation longer than the window keeps its end
+            keep = max(1, L + 1 - len(cont))  # left-truncate the context so everything fits
+            fixed.append((tuple(ctx[-keep:]), tuple(cont)))
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, (ctx, _) in enumerate(fixed):
+            groups[ctx].append(i)
+        contexts = sorted(groups, key=len, reverse=True)
+        results: list[LogLikResult] = [None] * len(pairs)  # type: ignore[list-item]
+        bar = tqdm(total=len(pairs), desc=desc, unit="req", disable=not self.progress)
+        t0 = time.perf_counter()
+        start = 0
+        while start < len(contexts):
+            # contexts of one batch: their own tokens plus all their continuations within budget
+            end, cost = start, 0
+            while end < len(contexts):
+                c = contexts[end]
+                add = len(c) + sum(len(fixed[i][1]) for i in groups[c])
+                if end > start and cost + add > self.batch_tokens:
+                    break
+                cost += add
+                end += 1
+            batch = contexts[start:end]
+            for i, res in self._score_batch(batch, groups, fixed):
+                results[i] = res
+            bar.update(sum(len(groups[c]) for c in batch))
+            start = end
+        bar.close()
+        self.stats[f"{desc}_s"] += time.perf_counter() - t0
+        self.stats[f"{desc}_requests"] += len(pairs)
+        return results
+
+    def _score_batch(self, contexts, groups, fixed):
+        dev = self.device
+        width = max(len(c) for c in contexts)
+        ids = torch.full((len(contexts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, c in enumerate(contexts):
+            ids[r, width - len(c):] = torch.tensor(c)
+            mask[r, width - len(c):] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        pos = (mask.cumsum(1) - 1).clamp_min(0)
+        out = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        h_last = out.last_hidden_state[:, -1]  # predicts each continuation's first token
+        kv = [(lay.keys, lay.values) for lay in out.past_key_values.layers]
+
+        members = [(r, i) for r, c in enumerate(contexts) for i in groups[c]]
+        conts = [fixed[i][1] for _, i in members]
+        rows_h = [h_last[[r for r, _ in members]]]
+        rows_t = [torch.tensor([c[0] for c in conts], device=dev)]
+        owner = [torch.arange(len(members), device=dev)]
+        multi = [j for j, c in enumerate(conts) if len(c) > 1]
+        if multi:
+            cw = max(len(conts[j]) - 1 for j in multi)
+            c_ids = torch.full((len(multi), cw), self.pad_id, dtype=torch.long)
+            c_mask = torch.zeros_like(c_ids)
+            for k, j in enumerate(multi):
+                c_ids[k, : len(conts[j]) - 1] = torch.tensor(conts[j][:-1])
+                c_mask[k, : len(conts[j]) - 1] = 1
+            c_ids, c_mask = c_ids.to(dev), c_mask.to(dev)
+            ctx_rows = torch.tensor([members[j][0] for j in multi], device=dev)
+            ctx_len = mask[ctx_rows].sum(1)
+            c_pos = ctx_len[:, None] + torch.arange(cw, device=dev)[None]
+            h = self.model.base_model(input_ids=c_ids, attention_mask=torch.cat([mask[ctx_rows], c_mask], 1),
+                                      position_ids=c_pos, past_key_values=_cache(self.model, kv, ctx_rows),
+                                      use_cache=True).last_hidden_state
+            sel = c_mask.bool()
+            rows_h.append(h[sel])
+            rows_t.append(torch.tensor([t for j in multi for t in conts[j][1:]], device=dev))
+            owner.append(torch.tensor([j for j in multi for _ in conts[j][1:]], device=dev))
+        lp, top = token_logprobs(torch.cat(rows_h), self.head.weight, torch.cat(rows_t),
+                                 getattr(self.head, "bias", None))
+        own = torch.cat(owner)
+        total = torch.zeros(len(members), dtype=torch.float64, device=dev).index_add_(0, own, lp.double())
+        misses = torch.zeros(len(members), dtype=torch.long, device=dev).index_add_(0, own, (~top.bool()).long())
+        return [(i, LogLikResult(total[k].item(), len(conts[k]), not bool(misses[k])))
+                for k, (_, i) in enumerate(members)]
+
+    # -- generation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, requests: Sequence[Generate]) -> list[str]:
+        enc = [self.tok(r.prompt, add_special_tokens=False)["input_ids"] or [self.prefix_id] for r in requests]
+        for k, r in enumerate(requests):  # leave room for the generation in the window
+            enc[k] = enc[k][-max(1, self.max_length - r.max_new_tokens):]
+        order = sorted(range(len(requests)), key=lambda i: len(enc[i]), reverse=True)
+        out: list[str] = [""] * len(requests)
+        bar = tqdm(total=len(requests), desc="generate", unit="req", disable=not self.progress)
+        t0 = time.perf_counter()
+        start = 0
+        while start < len(order):
+            end = start + 1
+            longest = len(enc[order[start]]) + max(requests[i].max_new_tokens for i in order[start:end])
+            while end < len(order):
+                longest = max(longest, len(enc[order[end]]) + requests[order[end]].max_new_tokens)
+                if (end - start + 1) * longest > self.batch_tokens:
+                    break
+                end += 1
+            idx = order[start:end]
+            for i, text in zip(idx, self._generate_batch([enc[i] for i in idx], [requests[i] for i in idx])):
+                out[i] = text
+            bar.update(len(idx))
+            start = end
+        bar.close()
+        self.stats["generate_s"] += time.perf_counter() - t0
+        self.stats["generate_requests"] += len(requests)
+        return out
+
+    def _generate_batch(self, prompts: list[list[int]], reqs: list[Generate]) -> list[str]:
+        dev = self.device
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, p in enumerate(prompts):
+            ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        pos = (mask.cumsum(1) - 1).clamp_min(0)
+        out = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        cache, h = out.past_key_values, out.last_hidden_state[:, -1]
+        alive = list(range(len(prompts)))  # batch row -> request index
+        gen: list[list[int]] = [[] for _ in prompts]
+        texts = [""] * len(prompts)
+        next_pos = pos[:, -1] + 1
+        eos = self.tok.eos_token_id
+        for step in range(max(r.max_new_tokens for r in reqs)):
+            logits = self.head(h).float()
+            nxt = logits.argmax(-1)
+            keep = []
+            for b, i in enumerate(alive):
+                t = int(nxt[b])
+                done = t == eos
+                if not done:
+                    gen[i].append(t)
+                    texts[i] = self.tok.decode(gen[i], skip_special_tokens=True)
+                    done = len(gen[i]) >= reqs[i].max_new_tokens or any(s in texts[i] for s in reqs[i].stop)
+                if not done:
+                    keep.append(b)
+            if not keep:
+                break
+            if len(keep) < len(alive):  # finished sequences leave the batch
+                sel = torch.tensor(keep, device=dev)
+                cache.batch_select_indices(sel)
+                mask, nxt, next_pos = mask[sel], nxt[sel], next_pos[sel]
+                alive = [alive[b] for b in keep]
+            mask = torch.cat([mask, torch.ones(len(alive), 1, dtype=mask.dtype, device=dev)], 1)
+            out = self.model.base_model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                                        past_key_values=cache, use_cache=True)
+            cache, h = out.past_key_values, out.last_hidden_state[:, -1]
+            next_pos = next_pos + 1
+        results = []
+        for i, r in enumerate(reqs):
+            text = texts[i]
+            cut = min([text.find(s) for s in r.stop if s in text] or [len(text)])
+            results.append(text[:cut])
+        return results

@@ -1,0 +1,178 @@
+"""Evaluate a model on the general-ability tasks, before and after editing.
+
+    result = evaluate(lm, "all", protocol="standard", limit=100, seed=0)
+    result.table()  # markdown
+
+All selected tasks' requests are pooled into one engine call (sorted by length across tasks).
+Subsampling (``limit``) is deterministic: the same seed picks the same examples.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from editfast.errors import EditfastError
+
+from .base import PROTOCOLS, Generate, LogLik, Rolling, Task
+from .engine import Engine
+from .tasks import resolve_tasks
+
+
+def _cost(req) -> int:
+    """Rough token cost of a request (characters / 4), to apportion pooled engine time to tasks."""
+    if isinstance(req, LogLik):
+        return (len(req.context) + len(req.continuation)) // 4 + 1
+    if isinstance(req, Generate):
+        return len(req.prompt) // 4 + 8 * req.max_new_tokens
+    return len(req.text) // 4 + 1
+
+
+@dataclass
+class TaskResult:
+    task: str
+    category: str
+    protocol: str
+    metrics: dict[str, float]
+    primary: str
+    higher_is_better: bool
+    n: int
+    seconds: float
+    requests: int
+
+    def to_json(self, model: str, seed: int) -> dict[str, Any]:
+        return {"task": self.task, "category": self.category, "protocol": self.protocol, "model": model,
+                "seed": seed, "n": self.n, "metrics": self.metrics, "primary": self.primary,
+                "higher_is_better": self.higher_is_better, "seconds": self.seconds, "requests": self.requests,
+                "requests_per_s": self.requests / self.seconds if self.seconds else None}
+
+
+@dataclass
+class EvalResult:
+    model: str
+    protocol: str
+    seed: int
+    limit: int | None
+    tasks: list[TaskResult] = field(default_factory=list)
+    seconds: float = 0.0
+    engine: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "protocol": self.protocol, "seed": self.seed, "limit": self.limit,
+                "seconds": self.seconds, "engine": self.engine,
+                "tasks": {t.task: t.to_json(self.model, self.seed) for t in self.tasks}}
+
+
+def select(task: Task, limit: int | None, seed: int) -> list[dict]:
+    examples = task.scored(task.load())
+    if limit is not None and limit < len(examples):
+        rng = random.Random(f"{seed}:{task.name}")
+        examples = [examples[i] for i in sorted(rng.sample(range(len(examples)), limit))]
+    return examples
+
+
+def evaluate(lm, tasks: str | list[str] = "all", protocol: str = "standard", limit: int | None = None,
+             seed: int = 0, batch_tokens: int | str = "auto", progress: bool = True,
+             engine: Engine | None = None) -> EvalResult:
+    if protocol not in PROTOCOLS:
+        raise EditfastError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+    if limit is not None and limit <= 0:
+        raise EditfastError(f"--limit must be a positive number of examples, got {limit}")
+    chosen = resolve_tasks(tasks if isinstance(tasks, str) else ",".join(tasks))
+    engine = engine or Engine(lm, batch_tokens=batch_tokens, progress=progress)
+    t0 = time.perf_counter()
+    plan = []  # (task, examples, per-example request slices)
+    pool = []
+    for task in chosen:
+        examples = select(task, limit, seed)
+        slices = []
+        for ex in examples:
+            reqs = task.requests(ex, protocol)
+            slices.append((len(pool), len(pool) + len(reqs)))
+            pool.extend(reqs)
+        plan.append((task, examples, slices))
+    outputs = engine.run(pool)
+    total = time.perf_counter() - t0
+    cost_all = sum(_cost(r) for r in pool) or 1
+    result = EvalResult(lm.spec, protocol, seed, limit, seconds=total, engine=dict(engine.stats))
+    for task, examples, slices in plan:
+        per_ex = [task.score(ex, outputs[a:b], protocol) for ex, (a, b) in zip(examples, slices)]
+        n_req = sum(b - a for a, b in slices)
+        share = sum(_cost(pool[i]) for a, b in slices for i in range(a, b)) / cost_all
+        result.tasks.append(TaskResult(task.name, task.category, protocol, task.aggregate(per_ex, protocol),
+                                       task.primary[protocol], task.higher_is_better,
+                                       len(examples), total * share, n_req))
+    return result
+
+
+def markdown_table(before: EvalResult, after: EvalResult | None = None) -> str:
+    """One row per task: the headline metric (and all metrics), before/after and the change."""
+    rows = []
+    if after is None:
+        rows.append("| task | category | metric | value | n | seconds | requests/s |")
+        rows.append("|---|---|---|---|---|---|---|")
+        for t in before.tasks:
+            rps = t.requests / t.seconds if t.seconds else 0
+            rows.append(f"| {t.task} | {t.category} | {t.primary} | {t.metrics[t.primary]:.4f} | {t.n} | "
+                        f"{t.seconds:.1f} | {rps:.1f} |")
+        return "\n".join(rows)
+    rows.append("| task | category | metric | before | after | change |")
+    rows.append("|---|---|---|---|---|---|")
+    after_by = {t.task: t for t in after.tasks}
+    for t in before.tasks:
+        a = after_by[t.task]
+        b, v = t.metrics[t.primary], a.metrics[t.primary]
+        arrow = "" if t.higher_is_better else " (lower is better)"
+        rows.append(f"| {t.task} | {t.category} | {t.primary}{arrow} | {b:.4f} | {v:.4f} | {v - b:+.4f} |")
+    return "\n".join(rows)
+
+
+def change_plot(before: EvalResult, after: EvalResult, path) -> None:
+    """PNG bar chart of each task's relative change of its headline metric (damage is negative)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, changes = [], []
+    after_by = {t.task: t for t in after.tasks}
+    for t in before.tasks:
+        b, a = t.metrics[t.primary], after_by[t.task].metrics[t.primary]
+        rel = (a - b) / abs(b) * 100 if b else 0.0
+        changes.append(rel if t.higher_is_better else -rel)
+        names.append(f"{t.task}\n{t.primary}")
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4))
+    ax.bar(names, changes, color=["#2a7" if c >= 0 else "#c33" for c in changes])
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_ylabel("change after editing (%, higher = better)")
+    ax.set_title(f"{before.model} · {before.protocol} protocol · n ≤ {before.limit or 'all'} per task")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
+
+
+def write_report(out, before: EvalResult, after: EvalResult | None = None) -> None:
+    """eval.json (everything), tasks/<task>.json, report.md and, with ``after``, change.png."""
+    from pathlib import Path
+
+    from editfast.paths import atomic_path, write_json, write_text
+
+    out = Path(out)
+    doc = {"before": before.to_json()} if after is not None else before.to_json()
+    if after is not None:
+        doc["after"] = after.to_json()
+        doc["change"] = {t.task: {k: after_t.metrics[k] - t.metrics[k] for k in t.metrics}
+                         for t, after_t in zip(before.tasks, after.tasks)}
+    for t in before.tasks:
+        one = {"before": t.to_json(before.model, before.seed)} if after else t.to_json(before.model, before.seed)
+        if after is not None:
+            one["after"] = next(a for a in after.tasks if a.task == t.task).to_json(after.model, after.seed)
+        write_json(out / "tasks" / f"{t.task}.json", one)
+    write_json(out / "eval.json", doc)
+    title = f"# {before.model} · {before.protocol} protocol · seed {before.seed} · limit {before.limit}\n\n"
+    write_text(out / "report.md", title + markdown_table(before, after) + "\n")
+    if after is not None:
+        with atomic_path(out / "change.png") as tmp:
+            change_plot(before, after, tmp)

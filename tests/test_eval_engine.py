@@ -1,0 +1,177 @@
+"""The evaluation engine against brute force and against lm-evaluation-harness; `editfast eval`."""
+
+import json
+
+import pytest
+import torch
+
+from editfast.eval.base import Generate, LogLik, Rolling
+from editfast.eval.engine import Engine
+from editfast.models import load_model
+from test_cli import run
+
+ARCHS = ["tiny-llama", "tiny-gpt2", "tiny-gptj", "tiny-neox"]
+PAIRS = [("The capital of France is", " Paris"), ("The capital of France is", " Rome and more"),
+         ("Hello", " world"), ("A longer context sentence here, with commas,", " yes"),
+         ("A longer context sentence here, with commas,", " no"), ("Q: ", "answer is 5"), ("", "Start of text")]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def tiny(request):
+    return load_model(f"random:{request.param}")
+
+
+def brute_force(lm, eng, context, continuation):
+    ctx, cont = eng.encode_pair(context, continuation)
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        lp = torch.log_softmax(lm.model(input_ids=ids).logits[0].double(), -1)
+    rows = lp[len(ctx) - 1: len(ctx) - 1 + len(cont)]
+    return sum(rows[j, t].item() for j, t in enumerate(cont)), all(rows[j].argmax().item() == t for j, t in enumerate(cont))
+
+
+@pytest.mark.parametrize("batch_tokens", [8, 4096])
+def test_loglikelihood_equals_full_forward(tiny, batch_tokens):
+    eng = Engine(tiny, batch_tokens=batch_tokens, progress=False)
+    got = eng.loglikelihood([LogLik(*p) for p in PAIRS])
+    for p, g in zip(PAIRS, got):
+        lp, greedy = brute_force(tiny, eng, *p)
+        assert abs(g.logprob - lp) < 1e-4, p
+        assert g.is_greedy == greedy
+    assert eng.stats["loglikelihood_requests"] == len(PAIRS)
+
+
+def test_truncation_keeps_the_end(tiny):
+    eng = Engine(tiny, max_length=16, progress=False)
+    long_ctx = " ".join(["word"] * 40)
+    got = eng.loglikelihood([LogLik(long_ctx, " end")])[0]
+    ctx, cont = eng.encode_pair(long_ctx, " end")
+    ids = torch.tensor([(ctx + cont)[-17:-1]])
+    with torch.no_grad():
+        lp = torch.log_softmax(tiny.model(input_ids=ids).logits[0, -1].double(), -1)[cont[-1]].item()
+    assert abs(got.logprob - lp) < 1e-4
+
+
+def test_generation_equals_hf_greedy(tiny):
+    eng = Engine(tiny, batch_tokens=40, progress=False)
+    reqs = [Generate("Once upon a time", 8), Generate("The", 5), Generate("In a galaxy far far away there", 12)]
+    outs = eng.generate(reqs)
+    for r, o in zip(reqs, outs):
+        ids = torch.tensor([tiny.tokenizer(r.prompt, add_special_tokens=False)["input_ids"]])
+        ref = tiny.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=r.max_new_tokens,
+                                  do_sample=False, pad_token_id=tiny.tokenizer.pad_token_id, eos_token_id=None)
+        text = tiny.tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+        assert text == o, (o, text)
+    # a stop string cuts the output and the request leaves the batch early
+    full = outs[0]
+    stop = full.strip().split()[1] if len(full.split()) > 1 else full.strip()[:2]
+    cut = eng.generate([Generate("Once upon a time", 8, (stop,)), Generate("The", 5)])
+    assert cut[0] == full[: full.find(stop)] and cut[1] == outs[1]
+
+
+def test_rolling_counts_every_token(tiny):
+    eng = Engine(tiny, max_length=16, progress=False)
+    text = "Some text to score for perplexity, a few windows long. " * 3
+    res = eng.rolling([Rolling(text)])[0]
+    n = len(tiny.tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert res.n_tokens == n and res.logprob < 0 and res.n_bytes == len(text.encode())
+
+
+def test_no_lm_head_is_an_error():
+    from transformers import LlamaConfig, LlamaModel
+
+    from editfast.errors import ModelError
+    from editfast.models import LoadedModel, adapter_for
+
+    lm = load_model("random:tiny-llama")
+    base = LlamaModel(LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                  num_key_value_heads=1, vocab_size=100))
+    bare = LoadedModel(base, lm.tokenizer, adapter_for(base.config), "bare", "0", torch.float32, torch.device("cpu"))
+    with pytest.raises(ModelError, match="LM head"):
+        Engine(bare)
+
+
+# ---- a real peer: lm-evaluation-harness's Hugging Face model, same pairs, same tokens ----------
+
+@pytest.fixture(scope="module")
+def smol():
+    from editfast.errors import EditfastError
+
+    try:
+        return load_model("smollm2-135m")
+    except EditfastError as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.slow
+def test_loglikelihood_matches_lm_eval(smol):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from editfast.eval.runner import select
+    from editfast.eval.tasks import resolve_tasks
+
+    reqs = []
+    for task in resolve_tasks("rte,boolq,sst2,mutual"):
+        for ex in select(task, 3, seed=0):
+            reqs += [r for r in task.requests(ex, "standard") if isinstance(r, LogLik)]
+    reqs += [LogLik(*p) for p in PAIRS[:6]]
+    assert len(reqs) > 20
+    hf = HFLM(pretrained=smol.model, tokenizer=smol.tokenizer, batch_size=8, device="cpu")
+    ref = hf.loglikelihood([Instance(request_type="loglikelihood", doc={}, arguments=(r.context, r.continuation), idx=i)
+                            for i, r in enumerate(reqs)], disable_tqdm=True)
+    got = Engine(smol, progress=False).loglikelihood(reqs)
+    for r, (lp, greedy), g in zip(reqs, ref, got):
+        assert abs(lp - g.logprob) <= 1e-3, (r, lp, g.logprob)
+        assert greedy == g.is_greedy
+
+
+# ---- runner and CLI ---------------------------------------------------------------------------
+
+def test_eval_cli_before_after(tmp_path, capsys):
+    edit_dir = tmp_path / "edit"
+    code, _, err = run(["edit", "--model", "random:tiny-llama", "--n", "2", "--templates", "fixed", "--quiet",
+                        "--out", str(edit_dir)], capsys)
+    assert code == 0, err
+    out = tmp_path / "eval"
+    code, stdout, err = run(["eval", "--model", "random:tiny-llama", "--edits", str(edit_dir), "--tasks",
+                             "rte,sst2,nq,wikitext", "--limit", "3", "--out", str(out), "--quiet"], capsys)
+    assert code == 0, err
+    assert "| rte |" in stdout
+    doc = json.loads((out / "eval.json").read_text())
+    assert set(doc) == {"before", "after", "change"}
+    assert set(doc["before"]["tasks"]) == {"rte", "sst2", "nq", "wikitext"}
+    rte = json.loads((out / "tasks" / "rte.json").read_text())
+    assert rte["before"]["n"] == 3 and rte["before"]["protocol"] == "standard" and "accuracy" in rte["after"]["metrics"]
+    assert (out / "change.png").stat().st_size > 1000 and "| rte |" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("argv,word", [
+    (["--tasks", "nosuch"], "nosuch"),
+    (["--protocol", "zero"], "zero"),
+    (["--limit", "0"], "--limit"),
+    (["--edits", "/nonexistent/run"], "edit run"),
+])
+def test_eval_bad_input(tmp_path, capsys, argv, word):
+    code, _, err = run(["eval", "--model", "random:tiny-llama", "--out", str(tmp_path / "o"), "--quiet", *argv], capsys)
+    assert code == 2 and word in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_edits_of_another_model(tmp_path, capsys):
+    edit_dir = tmp_path / "edit"
+    assert run(["edit", "--model", "random:tiny-gpt2", "--n", "1", "--templates", "fixed", "--quiet", "--no-eval",
+                "--out", str(edit_dir)], capsys)[0] == 0
+    code, _, err = run(["eval", "--model", "random:tiny-llama", "--edits", str(edit_dir), "--tasks", "rte",
+                        "--limit", "1", "--out", str(tmp_path / "o"), "--quiet"], capsys)
+    assert code == 2 and "was made on model" in err
+
+
+def test_subsampling_is_deterministic():
+    from editfast.eval.runner import select
+    from editfast.eval.tasks import resolve_tasks
+
+    task = resolve_tasks("boolq")[0]
+    a, b, c = select(task, 5, 1), select(task, 5, 1), select(task, 5, 2)
+    assert a == b and a != c and len(a) == 5
