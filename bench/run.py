@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.kernel_rows import device_name, kernel_rows, median_time, row  # noqa: E402
+from bench.kernel_rows import device_name, kernel_rows, row  # noqa: E402
 from editfast.data import load_dataset  # noqa: E402
 from editfast.hparams import resolve_hparams  # noqa: E402
 from editfast.methods.memit import edit_memit  # noqa: E402
@@ -101,6 +101,34 @@ def pipeline_rows(model: str, quick: bool, device: str, dtype: str) -> list[dict
     return rows
 
 
+def engine_rows(model: str, quick: bool, device: str, dtype: str) -> list[dict]:
+    """Log-likelihood requests/s: editfast's engine vs lm-evaluation-harness's HFLM, same requests."""
+    try:
+        from lm_eval.api.instance import Instance
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        return []
+    from editfast.eval.base import LogLik
+    from editfast.eval.engine import Engine
+    from editfast.eval.runner import select
+    from editfast.eval.tasks import resolve_tasks
+
+    lm = load_model(model, device=device, dtype=dtype)
+    reqs = []
+    for task in resolve_tasks("rte,boolq,sst2,mutual"):
+        for ex in select(task, 20 if quick else 100, seed=0):
+            reqs += [r for r in task.requests(ex, "standard") if isinstance(r, LogLik)]
+    inst = [Instance(request_type="loglikelihood", doc={}, arguments=(r.context, r.continuation), idx=i)
+            for i, r in enumerate(reqs)]
+    hf = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=16, device=device)
+    base_s = timed(lambda: hf.loglikelihood(inst, disable_tqdm=True))
+    eng = Engine(lm, progress=False)
+    fast_s = timed(lambda: eng.loglikelihood(reqs))
+    return [row("engine loglikelihood vs lm-eval HFLM", device_name(torch.device(device)),
+                f"{model}, {len(reqs)} requests (rte, boolq, sst2, mutual)", dtype, base_s, fast_s,
+                f"{len(reqs) / fast_s:.1f} req/s vs {len(reqs) / base_s:.1f} req/s (HFLM batch 16)")]
+
+
 def print_table(rows: list[dict]) -> None:
     head = f"{'name':<44} {'device':<22} {'sizes':<44} {'dtype':<9} {'baseline':>10} {'editfast':>10} {'ratio':>7}  extra"
     print(head)
@@ -122,8 +150,11 @@ def main() -> None:
     model = args.model or ("random:gpt2-xl" if cuda else "smollm2-135m")
     print(f"# editfast bench · {platform.node()} · torch {torch.__version__} · threads {torch.get_num_threads()} · "
           f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
-    rows = kernel_rows(args.quick)
+    from bench.test_bench_logprob import logprob_rows
+
+    rows = kernel_rows(args.quick) + logprob_rows(args.quick)
     if not args.skip_pipeline:
+        rows += engine_rows(model, args.quick, device, dtype)
         rows += pipeline_rows(model, args.quick, device, dtype)
     keep = ("name", "device", "sizes", "dtype", "baseline_s", "editfast_s", "ratio")
     print_table(rows)

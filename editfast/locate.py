@@ -49,6 +49,19 @@ def encode(tok, texts: Sequence[str], device=None) -> tuple[torch.Tensor, torch.
     return ids.to(device), mask.to(device)
 
 
+def left_pad(rows: Sequence[Sequence[int]], pad: int, device=None, width: int | None = None):
+    """Left-padded ids, mask and position ids (positions count real tokens only)."""
+    width = max((len(r) for r in rows), default=0) if width is None else width
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    return ids, mask, (mask.cumsum(1) - 1).clamp_min(0)
+
+
 @torch.no_grad()
 def activations_at(lm, texts: Sequence[str], idxs: Sequence[int], *, inputs=(), outputs=(),
                    batch_size: int = 128) -> dict[tuple[str, str], torch.Tensor]:

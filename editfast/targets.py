@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import Request
-from .locate import encode, subject_last_index
+from .locate import encode, left_pad, subject_last_index
 from .trace import Trace
 
 KL_PROMPT = "{} is a"
@@ -282,19 +282,14 @@ def _optimize_chunk(lm, bs: list[_Batch], hp, site: str, layer: int, loss_layer:
     R = len(toks)
     Wp = max(lookup)
     S = max(len(t) - k for t, k in zip(toks, lookup))
-    pre_ids = torch.full((R, Wp), pad, dtype=torch.long)
-    pre_mask = torch.zeros((R, Wp), dtype=torch.long)
+    pre_ids, pre_mask, pre_pos = left_pad([t[:k] for t, k in zip(toks, lookup)], pad, device, Wp)
     suf_ids = torch.full((R, S), pad, dtype=torch.long)
     suf_mask = torch.zeros((R, S), dtype=torch.long)
     for r, (t, k) in enumerate(zip(toks, lookup)):
-        if k:
-            pre_ids[r, Wp - k:] = torch.tensor(t[:k])
-            pre_mask[r, Wp - k:] = 1
         suf_ids[r, : len(t) - k] = torch.tensor(t[k:])
         suf_mask[r, : len(t) - k] = 1
-    pre_ids, pre_mask, suf_ids, suf_mask = (x.to(device) for x in (pre_ids, pre_mask, suf_ids, suf_mask))
+    suf_ids, suf_mask = suf_ids.to(device), suf_mask.to(device)
     lk = torch.tensor(lookup, device=device)
-    pre_pos = (torch.arange(Wp, device=device)[None] - (Wp - lk[:, None])).clamp_min(0)
     suf_pos = lk[:, None] + torch.arange(S, device=device)[None]
     full_mask = torch.cat([pre_mask, suf_mask], 1)
 

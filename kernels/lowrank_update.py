@@ -88,9 +88,8 @@ def lowrank_update_reference_(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
     """W += α A Bᵀ in place with fp32 math and one rounding (torch reference, CPU path)."""
     _check(W, A, B)
     delta = A.to(W.device, torch.float32) @ B.to(W.device, torch.float32).T
-    if W.dtype == torch.float32:
-        return W.add_(delta, alpha=alpha)
-    return W.copy_(W.float().add_(delta, alpha=alpha).to(W.dtype))
+    # An in-place add of an fp32 tensor into a 16-bit W computes in fp32 and rounds once on store.
+    return W.add_(delta, alpha=alpha)
 
 
 def lowrank_update_(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float = 1.0, *,

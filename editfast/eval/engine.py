@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from editfast.kernels.logprob import token_logprobs
+from editfast.locate import left_pad
 
 from .base import Generate, LogLik, LogLikResult, Output, Request, Rolling, RollingResult
 
@@ -177,14 +178,7 @@ class Engine:
 
     def _score_batch(self, contexts, groups, fixed):
         dev = self.device
-        width = max(len(c) for c in contexts)
-        ids = torch.full((len(contexts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, c in enumerate(contexts):
-            ids[r, width - len(c):] = torch.tensor(c)
-            mask[r, width - len(c):] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
-        pos = (mask.cumsum(1) - 1).clamp_min(0)
+        ids, mask, pos = left_pad(contexts, self.pad_id, dev)
         out = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         h_last = out.last_hidden_state[:, -1]  # predicts each continuation's first token
         kv = [(lay.keys, lay.values) for lay in out.past_key_values.layers]
@@ -252,14 +246,7 @@ class Engine:
 
     def _generate_batch(self, prompts: list[list[int]], reqs: list[Generate]) -> list[str]:
         dev = self.device
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, p in enumerate(prompts):
-            ids[r, width - len(p):] = torch.tensor(p)
-            mask[r, width - len(p):] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
-        pos = (mask.cumsum(1) - 1).clamp_min(0)
+        ids, mask, pos = left_pad(prompts, self.pad_id, dev)
         out = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         cache, h = out.past_key_values, out.last_hidden_state[:, -1]
         alive = list(range(len(prompts)))  # batch row -> request index
