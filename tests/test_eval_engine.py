@@ -175,3 +175,20 @@ def test_subsampling_is_deterministic():
     task = resolve_tasks("boolq")[0]
     a, b, c = select(task, 5, 1), select(task, 5, 1), select(task, 5, 2)
     assert a == b and a != c and len(a) == 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["standard", "paper"])
+def test_all_tasks_both_protocols_on_smollm2(smol, protocol):
+    import math
+
+    from editfast.eval.runner import evaluate
+
+    res = evaluate(smol, "all", protocol, limit=2, seed=0, progress=False)
+    assert [t.task for t in res.tasks] == ["gsm8k", "rte", "nq", "boolq", "mutual", "samsum", "conll03", "sst2",
+                                           "wikitext"]
+    for t in res.tasks:
+        assert t.n == 2 and t.primary in t.metrics and t.requests > 0
+        assert all(math.isfinite(v) for v in t.metrics.values()), (t.task, t.metrics)
+    ppl = next(t for t in res.tasks if t.task == "wikitext").metrics["perplexity"]
+    assert 5 < ppl < 100, ppl  # a trained 135M model on Wikipedia text; a random one is ~50,000
