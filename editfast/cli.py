@@ -106,7 +106,6 @@ def edit_cmd(method, n, model, dataset, offset, batch_size, seed, out, save_mode
     from .data import load_dataset
     from .hparams import resolve_hparams
     from .models import load_model
-    from .paths import atomic_path
 
     if n < 1:
         raise click.UsageError(f"--n must be >= 1, got {n}")

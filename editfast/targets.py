@@ -19,7 +19,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from .data import Request
 from .locate import encode, left_pad, subject_last_index

@@ -1,6 +1,4 @@
 import math
-import os
-from pathlib import Path
 
 import pytest
 from conftest import GOLDEN

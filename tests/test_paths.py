@@ -116,9 +116,7 @@ def test_one_pass_statistics_equal_per_layer_reference():
         assert fast[l].count == ref[l].count == sum(int(m.sum()) for _, m in batches)
         err = ((fast[l].moment() - ref[l].moment()).norm() / ref[l].moment().norm()).item()
         assert err <= 1e-5
-        x64 = []  # float64 recomputation from scratch
-    C64 = torch.zeros_like(ref[3].total, dtype=torch.float64)
-    lm.model.double()
+    lm.model.double()  # and a float64 recomputation from scratch
     try:
         dbl = accumulate_second_moments(lm, [3], batches, dtype=torch.float64)
     finally:

@@ -7,7 +7,7 @@ scores the engine's outputs. The engine batches the requests of all selected tas
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence, Union
 
 PROTOCOLS = ("standard", "paper")

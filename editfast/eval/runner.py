@@ -16,7 +16,7 @@ from typing import Any
 
 from editfast.errors import EditfastError
 
-from .base import PROTOCOLS, Generate, LogLik, Rolling, Task
+from .base import PROTOCOLS, Generate, LogLik, Task
 from .engine import Engine
 from .tasks import resolve_tasks
 
