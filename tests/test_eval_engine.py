@@ -69,6 +69,15 @@ def test_generation_equals_hf_greedy(tiny):
     assert cut[0] == full[: full.find(stop)] and cut[1] == outs[1]
 
 
+def test_stop_strings_after_leading_whitespace():
+    from editfast.eval.engine import stop_index
+
+    assert stop_index("\n\nA summary.\n\nMore", ["\n\n"]) == 12
+    assert stop_index("answer\nQ: next", ["\n", "Q:"]) == 6
+    assert stop_index("no stop here", ["\n"]) is None
+    assert stop_index("   ", ["\n"]) is None and stop_index("x", []) is None
+
+
 def test_rolling_counts_every_token(tiny):
     eng = Engine(tiny, max_length=16, progress=False)
     text = "Some text to score for perplexity, a few windows long. " * 3

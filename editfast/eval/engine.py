@@ -34,6 +34,14 @@ from .base import Generate, LogLik, LogLikResult, Output, Request, Rolling, Roll
 CPU_BATCH_TOKENS = 4096
 
 
+def stop_index(text: str, stops: Sequence[str]) -> int | None:
+    """Where ``text`` ends at its first stop string, searched after the leading whitespace (a model
+    that opens with "\n\n" has not finished when the stop string is "\n\n")."""
+    start = len(text) - len(text.lstrip())
+    hits = [i for i in (text.find(s, start) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None
+
+
 def _cache(model, kv, rows: torch.Tensor):
     from transformers import DynamicCache
 
@@ -264,7 +272,7 @@ class Engine:
                 if not done:
                     gen[i].append(t)
                     texts[i] = self.tok.decode(gen[i], skip_special_tokens=True)
-                    done = len(gen[i]) >= reqs[i].max_new_tokens or any(s in texts[i] for s in reqs[i].stop)
+                    done = len(gen[i]) >= reqs[i].max_new_tokens or stop_index(texts[i], reqs[i].stop) is not None
                 if not done:
                     keep.append(b)
             if not keep:
@@ -279,9 +287,4 @@ class Engine:
                                         past_key_values=cache, use_cache=True)
             cache, h = out.past_key_values, out.last_hidden_state[:, -1]
             next_pos = next_pos + 1
-        results = []
-        for i, r in enumerate(reqs):
-            text = texts[i]
-            cut = min([text.find(s) for s in r.stop if s in text] or [len(text)])
-            results.append(text[:cut])
-        return results
+        return [t[: stop_index(t, r.stop)] for t, r in zip(texts, reqs)]
