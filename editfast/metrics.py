@@ -7,11 +7,10 @@ zsRE counts teacher-forced argmax hits on the target's tokens.
 
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -27,7 +26,7 @@ class ContinuationScore:
     logprob_sum: float  # sum of log p of the continuation's tokens
     n_tokens: int
     mean_nll: float  # -logprob_sum / n_tokens
-    argmax_correct: list[bool]  # per token: was it the model's argmax at its position
+    n_argmax: int  # continuation tokens that were the model's argmax at their position
 
     @property
     def prob(self) -> float:
@@ -41,13 +40,14 @@ def score_continuations(
 ) -> list[ContinuationScore]:
     """Score each (context, continuation) pair; the continuation carries its own leading space.
 
-    Context and continuation are tokenised separately without special tokens and concatenated.
-    Identical pairs are scored once; pairs are sorted by length into right-padded batches and
-    results come back in input order. Only the hidden states that predict continuation tokens go
-    through lm_head (or, for models without `get_output_embeddings`, only those rows of the
-    logits are kept), and log-softmax runs on them in float32. The model is used in whatever
-    mode it is in (call `model.eval()` first if it has dropout).
+    Context and continuation are tokenised separately without special tokens and concatenated,
+    as ROME/MEMIT's evaluation does. Identical pairs are scored once. The scoring itself is the
+    evaluation engine's (``Engine.score_ids``): contexts run once and are KV-cached, and the
+    fused log-prob kernel never materialises [B, T, V] logits. ``batch_size`` sets the engine's
+    token budget (64 tokens a row).
     """
+    from editfast.eval.engine import Engine
+
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     unique = list(dict.fromkeys(pairs))
@@ -59,54 +59,11 @@ def score_continuations(
     for (c, t), (c_ids, t_ids) in zip(unique, seqs):
         if not c_ids or not t_ids:
             raise RequestError(f"cannot score {t!r} after {c!r}: context and continuation must be non-empty")
-
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    can_trim = "logits_to_keep" in inspect.signature(model.forward).parameters
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]) - len(seqs[i][1]))
-    scores: dict[tuple[str, str], ContinuationScore] = {}
-
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        width = max(len(seqs[i][0]) + len(seqs[i][1]) for i in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        rows: list[int] = []
-        cols: list[int] = []
-        targets: list[int] = []
-        for b, i in enumerate(batch):
-            ctx, cont = seqs[i]
-            ids[b, : len(ctx) + len(cont)] = torch.tensor(ctx + cont)
-            mask[b, : len(ctx) + len(cont)] = 1
-            rows += [b] * len(cont)
-            cols += range(len(ctx) - 1, len(ctx) + len(cont) - 1)  # position predicting each token
-            targets += cont
-
-        rows_t = torch.tensor(rows, device=device)
-        cols_t = torch.tensor(cols, device=device)
-        with _head_only_at(model, rows_t, cols_t, ids.shape) as gathered:
-            kwargs = {}
-            if gathered is None and can_trim:  # logits are needed from the shortest context's end on
-                kwargs["logits_to_keep"] = width - min(len(seqs[i][0]) for i in batch) + 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits
-        if gathered:
-            picked = logits[0]  # [n_targets, V]
-        else:
-            picked = logits[rows_t, cols_t - (width - logits.shape[1])]
-        del logits
-        tgt = torch.tensor(targets, device=device)
-        token_lp = picked.float().log_softmax(-1).gather(1, tgt[:, None]).squeeze(1)
-        hits = (picked.argmax(-1) == tgt).tolist()
-        token_lp = token_lp.double().tolist()
-
-        pos = 0
-        for i in batch:
-            k = len(seqs[i][1])
-            lp = math.fsum(token_lp[pos : pos + k])
-            scores[unique[i]] = ContinuationScore(lp, k, -lp / k, hits[pos : pos + k])
-            pos += k
-
-    return [replace(scores[p], argmax_correct=list(scores[p].argmax_correct)) for p in pairs]
+    lm = SimpleNamespace(model=model, tokenizer=tokenizer, spec=type(model).__name__)
+    results = Engine(lm, batch_tokens=64 * batch_size, progress=False).score_ids(seqs, desc="edit metrics")
+    scores = {p: ContinuationScore(r.logprob, r.n_tokens, -r.logprob / r.n_tokens, r.n_greedy)
+              for p, r in zip(unique, results)}
+    return [scores[p] for p in pairs]
 
 
 def counterfact_metrics(
@@ -167,7 +124,9 @@ def zsre_metrics(
     scores = iter(score_continuations(model, tokenizer, pairs, batch_size))
 
     def acc(n: int) -> float | None:
-        return _mean([hit for _ in range(n) for hit in next(scores).argmax_correct])
+        """Token accuracy pooled over the ``n`` next prompts' target tokens."""
+        got = [next(scores) for _ in range(n)]
+        return sum(s.n_argmax for s in got) / sum(s.n_tokens for s in got) if got else None
 
     return [
         {
@@ -190,36 +149,6 @@ def summarize(per_request: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if all(v is None or isinstance(v, (bool, int, float)) for v in values):
             out[k] = _mean([float(v) for v in values if v is not None])
     return out
-
-
-@contextmanager
-def _head_only_at(
-    model: torch.nn.Module, rows: torch.Tensor, cols: torch.Tensor, shape: torch.Size
-) -> Iterator[list[bool] | None]:
-    """While active, the output embedding (lm_head) sees only the hidden states at (rows, cols)
-    of its [B, T, H] input, so the model returns logits [1, n, V] for just those positions
-    instead of [B, T, V]; whatever the model does after lm_head (soft-capping, scaling) still
-    applies. Yields None when the model has no `get_output_embeddings`, else a list that is
-    non-empty once the selection happened (it is skipped if lm_head's input is not [*shape, H])."""
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    if not isinstance(head, torch.nn.Module):
-        yield None
-        return
-    done: list[bool] = []
-
-    def select(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        h = args[0] if args else None
-        if done or not isinstance(h, torch.Tensor) or h.dim() != 3 or h.shape[:2] != shape:
-            return None
-        done.append(True)
-        return (h[rows.to(h.device), cols.to(h.device)][None], *args[1:])
-
-    handle = head.register_forward_pre_hook(select)
-    try:
-        yield done
-    finally:
-        handle.remove()
 
 
 def _tokenize(tokenizer: Any, texts: list[str]) -> dict[str, list[int]]:

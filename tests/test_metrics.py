@@ -78,48 +78,24 @@ def test_score_continuations_matches_float64_reference(model, tok, batch_size):
         assert s.n_tokens == len(lps) == len(tok(cont, add_special_tokens=False)["input_ids"])
         assert s.logprob_sum == pytest.approx(sum(lps), abs=1e-5)
         assert s.mean_nll == pytest.approx(-sum(lps) / len(lps), abs=1e-5)
-        assert s.argmax_correct == hits
+        assert s.n_argmax == sum(hits)
 
 
-class NoHead(torch.nn.Module):
-    """Hides `get_output_embeddings`, so logits of all positions (or the last `logits_to_keep`) come back."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, input_ids, attention_mask):
-        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
-
-
-class NoHeadKeep(NoHead):
-    def forward(self, input_ids, attention_mask, logits_to_keep=0):
-        return self.inner(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep)
-
-
-@pytest.mark.parametrize("wrapper", [NoHead, NoHeadKeep])
-def test_score_continuations_without_lm_head_access(model, tok, wrapper):
-    fast = score_continuations(model, tok, PAIRS, batch_size=4)
-    slow = score_continuations(wrapper(model), tok, PAIRS, batch_size=4)
-    for a, b in zip(fast, slow):
-        assert a.logprob_sum == pytest.approx(b.logprob_sum, abs=1e-5) and a.argmax_correct == b.argmax_correct
-
-
-def test_lm_head_sees_only_needed_rows(model, tok):
+def test_logits_never_materialised(model, tok):
+    """The LM head module is never called: the fused kernel reads its weight for the needed rows."""
     seen = []
     handle = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
     try:
-        score_continuations(model, tok, [("Angola is located in", " Antarctica"), ("A", " b c")], batch_size=2)
+        scores = score_continuations(model, tok, [("Angola is located in", " Antarctica"), ("A", " b c")], batch_size=2)
     finally:
         handle.remove()
-    n_targets = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in (" Antarctica", " b c"))
-    assert seen == [(1, n_targets, 49152)]
+    assert seen == [] and all(s.n_tokens > 0 for s in scores)
 
 
 def test_argmax_correct_on_greedy_continuation(model, tok):
     cont = greedy(model, tok, "Angola is located in")
     (s,) = score_continuations(model, tok, [("Angola is located in", cont)])
-    assert s.argmax_correct == [True] * s.n_tokens == [True] * 3
+    assert s.n_argmax == s.n_tokens == 3
 
 
 def test_empty_inputs(model, tok):

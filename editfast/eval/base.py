@@ -45,6 +45,7 @@ class LogLikResult:
     logprob: float  # sum of log p over the continuation's tokens
     n_tokens: int
     is_greedy: bool  # every continuation token is the argmax
+    n_greedy: int = 0  # how many continuation tokens are the argmax
 
 
 @dataclass(frozen=True)

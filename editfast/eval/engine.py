@@ -220,7 +220,7 @@ class Engine:
         own = torch.cat(owner)
         total = torch.zeros(len(members), dtype=torch.float64, device=dev).index_add_(0, own, lp.double())
         misses = torch.zeros(len(members), dtype=torch.long, device=dev).index_add_(0, own, (~top.bool()).long())
-        return [(i, LogLikResult(total[k].item(), len(conts[k]), not bool(misses[k])))
+        return [(i, LogLikResult(total[k].item(), len(conts[k]), not bool(misses[k]), len(conts[k]) - int(misses[k])))
                 for k, (_, i) in enumerate(members)]
 
     # -- generation -----------------------------------------------------------------------------
