@@ -162,7 +162,7 @@ def preset_name_for(spec: str, config: Any) -> str | None:
     return None
 
 
-def _check_type(cls: type, name: str, value: Any, hint: Any) -> Any:
+def _check_type(name: str, value: Any, hint: Any) -> Any:
     """Coerce value to the annotated type, or raise HParamsError naming the key."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -193,7 +193,7 @@ def _check_type(cls: type, name: str, value: Any, hint: Any) -> Any:
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise bad
-        return [_check_type(cls, f"{name}[{i}]", v, args[0]) for i, v in enumerate(value)] if args else list(value)
+        return [_check_type(f"{name}[{i}]", v, args[0]) for i, v in enumerate(value)] if args else list(value)
     return value
 
 
@@ -211,7 +211,7 @@ def make_hparams(method: str, values: dict[str, Any]) -> HParams:
         )
     if "layers" not in values:
         raise HParamsError("hparams: 'layers' is required")
-    clean = {k: _check_type(cls, k, v, hints[k]) for k, v in values.items()}
+    clean = {k: _check_type(k, v, hints[k]) for k, v in values.items()}
     return cls(**clean)
 
 

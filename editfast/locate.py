@@ -39,13 +39,19 @@ def subject_last_index(tok, template: str, subject: str) -> int:
 def encode(tok, texts: Sequence[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded token ids and attention mask, no special tokens."""
     rows = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    width = max(len(r) for r in rows)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    return right_pad(rows, tok.pad_token_id if tok.pad_token_id is not None else 0, device)
+
+
+def right_pad(rows: Sequence[Sequence[int]], pad: int, device=None,
+              width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask of token rows."""
+    width = max((len(r) for r in rows), default=0) if width is None else width
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
+        if len(r):
+            ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, : len(r)] = 1
     return ids.to(device), mask.to(device)
 
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from editfast.kernels.second_moment import mirror_upper_, second_moment_accumulate_
 
 from .errors import DataError, HParamsError
+from .locate import right_pad
 from .paths import PACKAGE_DATA, atomic_path, cache_dir
 from .trace import Trace
 
@@ -79,13 +80,7 @@ def token_batches(tok, texts: Sequence[str], max_tokens: int, batch_tokens: int 
         n = 1  # rows are sorted, so the batch width is its last row's length
         while i + n < len(rows) and (n + 1) * len(rows[i + n]) <= batch_tokens:
             n += 1
-        chunk = rows[i: i + n]
-        ids = torch.full((n, len(chunk[-1])), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, r in enumerate(chunk):
-            ids[j, : len(r)] = torch.tensor(r)
-            mask[j, : len(r)] = 1
-        yield ids, mask
+        yield right_pad(rows[i: i + n], pad)
         i += n
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .data import Request
-from .locate import encode, left_pad, subject_last_index
+from .locate import encode, left_pad, right_pad, subject_last_index
 from .trace import Trace
 
 KL_PROMPT = "{} is a"
@@ -282,12 +282,7 @@ def _optimize_chunk(lm, bs: list[_Batch], hp, site: str, layer: int, loss_layer:
     Wp = max(lookup)
     S = max(len(t) - k for t, k in zip(toks, lookup))
     pre_ids, pre_mask, pre_pos = left_pad([t[:k] for t, k in zip(toks, lookup)], pad, device, Wp)
-    suf_ids = torch.full((R, S), pad, dtype=torch.long)
-    suf_mask = torch.zeros((R, S), dtype=torch.long)
-    for r, (t, k) in enumerate(zip(toks, lookup)):
-        suf_ids[r, : len(t) - k] = torch.tensor(t[k:])
-        suf_mask[r, : len(t) - k] = 1
-    suf_ids, suf_mask = suf_ids.to(device), suf_mask.to(device)
+    suf_ids, suf_mask = right_pad([t[k:] for t, k in zip(toks, lookup)], pad, device, S)
     lk = torch.tensor(lookup, device=device)
     suf_pos = lk[:, None] + torch.arange(S, device=device)[None]
     full_mask = torch.cat([pre_mask, suf_mask], 1)

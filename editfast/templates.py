@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import EditfastError
+
 STARTERS = ["The", "Therefore", "Because", "I", "You"]
 # Five fixed prefixes written the way generated ones look (the golden reference set uses these).
 FIXED = ["The following is a true statement. {}", "Therefore, it is known. {}", "Because of this, we know. {}",
@@ -48,7 +50,7 @@ def context_templates(lm, method: str, hp, seed: int = 0, mode: str = "generated
     if mode == "fixed":
         return [["{}"], list(FIXED)] if method == "memit" else [["{}", *FIXED]]
     if mode != "generated":
-        raise ValueError(f"context template mode must be 'generated' or 'fixed', got {mode!r}")
+        raise EditfastError(f"context template mode must be 'generated' or 'fixed', got {mode!r}")
     if method == "memit":
         return [["{}"], sample_prefixes(lm, 1, 10, seed)]
     flat = ["{}"]

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from editfast.kernels.logprob import token_logprobs
-from editfast.locate import left_pad
+from editfast.locate import left_pad, right_pad
 
 from .base import Generate, LogLik, LogLikResult, Output, Request, Rolling, RollingResult
 
@@ -198,13 +198,8 @@ class Engine:
         owner = [torch.arange(len(members), device=dev)]
         multi = [j for j, c in enumerate(conts) if len(c) > 1]
         if multi:
-            cw = max(len(conts[j]) - 1 for j in multi)
-            c_ids = torch.full((len(multi), cw), self.pad_id, dtype=torch.long)
-            c_mask = torch.zeros_like(c_ids)
-            for k, j in enumerate(multi):
-                c_ids[k, : len(conts[j]) - 1] = torch.tensor(conts[j][:-1])
-                c_mask[k, : len(conts[j]) - 1] = 1
-            c_ids, c_mask = c_ids.to(dev), c_mask.to(dev)
+            c_ids, c_mask = right_pad([conts[j][:-1] for j in multi], self.pad_id, dev)
+            cw = c_ids.shape[1]
             ctx_rows = torch.tensor([members[j][0] for j in multi], device=dev)
             ctx_len = mask[ctx_rows].sum(1)
             c_pos = ctx_len[:, None] + torch.arange(cw, device=dev)[None]
