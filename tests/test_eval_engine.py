@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from editfast.eval.base import Generate, LogLik, Rolling
-from editfast.eval.engine import Engine
+from editfast.eval.engine import SHARE_MIN_TOKENS, Engine, prefix_groups
 from editfast.models import load_model
 from test_cli import run
 
@@ -67,6 +67,35 @@ def test_generation_equals_hf_greedy(tiny):
     stop = full.strip().split()[1] if len(full.split()) > 1 else full.strip()[:2]
     cut = eng.generate([Generate("Once upon a time", 8, (stop,)), Generate("The", 5)])
     assert cut[0] == full[: full.find(stop)] and cut[1] == outs[1]
+
+
+def hf_greedy(lm, prompt, n):
+    ids = torch.tensor([lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    ref = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                            pad_token_id=lm.tokenizer.pad_token_id, eos_token_id=None)
+    return lm.tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_shared_prefix_generation_equals_hf_greedy(tiny):
+    shots = "".join(f"Question: what is {a} plus {a}? Answer: {2 * a}.\n" for a in range(1, 9))
+    prompts = [shots + q for q in ("Question: what is 9 plus 9? Answer:", "Question: and ten? Answer:",
+                                   "Question: what is the sum of eleven and eleven, please? Answer:")]
+    eng = Engine(tiny, batch_tokens=60, progress=False)
+    enc = [tiny.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    [(n_prefix, members)] = prefix_groups(enc)
+    assert members == [0, 1, 2] and n_prefix >= len(tiny.tokenizer(shots)["input_ids"]) - 1
+    outs = eng.generate([Generate(p, 6) for p in prompts] + [Generate("Unrelated", 4)])
+    assert outs == [hf_greedy(tiny, p, 6) for p in prompts] + [hf_greedy(tiny, "Unrelated", 4)]
+
+
+def test_prefix_groups():
+    head = list(range(100, 100 + SHARE_MIN_TOKENS))
+    a, b, c = head + [1, 2, 3], head + [1, 2, 4, 5], head + [1]
+    short, other = [7, 8], [9] * (SHARE_MIN_TOKENS + 5)
+    groups = dict((tuple(m), n) for n, m in prefix_groups([a, b, short, c, other]))
+    # the common prefix leaves at least one own token to the shortest member
+    assert groups == {(0, 1, 3): SHARE_MIN_TOKENS, (2, 4): 0}
+    assert dict((tuple(m), n) for n, m in prefix_groups([a, b])) == {(0, 1): SHARE_MIN_TOKENS + 2}
 
 
 def test_stop_strings_after_leading_whitespace():

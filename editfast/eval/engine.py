@@ -14,7 +14,9 @@ Scoring (log-likelihood of continuations, rolling perplexity windows):
 
 Generation: batched greedy decoding with a KV cache, left padding, per-request stop strings and
 max_new_tokens; finished sequences leave the batch; prompts are sorted by length (bucketed
-across tasks).
+across tasks). Prompts that open with the same tokens (a task's few-shot exemplars or
+instruction) share them: the common prefix runs once, its keys/values are copied into every row
+of the group's batches, and only each prompt's own suffix is prefilled.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from editfast.locate import left_pad, right_pad
 from .base import Generate, LogLik, LogLikResult, Output, Request, Rolling, RollingResult
 
 CPU_BATCH_TOKENS = 4096
+SHARE_MIN_TOKENS = 32  # a common prompt prefix at least this long is computed once per group
 
 
 def stop_index(text: str, stops: Sequence[str]) -> int | None:
@@ -46,9 +49,31 @@ def _cache(model, kv, rows: torch.Tensor):
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    for i, (k, v) in enumerate(kv):
+    for i, (k, v) in enumerate(kv):  # indexing copies: rows may repeat
         cache.update(k[rows], v[rows], i)
     return cache
+
+
+def prefix_groups(prompts: Sequence[Sequence[int]]) -> list[tuple[int, list[int]]]:
+    """Partition prompt indices into (shared prefix length, members): prompts that open with the
+    same ``SHARE_MIN_TOKENS`` tokens form a group sharing their longest common prefix (at least
+    one own token is left to every prompt); the rest form one group sharing nothing."""
+    by_head: dict[tuple, list[int]] = defaultdict(list)
+    for i, p in enumerate(prompts):
+        by_head[tuple(p[:SHARE_MIN_TOKENS]) if len(p) > SHARE_MIN_TOKENS else ()].append(i)
+    groups, lone = [], by_head.pop((), [])
+    for members in by_head.values():
+        if len(members) < 2:
+            lone += members
+            continue
+        first, n = prompts[members[0]], min(len(prompts[i]) for i in members) - 1
+        for i in members[1:]:
+            p = prompts[i]
+            n = next((j for j in range(SHARE_MIN_TOKENS, n) if p[j] != first[j]), n)
+        groups.append((n, members))
+    if lone:
+        groups.append((0, sorted(lone)))
+    return groups
 
 
 class Engine:
@@ -224,33 +249,48 @@ class Engine:
         enc = [self.tok(r.prompt, add_special_tokens=False)["input_ids"] or [self.prefix_id] for r in requests]
         for k, r in enumerate(requests):  # leave room for the generation in the window
             enc[k] = enc[k][-max(1, self.max_length - r.max_new_tokens):]
-        order = sorted(range(len(requests)), key=lambda i: len(enc[i]), reverse=True)
         out: list[str] = [""] * len(requests)
         bar = tqdm(total=len(requests), desc="generate", unit="req", disable=not self.progress)
         t0 = time.perf_counter()
-        start = 0
-        while start < len(order):
-            end = start + 1
-            longest = len(enc[order[start]]) + max(requests[i].max_new_tokens for i in order[start:end])
-            while end < len(order):
-                longest = max(longest, len(enc[order[end]]) + requests[order[end]].max_new_tokens)
-                if (end - start + 1) * longest > self.batch_tokens:
-                    break
-                end += 1
-            idx = order[start:end]
-            for i, text in zip(idx, self._generate_batch([enc[i] for i in idx], [requests[i] for i in idx])):
-                out[i] = text
-            bar.update(len(idx))
-            start = end
+        for n_prefix, members in prefix_groups(enc):
+            prefix_kv = None
+            if n_prefix:
+                ids = torch.tensor([enc[members[0]][:n_prefix]], device=self.device)
+                past = self.model.base_model(input_ids=ids, use_cache=True).past_key_values
+                prefix_kv = [(lay.keys, lay.values) for lay in past.layers]
+            order = sorted(members, key=lambda i: len(enc[i]), reverse=True)
+            start = 0
+            while start < len(order):  # rows x (own tokens + new tokens) within the budget
+                end, longest = start, 0
+                while end < len(order):
+                    i = order[end]
+                    longest = max(longest, len(enc[i]) - n_prefix + requests[i].max_new_tokens)
+                    if end > start and (end - start + 1) * longest > self.batch_tokens:
+                        break
+                    end += 1
+                idx = order[start:end]
+                texts = self._generate_batch([enc[i][n_prefix:] for i in idx], [requests[i] for i in idx], prefix_kv)
+                for i, text in zip(idx, texts):
+                    out[i] = text
+                bar.update(len(idx))
+                start = end
         bar.close()
         self.stats["generate_s"] += time.perf_counter() - t0
         self.stats["generate_requests"] += len(requests)
         return out
 
-    def _generate_batch(self, prompts: list[list[int]], reqs: list[Generate]) -> list[str]:
+    def _generate_batch(self, prompts: list[list[int]], reqs: list[Generate], prefix_kv=None) -> list[str]:
+        """Greedy continuations of ``prompts``, each after the shared ``prefix_kv`` when given."""
         dev = self.device
         ids, mask, pos = left_pad(prompts, self.pad_id, dev)
-        out = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        cache = None
+        if prefix_kv is not None:  # [prefix | left padding | own tokens]; positions skip the padding
+            n_prefix = prefix_kv[0][0].shape[2]
+            cache = _cache(self.model, prefix_kv, torch.zeros(len(prompts), dtype=torch.long, device=dev))
+            mask = torch.cat([torch.ones(len(prompts), n_prefix, dtype=mask.dtype, device=dev), mask], 1)
+            pos = pos + n_prefix
+        out = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                    past_key_values=cache, use_cache=True)
         cache, h = out.past_key_values, out.last_hidden_state[:, -1]
         alive = list(range(len(prompts)))  # batch row -> request index
         gen: list[list[int]] = [[] for _ in prompts]
