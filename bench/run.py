@@ -1,9 +1,10 @@
 """One table of every benchmark: editfast's fast path against the reference path, same run.
 
-    python bench/run.py [--quick] [--json FILE] [--model M]
+    python bench/run.py [--quick] [--json FILE] [--model M] [--only kernels|engine|pipeline]
 
-Rows: kernels (second moment vs X.T@X, low-rank update vs W.add_(U@V.T) and vs a plain copy)
-and pipeline stages on a real model: statistics one pass vs per-layer passes, targets batched vs
+Rows: kernels (second moment vs X.T@X, low-rank update vs W.add_(U@V.T) and vs a plain copy,
+fused log-probabilities vs full logits), the evaluation engine vs lm-evaluation-harness on the
+same log-likelihood and generation requests, and pipeline stages on a real model: statistics one pass vs per-layer passes, targets batched vs
 per request, MEMIT end to end fast vs reference (statistics excluded: both read the same cached
 C). ``ratio = baseline_s / editfast_s``. On CPU the kernel rows that run the Triton interpreter
 only prove the harness works; the pipeline rows are real CPU ratios. ``--quick`` (CPU, 2 cores)
@@ -102,31 +103,52 @@ def pipeline_rows(model: str, quick: bool, device: str, dtype: str) -> list[dict
 
 
 def engine_rows(model: str, quick: bool, device: str, dtype: str) -> list[dict]:
-    """Log-likelihood requests/s: editfast's engine vs lm-evaluation-harness's HFLM, same requests."""
+    """Requests/s of editfast's engine vs lm-evaluation-harness's HFLM on the same requests: the
+    log-likelihood requests of RTE, BoolQ, SST-2 and MuTual, and the generation requests of
+    GSM8K, CoNLL-03, SAMSum and NQ (standard protocol)."""
     try:
         from lm_eval.api.instance import Instance
         from lm_eval.models.huggingface import HFLM
     except ImportError:
         return []
-    from editfast.eval.base import LogLik
+    from editfast.eval.base import Generate, LogLik
     from editfast.eval.engine import Engine
     from editfast.eval.runner import select
     from editfast.eval.tasks import resolve_tasks
 
     lm = load_model(model, device=device, dtype=dtype)
-    reqs = []
-    for task in resolve_tasks("rte,boolq,sst2,mutual"):
-        for ex in select(task, 20 if quick else 100, seed=0):
-            reqs += [r for r in task.requests(ex, "standard") if isinstance(r, LogLik)]
-    inst = [Instance(request_type="loglikelihood", doc={}, arguments=(r.context, r.continuation), idx=i)
-            for i, r in enumerate(reqs)]
+    dev = device_name(torch.device(device))
+
+    def requests(tasks: str, kind: type, per_task: int) -> list:
+        return [r for task in resolve_tasks(tasks) for ex in select(task, per_task, seed=0)
+                for r in task.requests(ex, "standard") if isinstance(r, kind)]
+
     hf = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=16, device=device)
-    base_s = timed(lambda: hf.loglikelihood(inst, disable_tqdm=True))
     eng = Engine(lm, progress=False)
-    fast_s = timed(lambda: eng.loglikelihood(reqs))
-    return [row("engine loglikelihood vs lm-eval HFLM", device_name(torch.device(device)),
-                f"{model}, {len(reqs)} requests (rte, boolq, sst2, mutual)", dtype, base_s, fast_s,
-                f"{len(reqs) / fast_s:.1f} req/s vs {len(reqs) / base_s:.1f} req/s (HFLM batch 16)")]
+    rows = []
+
+    ll = requests("rte,boolq,sst2,mutual", LogLik, 20 if quick else 100)
+    inst = [Instance(request_type="loglikelihood", doc={}, arguments=(r.context, r.continuation), idx=i)
+            for i, r in enumerate(ll)]
+    base_s = timed(lambda: hf.loglikelihood(inst, disable_tqdm=True))
+    fast_s = timed(lambda: eng.loglikelihood(ll))
+    rows.append(row("engine loglikelihood vs lm-eval HFLM", dev,
+                    f"{model}, {len(ll)} requests (rte, boolq, sst2, mutual)", dtype, base_s, fast_s,
+                    f"{len(ll) / fast_s:.1f} req/s vs {len(ll) / base_s:.1f} req/s (HFLM batch 16)"))
+
+    gen = requests("gsm8k,conll03,samsum,nq", Generate, 4 if quick else 16)
+    inst = [Instance(request_type="generate_until", doc={}, idx=i, arguments=(
+        r.prompt, {"until": list(r.stop), "max_gen_toks": r.max_new_tokens, "do_sample": False}))
+        for i, r in enumerate(gen)]
+    got: dict[str, list[str]] = {}
+    base_s = timed(lambda: got.__setitem__("hf", hf.generate_until(inst, disable_tqdm=True)))
+    fast_s = timed(lambda: got.__setitem__("ef", eng.generate(gen)))
+    same = sum(a.strip() == b.strip() for a, b in zip(got["hf"], got["ef"]))
+    rows.append(row("engine generation vs lm-eval HFLM", dev,
+                    f"{model}, {len(gen)} requests (gsm8k, conll03, samsum, nq)", dtype, base_s, fast_s,
+                    f"{len(gen) / fast_s:.2f} req/s vs {len(gen) / base_s:.2f} req/s (HFLM batch 16); "
+                    f"{same}/{len(gen)} outputs identical"))
+    return rows
 
 
 def print_table(rows: list[dict]) -> None:
@@ -143,7 +165,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes: within 10 minutes on a 2-core CPU")
     ap.add_argument("--json", default=None, help="also write the rows as a JSON list")
     ap.add_argument("--model", default=None, help="default: smollm2-135m on CPU, random:gpt2-xl on CUDA")
-    ap.add_argument("--skip-pipeline", action="store_true")
+    ap.add_argument("--skip-pipeline", action="store_true", help="kernel rows only")
+    ap.add_argument("--only", choices=("kernels", "engine", "pipeline"), default=None, help="one group of rows")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", "bfloat16") if cuda else ("cpu", "float32")
@@ -152,10 +175,11 @@ def main() -> None:
           f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     from bench.test_bench_logprob import logprob_rows
 
-    rows = kernel_rows(args.quick) + logprob_rows(args.quick)
-    if not args.skip_pipeline:
-        rows += engine_rows(model, args.quick, device, dtype)
-        rows += pipeline_rows(model, args.quick, device, dtype)
+    groups = {"kernels": lambda: kernel_rows(args.quick) + logprob_rows(args.quick),
+              "engine": lambda: engine_rows(model, args.quick, device, dtype),
+              "pipeline": lambda: pipeline_rows(model, args.quick, device, dtype)}
+    chosen = [args.only] if args.only else ["kernels"] if args.skip_pipeline else list(groups)
+    rows = [r for g in chosen for r in groups[g]()]
     keep = ("name", "device", "sizes", "dtype", "baseline_s", "editfast_s", "ratio")
     print_table(rows)
     if args.json:

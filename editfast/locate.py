@@ -68,6 +68,32 @@ def left_pad(rows: Sequence[Sequence[int]], pad: int, device=None, width: int | 
     return ids, mask, (mask.cumsum(1) - 1).clamp_min(0)
 
 
+def kv_cache(model, kv: Sequence[tuple[torch.Tensor, torch.Tensor] | None], rows: torch.Tensor | None = None,
+             batch: int | None = None):
+    """A ``DynamicCache`` that starts from per-layer (keys, values) ``[B, heads, T, head_dim]``.
+
+    ``rows`` selects batch rows (a copy); ``batch`` broadcasts one cached row to that many (no
+    copy). Otherwise the tensors are used as they are: the cache never writes into them (each
+    forward concatenates into new tensors), so one prefix can seed many caches. A layer given as
+    ``None`` (one the forward skips) holds a placeholder of the right shape that takes no memory.
+    """
+    from transformers import DynamicCache
+
+    ref = next(e for e in kv if e is not None)[0]
+    if rows is not None:
+        kv = [None if e is None else (e[0][rows], e[1][rows]) for e in kv]
+    elif batch is not None:
+        kv = [None if e is None else tuple(t.expand(batch, -1, -1, -1) for t in e) for e in kv]
+    shape = (len(rows) if rows is not None else batch or ref.shape[0], *ref.shape[1:])
+    empty = ref.new_zeros(()).expand(shape)
+    cache = DynamicCache(config=model.config)
+    for i, e in enumerate(kv):
+        k, v = e if e is not None else (empty, empty)
+        cache.update(k[..., :0, :], v[..., :0, :], i)  # initialises layer i
+        cache.layers[i].keys, cache.layers[i].values = k, v
+    return cache
+
+
 @torch.no_grad()
 def activations_at(lm, texts: Sequence[str], idxs: Sequence[int], *, inputs=(), outputs=(),
                    batch_size: int = 128) -> dict[tuple[str, str], torch.Tensor]:

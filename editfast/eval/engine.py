@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from editfast.kernels.logprob import token_logprobs
-from editfast.locate import left_pad, right_pad
+from editfast.locate import kv_cache, left_pad, right_pad
 
 from .base import Generate, LogLik, LogLikResult, Output, Request, Rolling, RollingResult
 
@@ -43,15 +43,6 @@ def stop_index(text: str, stops: Sequence[str]) -> int | None:
     start = len(text) - len(text.lstrip())
     hits = [i for i in (text.find(s, start) for s in stops if s) if i >= 0]
     return min(hits) if hits else None
-
-
-def _cache(model, kv, rows: torch.Tensor):
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    for i, (k, v) in enumerate(kv):  # indexing copies: rows may repeat
-        cache.update(k[rows], v[rows], i)
-    return cache
 
 
 def prefix_groups(prompts: Sequence[Sequence[int]]) -> list[tuple[int, list[int]]]:
@@ -229,7 +220,7 @@ class Engine:
             ctx_len = mask[ctx_rows].sum(1)
             c_pos = ctx_len[:, None] + torch.arange(cw, device=dev)[None]
             h = self.model.base_model(input_ids=c_ids, attention_mask=torch.cat([mask[ctx_rows], c_mask], 1),
-                                      position_ids=c_pos, past_key_values=_cache(self.model, kv, ctx_rows),
+                                      position_ids=c_pos, past_key_values=kv_cache(self.model, kv, ctx_rows),
                                       use_cache=True).last_hidden_state
             sel = c_mask.bool()
             rows_h.append(h[sel])
@@ -286,7 +277,7 @@ class Engine:
         cache = None
         if prefix_kv is not None:  # [prefix | left padding | own tokens]; positions skip the padding
             n_prefix = prefix_kv[0][0].shape[2]
-            cache = _cache(self.model, prefix_kv, torch.zeros(len(prompts), dtype=torch.long, device=dev))
+            cache = kv_cache(self.model, prefix_kv, batch=len(prompts))
             mask = torch.cat([torch.ones(len(prompts), n_prefix, dtype=mask.dtype, device=dev), mask], 1)
             pos = pos + n_prefix
         out = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos,
