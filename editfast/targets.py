@@ -71,6 +71,11 @@ class _Batch:
                 rows.append(i)
                 pos.append(lengths[i] - T + j)
                 tgt.append(t)
+        look = self.lookup.tolist()
+        # memory of the batched path: suffixes (subject's last token on; the KL row stops there)
+        # run with gradients, the prefixes only as cached keys/values
+        self.suffix_tokens = sum(n - k for n, k in zip(lengths[:-1], look[:-1])) + 1
+        self.prefix_width = max(look)
         self.nll_rows = torch.tensor(rows, device=device)
         self.nll_pos = torch.tensor(pos, device=device)
         self.nll_tgt = torch.tensor(tgt, device=device)
@@ -184,16 +189,23 @@ class _SkipBelow:
         return False
 
 
+KV_TOKEN_SHARE = 8  # a cached prefix token's keys/values weigh at most 1/8 of a token's activations
+
+
 def plan_chunks(batches: list[_Batch], max_tokens: int) -> list[list[int]]:
-    """Group requests so that rows × width of each group stays under ``max_tokens``."""
-    chunks, cur, width, rows = [], [], 0, 0
+    """Group requests (in order) so that each chunk's memory stays under ``max_tokens``
+    token-equivalents: the suffix tokens that run with gradients, plus the cached prefix
+    keys/values (rows × the widest prefix, at 1/``KV_TOKEN_SHARE`` of a token each)."""
+    chunks: list[list[int]] = []
+    cur: list[int] = []
+    suf = rows = width = 0
     for i, b in enumerate(batches):
-        w, r = max(width, b.ids.shape[1]), rows + b.ids.shape[0]
-        if cur and r * w > max_tokens:
+        s, r, w = suf + b.suffix_tokens, rows + b.ids.shape[0], max(width, b.prefix_width)
+        if cur and s + r * w / KV_TOKEN_SHARE > max_tokens:
             chunks.append(cur)
-            cur, w, r = [], b.ids.shape[1], b.ids.shape[0]
+            cur, s, r, w = [], b.suffix_tokens, b.ids.shape[0], b.prefix_width
         cur.append(i)
-        width, rows = w, r
+        suf, rows, width = s, r, w
     return chunks + ([cur] if cur else [])
 
 

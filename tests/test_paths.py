@@ -8,7 +8,7 @@ from editfast.hparams import resolve_hparams
 from editfast.models import load_model
 from editfast.solve import Moment, residual, solve_reference
 from editfast.stats import accumulate_second_moments, corpus_texts, token_batches
-from editfast.targets import optimize_targets, plan_chunks, _Batch
+from editfast.targets import KV_TOKEN_SHARE, optimize_targets, plan_chunks, _Batch
 from editfast.templates import context_templates
 
 
@@ -70,10 +70,14 @@ def test_plan_chunks_respects_budget():
     lm = load_model("random:tiny-llama")
     bs = [_Batch(lm, r, ["{}", "A. {}"]) for r in load_dataset("counterfact", 7)]
     chunks = plan_chunks(bs, 40)
-    assert sorted(i for c in chunks for i in c) == list(range(7))
+    assert sorted(i for c in chunks for i in c) == list(range(7)) and len(chunks) > 1
     for c in chunks:
         if len(c) > 1:
-            assert sum(bs[i].ids.shape[0] for i in c) * max(bs[i].ids.shape[1] for i in c) <= 40
+            rows, width = sum(bs[i].ids.shape[0] for i in c), max(bs[i].prefix_width for i in c)
+            assert sum(bs[i].suffix_tokens for i in c) + rows * width / KV_TOKEN_SHARE <= 40
+    for b in bs:  # suffixes: from the subject's last token to the end; the KL row is one token
+        lens, look = b.mask.sum(1).tolist(), b.lookup.tolist()
+        assert b.suffix_tokens == sum(n - k for n, k in zip(lens, look)) - (lens[-1] - look[-1]) + 1
 
 
 def spd(d, n, cond=1e3, seed=0):
