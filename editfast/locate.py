@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from .errors import RequestError
-from .trace import Trace
+from .trace import SkipBelow, Trace
 
 
 def fill(template: str, prompt: str, subject: str) -> str:
@@ -121,3 +121,67 @@ def word_activations(lm, templates: Sequence[str], subjects: Sequence[str], **kw
     texts = [t.replace("{}", s, 1) for t, s in zip(templates, subjects)]
     idxs = [subject_last_index(lm.tokenizer, t, s) for t, s in zip(templates, subjects)]
     return activations_at(lm, texts, idxs, **kw)
+
+
+class LayerwiseReader:
+    """``word_activations`` for a model edited one layer at a time, bottom-up (MEMIT's loop).
+
+    Layers below the one edited last have not changed, so each pass starts from the hidden states
+    that the previous pass recorded at that layer's input; and every text is cut after its
+    subject's last token, the only position read (the model is causal: later tokens cannot
+    change it). Same activations as fresh full forwards, a fraction of the layers and tokens.
+    """
+
+    def __init__(self, lm, templates: Sequence[str], subjects: Sequence[str], batch_size: int = 128):
+        self.lm = lm
+        tok = lm.tokenizer
+        texts = [t.replace("{}", s, 1) for t, s in zip(templates, subjects)]
+        idxs = [subject_last_index(tok, t, s) for t, s in zip(templates, subjects)]
+        self.device = next(lm.model.parameters()).device
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        cut = [tok(t, add_special_tokens=False)["input_ids"][: i + 1] for t, i in zip(texts, idxs)]
+        self.batches = []
+        for s in range(0, len(cut), batch_size):
+            ids, mask = right_pad(cut[s: s + batch_size], pad, self.device)
+            self.batches.append((ids, mask, torch.tensor(idxs[s: s + batch_size], device=self.device)))
+        self.start, self.hidden = 0, [None] * len(self.batches)
+        self.rest, self.rest_known = None, False  # what the layers return beside the hidden states
+
+    @torch.no_grad()
+    def read(self, record_layer: int, *, inputs=(), outputs=()) -> dict[tuple[str, str], torch.Tensor]:
+        """Activations at the read positions on the model as it is now, which may differ from the
+        previous pass's only at layers ≥ the previous ``record_layer``; this pass records the
+        input of ``record_layer`` (the next pass starts there)."""
+        if record_layer < self.start:
+            raise ValueError(f"layers must go up: recorded layer {self.start}, asked {record_layer}")
+        adapter, model = self.lm.adapter, self.lm.model
+        here = adapter.layer_tmp.format(record_layer)
+        got: dict[tuple[str, str], list[torch.Tensor]] = {("in", n): [] for n in inputs} | {("out", n): [] for n in outputs}
+        for b, (ids, mask, pos) in enumerate(self.batches):
+            raw: dict = {}
+            hook = None
+            if not self.rest_known and record_layer > 0:  # the layers' output structure, for SkipBelow
+                hook = model.get_submodule(adapter.layer_tmp.format(record_layer - 1)).register_forward_hook(
+                    lambda m, a, o: raw.setdefault("out", o))
+            try:
+                with Trace(model, inputs=[here, *inputs], outputs=outputs, stop=True) as tr:
+                    if self.start == 0:
+                        model(input_ids=ids, attention_mask=mask, use_cache=False)
+                    else:
+                        with SkipBelow(model, adapter, self.start - 1, self.rest) as skip:
+                            skip.h = self.hidden[b]
+                            model(input_ids=ids, attention_mask=mask, use_cache=False)
+            finally:
+                if hook is not None:
+                    hook.remove()
+            if "out" in raw:
+                self.rest = tuple(raw["out"][1:]) if isinstance(raw["out"], tuple) else None
+                self.rest_known = True
+            self.hidden[b] = tr.inputs[here]
+            rows = torch.arange(ids.shape[0], device=self.device)
+            for n in inputs:
+                got[("in", n)].append(tr.inputs[n][rows, pos])
+            for n in outputs:
+                got[("out", n)].append(tr.outputs[n][rows, pos])
+        self.start = record_layer
+        return {k: torch.cat(v) for k, v in got.items()}

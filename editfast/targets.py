@@ -22,7 +22,7 @@ import torch
 
 from .data import Request
 from .locate import encode, kv_cache, left_pad, right_pad, subject_last_index
-from .trace import Trace
+from .trace import SkipBelow, Trace
 
 KL_PROMPT = "{} is a"
 EARLY_STOP_LOSS = 5e-2
@@ -161,32 +161,6 @@ def _adam_rows_(p, g, m, v, step: int, lr: float, rows: torch.Tensor) -> None:
     bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
     denom = v[rows].sqrt() / math.sqrt(bc2) + ADAM_EPS
     p[rows] = p[rows] - (lr / bc1) * m[rows] / denom
-
-
-class _SkipBelow:
-    """Replace the forward of layers 0..l: they pass their input through, and layer l returns
-    ``self.h`` (set before each forward), keeping the layer's output structure."""
-
-    def __init__(self, model, adapter, layer: int, rest: tuple):
-        self.mods = [model.get_submodule(adapter.layer_tmp.format(i)) for i in range(layer + 1)]
-        self.rest, self.h = rest, None
-
-    def _wrap(self, h):
-        return (h, *self.rest) if self.rest is not None else h
-
-    def __enter__(self):
-        def passthrough(*args, **kw):
-            return self._wrap(args[0] if args else kw["hidden_states"])
-
-        for m in self.mods[:-1]:
-            m.forward = passthrough
-        self.mods[-1].forward = lambda *a, **kw: self._wrap(self.h)
-        return self
-
-    def __exit__(self, *exc):
-        for m in self.mods:
-            del m.forward
-        return False
 
 
 KV_TOKEN_SHARE = 8  # a cached prefix token's keys/values weigh at most 1/8 of a token's activations
@@ -348,7 +322,7 @@ def _optimize_chunk(lm, bs: list[_Batch], hp, site: str, layer: int, loss_layer:
             sel = [None] * (layer + 1) + [(k[rows, :, Wp - wg:], v[rows, :, Wp - wg:]) for k, v in kv[layer + 1:]]
             held = group_kv[gi] = (rows, wg, sel)
         return kv_cache(model, held[2]), held[1]
-    with _SkipBelow(model, adapter, layer, rest) as skip:
+    with SkipBelow(model, adapter, layer, rest) as skip:
         for it in range(hp.v_num_grad_steps):
             act = active.nonzero()[:, 0]
             local_req = torch.full((n,), -1, device=device, dtype=torch.long)

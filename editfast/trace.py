@@ -70,3 +70,29 @@ class Trace:
             h.remove()
         self._handles.clear()
         return exc_type is StopForward
+
+
+class SkipBelow:
+    """Replace the forward of layers 0..l: they pass their input through, and layer l returns
+    ``self.h`` (set before each forward), keeping the layer's output structure."""
+
+    def __init__(self, model, adapter, layer: int, rest: tuple):
+        self.mods = [model.get_submodule(adapter.layer_tmp.format(i)) for i in range(layer + 1)]
+        self.rest, self.h = rest, None
+
+    def _wrap(self, h):
+        return (h, *self.rest) if self.rest is not None else h
+
+    def __enter__(self):
+        def passthrough(*args, **kw):
+            return self._wrap(args[0] if args else kw["hidden_states"])
+
+        for m in self.mods[:-1]:
+            m.forward = passthrough
+        self.mods[-1].forward = lambda *a, **kw: self._wrap(self.h)
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.mods:
+            del m.forward
+        return False

@@ -5,6 +5,7 @@ import torch
 
 from editfast.data import load_dataset
 from editfast.hparams import resolve_hparams
+from editfast.locate import LayerwiseReader, word_activations
 from editfast.models import load_model
 from editfast.solve import Moment, residual, solve_reference
 from editfast.stats import accumulate_second_moments, corpus_texts, token_batches
@@ -78,6 +79,35 @@ def test_plan_chunks_respects_budget():
     for b in bs:  # suffixes: from the subject's last token to the end; the KL row is one token
         lens, look = b.mask.sum(1).tolist(), b.lookup.tolist()
         assert b.suffix_tokens == sum(n - k for n, k in zip(lens, look)) - (lens[-1] - look[-1]) + 1
+
+
+def test_layerwise_reader_equals_fresh_forwards(tiny64):
+    """MEMIT's fast key reads (each pass starts at the layer edited last, texts cut after the
+    subject) equal full forwards on the model as edited so far."""
+    lm, ad = tiny64, tiny64.adapter
+    reqs = load_dataset("counterfact", 3)
+    templates = [t.replace("{}", r.prompt, 1) for r in reqs for t in ("{}", "Some context. {}", "{} Really.")]
+    subjects = [r.subject for r in reqs for _ in range(3)]
+    keys, outs = LayerwiseReader(lm, templates, subjects, batch_size=4), LayerwiseReader(lm, templates, subjects)
+    top = ad.layer_tmp.format(ad.num_layers(lm.model) - 1)
+    saved = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    try:
+        for layer in (0, 1, 2):
+            rewrite = ad.rewrite_tmp.format(layer)
+            got_k = keys.read(layer, inputs=[rewrite])[("in", rewrite)]
+            got_o = outs.read(layer, outputs=[top])[("out", top)]
+            ref = word_activations(lm, templates, subjects, inputs=[rewrite], outputs=[top])
+            assert torch.allclose(got_k, ref[("in", rewrite)], rtol=1e-10, atol=1e-12)
+            assert torch.allclose(got_o, ref[("out", top)], rtol=1e-10, atol=1e-12)
+            W = lm.model.get_submodule(ad.rewrite_tmp.format(layer)).weight  # edit this layer
+            W.data += 0.1 * torch.randn(W.shape, generator=g, dtype=W.dtype)
+        with pytest.raises(ValueError, match="layers must go up"):
+            keys.read(1, inputs=[ad.rewrite_tmp.format(1)])
+    finally:
+        with torch.no_grad():
+            for n, p in lm.model.named_parameters():
+                p.copy_(saved[n])
 
 
 def spd(d, n, cond=1e3, seed=0):

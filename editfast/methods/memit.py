@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from ..data import Request
-from ..locate import word_activations
+from ..locate import LayerwiseReader, word_activations
 from ..solve import as_moment
 from ..targets import optimize_targets
 from ..update import LowRankUpdate, apply_update
@@ -49,14 +49,22 @@ def edit_memit(lm, requests: Sequence[Request], hp, groups: Sequence[Sequence[st
     trace["zs"] = targets
     n = len(requests)
     updates = []
+    ctx = [t.replace("{}", r.prompt, 1) for r in requests for t in flat]
+    ctx_subjects = [r.subject for r in requests for _ in flat]
+    prompts, subjects = [r.prompt for r in requests], [r.subject for r in requests]
+    if backend == "fast":  # each pass starts at the layer edited last (see LayerwiseReader)
+        keys_reader, cur_reader = LayerwiseReader(lm, ctx, ctx_subjects), LayerwiseReader(lm, prompts, subjects)
     for i, layer in enumerate(hp.layers):
         rewrite = adapter.rewrite_tmp.format(layer)
-        ctx = [t.replace("{}", r.prompt, 1) for r in requests for t in flat]
-        raw = word_activations(lm, ctx, [r.subject for r in requests for _ in flat], inputs=[rewrite])[("in", rewrite)]
+        if backend == "fast":
+            raw = keys_reader.read(layer, inputs=[rewrite])[("in", rewrite)]
+            cur = cur_reader.read(layer, outputs=[z_module])[("out", z_module)]
+        else:
+            raw = word_activations(lm, ctx, ctx_subjects, inputs=[rewrite])[("in", rewrite)]
+            cur = word_activations(lm, prompts, subjects, outputs=[z_module])[("out", z_module)]
         raw = raw.float().reshape(n, len(flat), -1)
         K = group_mean_keys(raw, groups).T  # [d_mlp, n]
-        cur = word_activations(lm, [r.prompt for r in requests], [r.subject for r in requests],
-                               outputs=[z_module])[("out", z_module)].float().T  # [d_model, n]
+        cur = cur.float().T  # [d_model, n]
         tgt = targets.to(cur.device) - cur
         adj_k = as_moment(mom2s[layer]).adj_keys(K, hp.mom2_update_weight, backend)
         resid = tgt.to(adj_k.dtype) / (len(hp.layers) - i)
