@@ -15,8 +15,8 @@ Scoring (log-likelihood of continuations, rolling perplexity windows):
 Generation: batched greedy decoding with a KV cache, left padding, per-request stop strings and
 max_new_tokens; finished sequences leave the batch; prompts are sorted by length (bucketed
 across tasks). Prompts that open with the same tokens (a task's few-shot exemplars or
-instruction) share them: the common prefix runs once, its keys/values are copied into every row
-of the group's batches, and only each prompt's own suffix is prefilled.
+instruction) share them: the common prefix runs once, its keys/values seed every row of the
+group's batches, and only each prompt's own suffix is prefilled.
 """
 
 from __future__ import annotations
@@ -250,12 +250,15 @@ class Engine:
                 past = self.model.base_model(input_ids=ids, use_cache=True).past_key_values
                 prefix_kv = [(lay.keys, lay.values) for lay in past.layers]
             order = sorted(members, key=lambda i: len(enc[i]), reverse=True)
+            # CPU: rows x (own + new tokens) within the budget (the prefix's attention is cheap);
+            # CUDA: the rows' copies of the prefix keys/values count too (memory, untuned)
+            held = n_prefix if self.device.type == "cuda" else 0
             start = 0
-            while start < len(order):  # rows x (own tokens + new tokens) within the budget
+            while start < len(order):
                 end, longest = start, 0
                 while end < len(order):
                     i = order[end]
-                    longest = max(longest, len(enc[i]) - n_prefix + requests[i].max_new_tokens)
+                    longest = max(longest, len(enc[i]) - n_prefix + held + requests[i].max_new_tokens)
                     if end > start and (end - start + 1) * longest > self.batch_tokens:
                         break
                     end += 1
