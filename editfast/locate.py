@@ -17,11 +17,6 @@ from .errors import RequestError
 from .trace import SkipBelow, Trace
 
 
-def fill(template: str, prompt: str, subject: str) -> str:
-    """Context template + request prompt + subject -> sentence ("{}" appears once in each)."""
-    return template.replace("{}", prompt, 1).replace("{}", subject, 1)
-
-
 def subject_last_index(tok, template: str, subject: str) -> int:
     """Index of the subject's last token in ``template`` (with one "{}") filled with ``subject``."""
     if template.count("{}") != 1:
@@ -94,6 +89,17 @@ def kv_cache(model, kv: Sequence[tuple[torch.Tensor, torch.Tensor] | None], rows
     return cache
 
 
+def _at_positions(tr: Trace, pos: torch.Tensor, got: dict) -> None:
+    """Append each recorded input/output of ``tr`` at one position per row to ``got``."""
+    rows = torch.arange(pos.shape[0], device=pos.device)
+    for (kind, name), parts in got.items():
+        parts.append((tr.inputs if kind == "in" else tr.outputs)[name][rows, pos])
+
+
+def _collector(inputs, outputs) -> dict[tuple[str, str], list[torch.Tensor]]:
+    return {("in", n): [] for n in inputs} | {("out", n): [] for n in outputs}
+
+
 @torch.no_grad()
 def activations_at(lm, texts: Sequence[str], idxs: Sequence[int], *, inputs=(), outputs=(),
                    batch_size: int = 128) -> dict[tuple[str, str], torch.Tensor]:
@@ -102,17 +108,12 @@ def activations_at(lm, texts: Sequence[str], idxs: Sequence[int], *, inputs=(), 
     The forward stops as soon as all requested modules have fired.
     """
     device = next(lm.model.parameters()).device
-    got: dict[tuple[str, str], list[torch.Tensor]] = {("in", n): [] for n in inputs} | {("out", n): [] for n in outputs}
+    got = _collector(inputs, outputs)
     for s in range(0, len(texts), batch_size):
         ids, mask = encode(lm.tokenizer, texts[s: s + batch_size], device)
-        rows = torch.arange(ids.shape[0], device=device)
-        pos = torch.tensor(idxs[s: s + batch_size], device=device)
         with Trace(lm.model, inputs=inputs, outputs=outputs, stop=True) as tr:
             lm.model(input_ids=ids, attention_mask=mask)
-        for n in inputs:
-            got[("in", n)].append(tr.inputs[n][rows, pos])
-        for n in outputs:
-            got[("out", n)].append(tr.outputs[n][rows, pos])
+        _at_positions(tr, torch.tensor(idxs[s: s + batch_size], device=device), got)
     return {k: torch.cat(v) for k, v in got.items()}
 
 
@@ -156,7 +157,7 @@ class LayerwiseReader:
             raise ValueError(f"layers must go up: recorded layer {self.start}, asked {record_layer}")
         adapter, model = self.lm.adapter, self.lm.model
         here = adapter.layer_tmp.format(record_layer)
-        got: dict[tuple[str, str], list[torch.Tensor]] = {("in", n): [] for n in inputs} | {("out", n): [] for n in outputs}
+        got = _collector(inputs, outputs)
         for b, (ids, mask, pos) in enumerate(self.batches):
             raw: dict = {}
             hook = None
@@ -178,10 +179,6 @@ class LayerwiseReader:
                 self.rest = tuple(raw["out"][1:]) if isinstance(raw["out"], tuple) else None
                 self.rest_known = True
             self.hidden[b] = tr.inputs[here]
-            rows = torch.arange(ids.shape[0], device=self.device)
-            for n in inputs:
-                got[("in", n)].append(tr.inputs[n][rows, pos])
-            for n in outputs:
-                got[("out", n)].append(tr.outputs[n][rows, pos])
+            _at_positions(tr, pos, got)
         self.start = record_layer
         return {k: torch.cat(v) for k, v in got.items()}

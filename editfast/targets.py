@@ -306,7 +306,7 @@ def _optimize_chunk(lm, bs: list[_Batch], hp, site: str, layer: int, loss_layer:
     # Rows are run in a few groups of similar suffix length (fewer padded tokens, few calls).
     suf_len = suf_mask.sum(1).tolist()
     groups = [torch.tensor(g, device=device) for g in
-              plan_groups(suf_len, CALL_COST_TOKENS.get(device.type, 24))]
+              plan_groups(suf_len, CALL_COST_TOKENS.get(device.type, CALL_COST_TOKENS["cpu"]))]
     widths = [max(suf_len[r] for r in g.tolist()) for g in groups]
     is_kl = torch.zeros(R, dtype=torch.bool, device=device)
     is_kl[kl_rows] = True
