@@ -36,7 +36,7 @@ def test_statistics(benchmark, lm, backend):
                        rounds=3, warmup_rounds=1)
 
 
-@pytest.mark.parametrize("backend", ["fast", "reference"])
+@pytest.mark.parametrize("backend", ["fast", "reference", "reference-lean"])
 def test_targets(benchmark, lm, backend):
     hp = resolve_hparams("memit", lm.spec, lm.model.config, {"v_num_grad_steps": 5})
     flat = [t for g in context_templates(lm, "memit", hp, mode="fixed") for t in g]

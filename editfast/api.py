@@ -142,7 +142,8 @@ def edit(lm, requests: Sequence[Request], method: str = "memit", *, hparams: HPa
             chunk = requests[b * batch_size: (b + 1) * batch_size]
             t = time.perf_counter()
             trace: dict = {}
-            ups = edit_fn(lm, chunk, hp, groups if method == "memit" else groups[0], mom2s, trace=trace, backend=backend)
+            ups = edit_fn(lm, chunk, hp, groups if method == "memit" else groups[0], mom2s, trace=trace, backend=backend,
+                         progress=progress)
             journal.append(ups)
             batch_seconds.append({"seconds": time.perf_counter() - t, "targets_s": trace.get("targets_s"),
                                   "n": len(chunk)})

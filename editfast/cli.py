@@ -13,6 +13,8 @@ from pathlib import Path
 
 import click
 
+COUNTERFACT_500 = 500  # records in the shipped "counterfact" dataset (full ROME schema)
+
 
 def fail(message: str) -> None:
     click.echo(f"editfast: error: {message}", err=True)
@@ -77,8 +79,10 @@ def cli() -> None:
 @click.option("--n", "n", type=int, default=10, show_default=True, help="Number of edits.")
 @click.option("--model", default="smollm2-135m", show_default=True,
               help="Model: HF directory, .gguf file, 'smollm2-135m' or 'random:<preset>'.")
-@click.option("--dataset", default="counterfact", show_default=True,
-              help="counterfact, counterfact-full, zsre, or a JSON/JSONL file of requests.")
+@click.option("--dataset", default=None,
+              help="counterfact (500 full ROME records), counterfact-full (21,605 requests), zsre, or a "
+                   "JSON/JSONL file of requests. Default: counterfact, or counterfact-full when --offset + "
+                   "--n exceeds 500.")
 @click.option("--offset", type=int, default=0, show_default=True, help="Skip this many dataset records.")
 @click.option("--batch-size", type=int, default=None, help="MEMIT edits per batch (default: all at once). ROME: 1.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -112,6 +116,10 @@ def edit_cmd(method, n, model, dataset, offset, batch_size, seed, out, save_mode
     if batch_size is not None and batch_size < 1:
         raise click.UsageError(f"--batch-size must be >= 1, got {batch_size}")
     overrides = parse_set(sets)
+    if dataset is None:
+        dataset = "counterfact" if offset + n <= COUNTERFACT_500 else "counterfact-full"
+        if dataset == "counterfact-full" and not quiet:
+            click.echo(f"editfast: --offset + --n > {COUNTERFACT_500}: using --dataset counterfact-full", err=True)
     requests = load_dataset(dataset, n, offset=offset)
     if eval_tasks:
         from .eval.tasks import resolve_tasks

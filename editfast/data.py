@@ -219,7 +219,8 @@ def load_dataset(name_or_path: str | os.PathLike[str], n: int | None = None, *, 
     end = len(requests) if n is None else offset + n
     if end > len(requests) or offset >= len(requests):
         want = "any" if n is None else n
-        raise DataError(f"dataset {name!r} has {len(requests)} requests; cannot take {want} from offset {offset}")
+        hint = " (counterfact-full has all 21,605)" if name == "counterfact" else ""
+        raise DataError(f"dataset {name!r} has {len(requests)} requests{hint}; cannot take {want} from offset {offset}")
     selected = requests[offset:end]
     validate_requests(selected)
     return selected

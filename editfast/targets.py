@@ -9,8 +9,8 @@ kl_factor · KL(current ‖ initial) of the next-token distribution at the subje
 and one fewer Adam steps; stop early when the loss is < 0.05; clamp ‖δ‖ to clamp_norm_factor ·
 ‖z_init‖ after each step.
 
-Unlike the original, logits are computed only at the positions the loss reads (the LM head is
-applied to a few gathered hidden states, never to [B, T, V]).
+The reference path (``optimize_target``) computes logits as the original does, on every position
+([B, T, V]); the fast path applies the LM head only to the positions the loss reads.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from .data import Request
 from .locate import encode, kv_cache, left_pad, right_pad, subject_last_index
@@ -81,8 +82,13 @@ class _Batch:
         self.nll_tgt = torch.tensor(tgt, device=device)
 
 
-def optimize_target(lm, request: Request, hp, templates: list[str], site: str, loss_layer: int) -> TargetResult:
-    """Optimise δ at the output of module ``site`` for one request (the reference algorithm)."""
+def optimize_target(lm, request: Request, hp, templates: list[str], site: str, loss_layer: int,
+                    full_logits: bool = True) -> TargetResult:
+    """Optimise δ at the output of module ``site`` for one request (the reference algorithm).
+
+    ``full_logits`` (default): as the original code, the LM head runs on every position of every
+    prompt and log-softmax over [B, T, V]; False: only at the positions the loss reads (the same
+    values; used by the benchmark to separate batching from the lean head)."""
     model, adapter = lm.model, lm.adapter
     b = _Batch(lm, request, templates)
     head = model.get_output_embeddings()
@@ -109,12 +115,19 @@ def optimize_target(lm, request: Request, hp, templates: list[str], site: str, l
         with Trace(model, outputs=outs, edit={site: add_delta}, detach=False) as tr:
             h_last = model.base_model(input_ids=b.ids, attention_mask=b.mask).last_hidden_state
         h_loss = final_norm(tr.outputs[loss_module]) if loss_module else h_last
-        logits = head(h_loss[b.nll_rows, b.nll_pos]).to(acc)
-        token_lp = torch.log_softmax(logits, -1).gather(1, b.nll_tgt[:, None])[:, 0]
-        per_row = torch.zeros(b.n_rewrite, device=logits.device, dtype=acc).index_add(0, b.nll_rows, token_lp)
+        if full_logits:
+            all_logits = head(h_last).to(acc)
+            loss_logits = head(h_loss[: b.n_rewrite]).to(acc) if loss_module else all_logits[: b.n_rewrite]
+            token_lp = torch.log_softmax(loss_logits, -1)[b.nll_rows, b.nll_pos, b.nll_tgt]
+            kl_logits = all_logits[kl_row, b.lookup[kl_row]]
+        else:
+            logits = head(h_loss[b.nll_rows, b.nll_pos]).to(acc)
+            token_lp = torch.log_softmax(logits, -1).gather(1, b.nll_tgt[:, None])[:, 0]
+            kl_logits = head(h_last[kl_row, b.lookup[kl_row]]).to(acc)
+        per_row = torch.zeros(b.n_rewrite, device=token_lp.device, dtype=acc).index_add(0, b.nll_rows, token_lp)
         nll_each = -per_row / len(b.target_ids)
         nll = nll_each.mean()
-        kl_lp = torch.log_softmax(head(h_last[kl_row, b.lookup[kl_row]]).to(acc), -1)
+        kl_lp = torch.log_softmax(kl_logits, -1)
         if "kl_init" not in state:
             state["kl_init"] = kl_lp.detach().clone()
         kl = hp.kl_factor * (kl_lp.exp() * (kl_lp - state["kl_init"])).sum()
@@ -194,21 +207,29 @@ def default_max_tokens(device: torch.device, d_model: int, n_layers: int) -> int
 
 
 def optimize_targets(lm, requests: list[Request], hp, templates: list[str], site: str, layer: int, loss_layer: int,
-                     backend: str = "fast", max_tokens: int | None = None) -> list[TargetResult]:
-    """Optimise the targets of all ``requests`` (``backend="reference"``: one at a time)."""
-    if backend == "reference":
-        return [optimize_target(lm, r, hp, templates, site, loss_layer) for r in requests]
-    if backend != "fast":
-        raise ValueError(f"backend must be 'fast' or 'reference', got {backend!r}")
-    batches = [_Batch(lm, r, templates) for r in requests]
-    model, adapter = lm.model, lm.adapter
-    device = next(model.parameters()).device
-    max_tokens = max_tokens or default_max_tokens(device, adapter.d_model(model), adapter.num_layers(model))
-    out: list[TargetResult] = [None] * len(requests)  # type: ignore[list-item]
-    for chunk in plan_chunks(batches, max_tokens):
-        for i, res in zip(chunk, _optimize_chunk(lm, [batches[i] for i in chunk], hp, site, layer, loss_layer)):
-            out[i] = res
-    return out
+                     backend: str = "fast", max_tokens: int | None = None, progress: bool = False) -> list[TargetResult]:
+    """Optimise the targets of all ``requests``. ``backend``: "fast" (batched), "reference" (one at
+    a time, as the original), "reference-lean" (one at a time, LM head at the scored positions
+    only). ``progress``: a bar of finished targets (shown for more than one request)."""
+    if backend not in ("fast", "reference", "reference-lean"):
+        raise ValueError(f"backend must be 'fast', 'reference' or 'reference-lean', got {backend!r}")
+    bar = tqdm(total=len(requests), unit="z", desc="targets", leave=False, disable=not progress or len(requests) < 2)
+    with bar:
+        if backend != "fast":
+            out = []
+            for r in requests:
+                out.append(optimize_target(lm, r, hp, templates, site, loss_layer, backend == "reference"))
+                bar.update(1)
+            return out
+        batches = [_Batch(lm, r, templates) for r in requests]
+        model, adapter = lm.model, lm.adapter
+        device = next(model.parameters()).device
+        max_tokens = max_tokens or default_max_tokens(device, adapter.d_model(model), adapter.num_layers(model))
+        out = [None] * len(requests)
+        for chunk in plan_chunks(batches, max_tokens):
+            for i, res in zip(chunk, _optimize_chunk(lm, [batches[i] for i in chunk], hp, site, layer, loss_layer, bar)):
+                out[i] = res
+        return out
 
 
 def plan_groups(lengths: list[int], call_cost: int) -> list[list[int]]:
@@ -238,7 +259,7 @@ def plan_groups(lengths: list[int], call_cost: int) -> list[list[int]]:
 CALL_COST_TOKENS = {"cpu": 128, "cuda": 2048}
 
 
-def _optimize_chunk(lm, bs: list[_Batch], hp, site: str, layer: int, loss_layer: int) -> list[TargetResult]:
+def _optimize_chunk(lm, bs: list[_Batch], hp, site: str, layer: int, loss_layer: int, bar=None) -> list[TargetResult]:
     """Batched optimisation of one chunk of requests.
 
     Layout: every prompt row is split at its subject's last token (where δ is added). The part
@@ -373,6 +394,9 @@ def _optimize_chunk(lm, bs: list[_Batch], hp, site: str, layer: int, loss_layer:
                 results[i].losses.append({"loss": loss[j].item(), "nll": nll[j].item(), "kl": kl[j].item(),
                                           "wd": wd[j].item(), "avg_prob": avg_prob[j].item()})
             done = (loss.detach() < EARLY_STOP_LOSS) | (it == hp.v_num_grad_steps - 1)
+            if bar is not None:
+                bar.set_postfix_str(f"step {it + 1}/{hp.v_num_grad_steps}, {len(act)} active", refresh=False)
+                bar.update(int(done.sum()))
             if bool(done.all()):
                 break
             loss[~done].sum().backward()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from editfast.eval.base import Generate, LogLik, Rolling
+from editfast.eval import cascade
 from editfast.eval.engine import SHARE_MIN_TOKENS, Engine, prefix_groups
 from editfast.models import load_model
 from test_cli import run
@@ -86,6 +87,40 @@ def test_shared_prefix_generation_equals_hf_greedy(tiny):
     assert members == [0, 1, 2] and n_prefix >= len(tiny.tokenizer(shots)["input_ids"]) - 1
     outs = eng.generate([Generate(p, 6) for p in prompts] + [Generate("Unrelated", 4)])
     assert outs == [hf_greedy(tiny, p, 6) for p in prompts] + [hf_greedy(tiny, "Unrelated", 4)]
+
+
+@pytest.mark.parametrize("q", [1, 5])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_cascade_attention_equals_sdpa_over_the_concatenation(q, groups):
+    """[shared prefix | own keys] in two parts with one softmax = SDPA over per-row copies."""
+    torch.manual_seed(0)
+    B, kvh, P, T, hd = 3, 2, 7, 6, 8
+    H = kvh * groups
+    query = torch.randn(B, H, q, hd, dtype=torch.float64)
+    pk, pv = torch.randn(2, 1, kvh, P, hd, dtype=torch.float64)
+    key, value = torch.randn(2, B, kvh, T, hd, dtype=torch.float64)
+    own = torch.ones(B, T, dtype=torch.bool)
+    own[1, :2] = False  # left padding of row 1
+    causal = torch.ones(q, T, dtype=torch.bool).tril(T - q)
+    mask = own[:, None, None, :] & causal[None, None]  # [B, 1, q, T], True = attend
+    module = type("Attn", (), {"layer_idx": 0})()
+    for m in (mask, None):  # padded rows; no padding (causal only)
+        cascade._ACTIVE["prefix"] = [(pk, pv)]
+        try:
+            got, _ = cascade.cascade_attention(module, query, key, value, m, scaling=0.3)
+        finally:
+            cascade._ACTIVE["prefix"] = None
+        full_m = torch.cat([torch.ones(B, 1, q, P, dtype=torch.bool),
+                            (m if m is not None else causal[None, None].expand(B, 1, q, T))], -1)
+        k_all = torch.cat([pk.expand(B, -1, -1, -1), key], 2).repeat_interleave(groups, 1)
+        v_all = torch.cat([pv.expand(B, -1, -1, -1), value], 2).repeat_interleave(groups, 1)
+        ref = torch.nn.functional.scaled_dot_product_attention(query, k_all, v_all, attn_mask=full_m, scale=0.3)
+        assert got.shape == (B, q, H, hd)
+        assert torch.allclose(got, ref.transpose(1, 2), atol=1e-12)
+
+
+def test_cascade_used_where_attention_interface_exists(tiny):
+    assert cascade.supported(tiny.model) == (tiny.spec != "random:tiny-gptj")
 
 
 def test_prefix_groups():

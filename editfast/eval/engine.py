@@ -15,8 +15,10 @@ Scoring (log-likelihood of continuations, rolling perplexity windows):
 Generation: batched greedy decoding with a KV cache, left padding, per-request stop strings and
 max_new_tokens; finished sequences leave the batch; prompts are sorted by length (bucketed
 across tasks). Prompts that open with the same tokens (a task's few-shot exemplars or
-instruction) share them: the common prefix runs once, its keys/values seed every row of the
-group's batches, and only each prompt's own suffix is prefilled.
+instruction) share them: the common prefix runs once and only each prompt's own suffix is
+prefilled; every row then attends to the prefix's single copy of keys/values through cascade
+attention (``cascade.py``), or, for models without transformers' attention interface, the
+prefix's keys/values seed each row's cache.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from tqdm.auto import tqdm
 from editfast.kernels.logprob import token_logprobs
 from editfast.locate import kv_cache, left_pad, right_pad
 
+from . import cascade
 from .base import Generate, LogLik, LogLikResult, Output, Request, Rolling, RollingResult
 
 CPU_BATCH_TOKENS = 4096
@@ -251,7 +254,8 @@ class Engine:
                 prefix_kv = [(lay.keys, lay.values) for lay in past.layers]
             order = sorted(members, key=lambda i: len(enc[i]), reverse=True)
             # CPU: rows x (own + new tokens) within the budget (the prefix's attention is cheap);
-            # CUDA: the rows' copies of the prefix keys/values count too (memory, untuned)
+            # CUDA: the prefix counts per row too (untuned; it bounds the rows' prefix copies, or
+            # with cascade attention the prefill's [rows, heads, own, prefix] scores)
             held = n_prefix if self.device.type == "cuda" else 0
             start = 0
             while start < len(order):
@@ -274,7 +278,17 @@ class Engine:
         return out
 
     def _generate_batch(self, prompts: list[list[int]], reqs: list[Generate], prefix_kv=None) -> list[str]:
-        """Greedy continuations of ``prompts``, each after the shared ``prefix_kv`` when given."""
+        """Greedy continuations of ``prompts``, each after the shared ``prefix_kv`` when given:
+        attended once per step by cascade attention where the model supports it, else through
+        per-row caches that start from the prefix."""
+        if prefix_kv is not None and cascade.supported(self.model):
+            with cascade.shared_prefix(self.model, prefix_kv):
+                return self._decode(prompts, reqs, n_prefix=prefix_kv[0][0].shape[2])
+        return self._decode(prompts, reqs, prefix_kv=prefix_kv)
+
+    def _decode(self, prompts: list[list[int]], reqs: list[Generate], prefix_kv=None, n_prefix: int = 0) -> list[str]:
+        """``n_prefix``: positions start after a prefix held elsewhere (cascade); ``prefix_kv``:
+        the rows' caches start from it (their masks cover it)."""
         dev = self.device
         ids, mask, pos = left_pad(prompts, self.pad_id, dev)
         cache = None
@@ -282,7 +296,7 @@ class Engine:
             n_prefix = prefix_kv[0][0].shape[2]
             cache = kv_cache(self.model, prefix_kv, batch=len(prompts))
             mask = torch.cat([torch.ones(len(prompts), n_prefix, dtype=mask.dtype, device=dev), mask], 1)
-            pos = pos + n_prefix
+        pos = pos + n_prefix
         out = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos,
                                     past_key_values=cache, use_cache=True)
         cache, h = out.past_key_values, out.last_hidden_state[:, -1]

@@ -31,7 +31,7 @@ def group_mean_keys(keys: torch.Tensor, groups: Sequence[Sequence[str]]) -> torc
 
 def edit_memit(lm, requests: Sequence[Request], hp, groups: Sequence[Sequence[str]], mom2s: dict[int, torch.Tensor],
                targets: torch.Tensor | None = None, trace: dict | None = None,
-               backend: str = "fast") -> list[LowRankUpdate]:
+               backend: str = "fast", progress: bool = False) -> list[LowRankUpdate]:
     """Edit the model in place with one MEMIT batch; returns the applied per-layer updates."""
     adapter, model = lm.adapter, lm.model
     trace = {} if trace is None else trace
@@ -41,7 +41,8 @@ def edit_memit(lm, requests: Sequence[Request], hp, groups: Sequence[Sequence[st
     if targets is None:
         t0 = time.perf_counter()
         loss_layer = hp.loss_layer(adapter.num_layers(model))
-        res = optimize_targets(lm, list(requests), hp, flat, z_module, z_layer, loss_layer, backend=backend)
+        res = optimize_targets(lm, list(requests), hp, flat, z_module, z_layer, loss_layer, backend=backend,
+                               progress=progress)
         trace["targets_s"] = time.perf_counter() - t0
         targets = torch.stack([x.target for x in res], 1)
         trace.update(target_init=torch.stack([x.target_init for x in res], 1),

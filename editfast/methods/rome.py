@@ -56,8 +56,9 @@ def compute_rome(lm, request: Request, hp, templates: Sequence[str], mom2: torch
 
 def edit_rome(lm, requests: Sequence[Request], hp, templates: Sequence[str], mom2s: dict[int, torch.Tensor],
               targets: torch.Tensor | None = None, trace: dict | None = None,
-              backend: str = "fast") -> list[LowRankUpdate]:
-    """Edit the model in place, one request after another; returns the applied updates."""
+              backend: str = "fast", progress: bool = False) -> list[LowRankUpdate]:
+    """Edit the model in place, one request after another; returns the applied updates.
+    (``progress`` is accepted for the common signature: one target at a time shows no bar.)"""
     updates = []
     for i, r in enumerate(requests):
         step: dict = {}
