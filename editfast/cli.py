@@ -118,7 +118,7 @@ def edit_cmd(method, n, model, dataset, offset, batch_size, seed, out, save_mode
     overrides = parse_set(sets)
     if dataset is None:
         dataset = "counterfact" if offset + n <= COUNTERFACT_500 else "counterfact-full"
-        if dataset == "counterfact-full" and not quiet:
+        if dataset == "counterfact-full":
             click.echo(f"editfast: --offset + --n > {COUNTERFACT_500}: using --dataset counterfact-full", err=True)
     requests = load_dataset(dataset, n, offset=offset)
     if eval_tasks:

@@ -37,6 +37,16 @@ def test_edit_memit_writes_results(tmp_path, capsys):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
+def test_default_dataset_beyond_500_is_counterfact_full(tmp_path, capsys):
+    code, _, err = run(["edit", "--n", "2", "--offset", "21603", "--no-eval", "--out", str(tmp_path / "r"), *TINY],
+                       capsys)
+    assert code == 0, err
+    assert "using --dataset counterfact-full" in err
+    assert [r["case_id"] for r in json.loads((tmp_path / "r" / "results.json").read_text())["per_request"]] == [21917, 21918]
+    code, _, err = run(["edit", "--n", "600", "--dataset", "counterfact", "--out", str(tmp_path / "s"), *TINY], capsys)
+    assert code == 2 and "counterfact-full has all 21,605" in err and not (tmp_path / "s").exists()
+
+
 def test_edit_rome_save_model(tmp_path, capsys):
     out = tmp_path / "rome"
     code, stdout, err = run(["edit", "--method", "rome", "--n", "2", "--save-model", "--out", str(out), *TINY], capsys)
