@@ -99,6 +99,8 @@ def edit(lm, requests: Sequence[Request], method: str = "memit", *, hparams: HPa
     method = method.lower()
     if method not in METHODS:
         raise EditfastError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if backend not in ("fast", "reference"):
+        raise EditfastError(f"backend must be 'fast' or 'reference', got {backend!r}")
     requests = list(requests)
     if not requests:
         raise EditfastError("no requests to apply")

@@ -116,11 +116,11 @@ def edit_cmd(method, n, model, dataset, offset, batch_size, seed, out, save_mode
     if batch_size is not None and batch_size < 1:
         raise click.UsageError(f"--batch-size must be >= 1, got {batch_size}")
     overrides = parse_set(sets)
-    if dataset is None:
-        dataset = "counterfact" if offset + n <= COUNTERFACT_500 else "counterfact-full"
-        if dataset == "counterfact-full":
-            click.echo(f"editfast: --offset + --n > {COUNTERFACT_500}: using --dataset counterfact-full", err=True)
+    chosen = dataset is None and offset + n > COUNTERFACT_500
+    dataset = dataset or ("counterfact-full" if chosen else "counterfact")
     requests = load_dataset(dataset, n, offset=offset)
+    if chosen:
+        click.echo(f"editfast: --offset + --n > {COUNTERFACT_500}: using --dataset counterfact-full", err=True)
     if eval_tasks:
         from .eval.tasks import resolve_tasks
 

@@ -102,6 +102,8 @@ def test_bad_requests_rejected_before_any_change(tiny):
            Request(prompt="{} is in", subject="Paris", target_new="Oslo", case_id=1)]
     with pytest.raises(RequestError):
         editfast.edit(tiny, bad, "memit", templates="fixed", progress=False)
+    with pytest.raises(editfast.EditfastError, match="backend"):  # a targets-only backend is not an edit backend
+        editfast.edit(tiny, bad[:1], "memit", templates="fixed", progress=False, backend="reference-lean")
     after = rewrite_weights(tiny)
     assert all(torch.equal(before[l], after[l]) for l in before)
 
