@@ -152,6 +152,15 @@ def engine_rows(model: str, quick: bool, device: str, dtype: str) -> list[dict]:
                     f"{model}, {len(gen)} requests (gsm8k, conll03, samsum, nq)", dtype, base_s, fast_s,
                     f"{len(gen) / fast_s:.2f} req/s vs {len(gen) / base_s:.2f} req/s (HFLM batch 16); "
                     f"{same}/{len(gen)} outputs identical"))
+
+    # shared-prefix generation (GSM8K's 8-shot exemplars): cascade attention vs per-row prefix copies
+    gsm = requests("gsm8k", Generate, 4 if quick else 16)
+    copies = Engine(lm, progress=False, cascade_attention=False)
+    base_s = timed(lambda: got.__setitem__("rows", copies.generate(gsm)))
+    fast_s = timed(lambda: got.__setitem__("cascade", eng.generate(gsm)))
+    same = sum(a == b for a, b in zip(got["rows"], got["cascade"]))
+    rows.append(row("generation, shared prefix: cascade vs per-row copies", dev, f"{model}, {len(gsm)} gsm8k requests",
+                    dtype, base_s, fast_s, f"{same}/{len(gsm)} outputs identical; cascade={eng.cascade}"))
     return rows
 
 

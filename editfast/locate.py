@@ -9,12 +9,13 @@ sees the whole filled sentence tokenised at once, right-padded.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Sequence
 
 import torch
 
 from .errors import RequestError
-from .trace import SkipBelow, Trace
+from .trace import LayerRest, SkipBelow, Trace
 
 
 def subject_last_index(tok, template: str, subject: str) -> int:
@@ -119,9 +120,13 @@ def activations_at(lm, texts: Sequence[str], idxs: Sequence[int], *, inputs=(), 
 
 def word_activations(lm, templates: Sequence[str], subjects: Sequence[str], **kw) -> dict:
     """``activations_at`` at the subject's last token of each filled template."""
+    return activations_at(lm, *_sentences(lm.tokenizer, templates, subjects), **kw)
+
+
+def _sentences(tok, templates: Sequence[str], subjects: Sequence[str]) -> tuple[list[str], list[int]]:
+    """Each template filled with its subject, and the index of the subject's last token in it."""
     texts = [t.replace("{}", s, 1) for t, s in zip(templates, subjects)]
-    idxs = [subject_last_index(lm.tokenizer, t, s) for t, s in zip(templates, subjects)]
-    return activations_at(lm, texts, idxs, **kw)
+    return texts, [subject_last_index(tok, t, s) for t, s in zip(templates, subjects)]
 
 
 class LayerwiseReader:
@@ -136,8 +141,7 @@ class LayerwiseReader:
     def __init__(self, lm, templates: Sequence[str], subjects: Sequence[str], batch_size: int = 128):
         self.lm = lm
         tok = lm.tokenizer
-        texts = [t.replace("{}", s, 1) for t, s in zip(templates, subjects)]
-        idxs = [subject_last_index(tok, t, s) for t, s in zip(templates, subjects)]
+        texts, idxs = _sentences(tok, templates, subjects)
         self.device = next(lm.model.parameters()).device
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         cut = [tok(t, add_special_tokens=False)["input_ids"][: i + 1] for t, i in zip(texts, idxs)]
@@ -146,7 +150,7 @@ class LayerwiseReader:
             ids, mask = right_pad(cut[s: s + batch_size], pad, self.device)
             self.batches.append((ids, mask, torch.tensor(idxs[s: s + batch_size], device=self.device)))
         self.start, self.hidden = 0, [None] * len(self.batches)
-        self.rest, self.rest_known = None, False  # what the layers return beside the hidden states
+        self.rest: LayerRest | None = None  # what the layers return beside the hidden states
 
     @torch.no_grad()
     def read(self, record_layer: int, *, inputs=(), outputs=()) -> dict[tuple[str, str], torch.Tensor]:
@@ -159,25 +163,18 @@ class LayerwiseReader:
         here = adapter.layer_tmp.format(record_layer)
         got = _collector(inputs, outputs)
         for b, (ids, mask, pos) in enumerate(self.batches):
-            raw: dict = {}
-            hook = None
-            if not self.rest_known and record_layer > 0:  # the layers' output structure, for SkipBelow
-                hook = model.get_submodule(adapter.layer_tmp.format(record_layer - 1)).register_forward_hook(
-                    lambda m, a, o: raw.setdefault("out", o))
-            try:
-                with Trace(model, inputs=[here, *inputs], outputs=outputs, stop=True) as tr:
-                    if self.start == 0:
+            # the layers' output structure (for SkipBelow), seen once on a full forward
+            learn = self.rest is None and record_layer > 0
+            with (LayerRest(model.get_submodule(adapter.layer_tmp.format(record_layer - 1))) if learn
+                  else nullcontext()) as layer_rest, Trace(model, inputs=[here, *inputs], outputs=outputs, stop=True) as tr:
+                if self.start == 0:
+                    model(input_ids=ids, attention_mask=mask, use_cache=False)
+                else:
+                    with SkipBelow(model, adapter, self.start - 1, self.rest.rest) as skip:
+                        skip.h = self.hidden[b]
                         model(input_ids=ids, attention_mask=mask, use_cache=False)
-                    else:
-                        with SkipBelow(model, adapter, self.start - 1, self.rest) as skip:
-                            skip.h = self.hidden[b]
-                            model(input_ids=ids, attention_mask=mask, use_cache=False)
-            finally:
-                if hook is not None:
-                    hook.remove()
-            if "out" in raw:
-                self.rest = tuple(raw["out"][1:]) if isinstance(raw["out"], tuple) else None
-                self.rest_known = True
+            if learn:
+                self.rest = layer_rest
             self.hidden[b] = tr.inputs[here]
             _at_positions(tr, pos, got)
         self.start = record_layer

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .data import Request
 from .locate import encode, kv_cache, left_pad, right_pad, subject_last_index
-from .trace import SkipBelow, Trace
+from .trace import LayerRest, SkipBelow, Trace
 
 KL_PROMPT = "{} is a"
 EARLY_STOP_LOSS = 5e-2
@@ -306,16 +306,11 @@ def _optimize_chunk(lm, bs: list[_Batch], hp, site: str, layer: int, loss_layer:
             kv = [(lay.keys, lay.values) for lay in out.past_key_values.layers]
         else:
             kv = None
-        raw: dict = {}
-        hook = model.get_submodule(layer_mod).register_forward_hook(lambda m, a, o: raw.setdefault("out", o))
-        try:
-            with Trace(model, outputs=[site, layer_mod], stop=True) as tr:
-                model.base_model(input_ids=suf_ids, attention_mask=full_mask, position_ids=suf_pos, use_cache=kv is not None,
-                                 past_key_values=kv_cache(model, kv) if kv else None)
-        finally:
-            hook.remove()
+        with LayerRest(model.get_submodule(layer_mod)) as layer_rest, \
+                Trace(model, outputs=[site, layer_mod], stop=True) as tr:
+            model.base_model(input_ids=suf_ids, attention_mask=full_mask, position_ids=suf_pos, use_cache=kv is not None,
+                             past_key_values=kv_cache(model, kv) if kv else None)
     h_cache = tr.outputs[layer_mod]
-    rest = tuple(raw["out"][1:]) if isinstance(raw["out"], tuple) else None
     init = tr.outputs[site][first_rows, 0].to(acc)
 
     delta = torch.zeros(n, init.shape[1], device=device, dtype=acc)
@@ -343,7 +338,7 @@ def _optimize_chunk(lm, bs: list[_Batch], hp, site: str, layer: int, loss_layer:
             sel = [None] * (layer + 1) + [(k[rows, :, Wp - wg:], v[rows, :, Wp - wg:]) for k, v in kv[layer + 1:]]
             held = group_kv[gi] = (rows, wg, sel)
         return kv_cache(model, held[2]), held[1]
-    with SkipBelow(model, adapter, layer, rest) as skip:
+    with SkipBelow(model, adapter, layer, layer_rest.rest) as skip:
         for it in range(hp.v_num_grad_steps):
             act = active.nonzero()[:, 0]
             local_req = torch.full((n,), -1, device=device, dtype=torch.long)

@@ -72,6 +72,26 @@ class Trace:
         return exc_type is StopForward
 
 
+class LayerRest:
+    """Records, at its module's next forward, what a decoder layer returns beside its hidden
+    states (``SkipBelow``'s ``rest``: None for a bare tensor). ``known`` once seen."""
+
+    def __init__(self, module):
+        self.known, self.rest = False, None
+        self._handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, out) -> None:
+        if not self.known:
+            self.rest, self.known = (tuple(out[1:]) if isinstance(out, tuple) else None), True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+        return False
+
+
 class SkipBelow:
     """Replace the forward of layers 0..l: they pass their input through, and layer l returns
     ``self.h`` (set before each forward), keeping the layer's output structure."""

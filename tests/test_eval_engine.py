@@ -85,8 +85,11 @@ def test_shared_prefix_generation_equals_hf_greedy(tiny):
     enc = [tiny.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     [(n_prefix, members)] = prefix_groups(enc)
     assert members == [0, 1, 2] and n_prefix >= len(tiny.tokenizer(shots)["input_ids"]) - 1
-    outs = eng.generate([Generate(p, 6) for p in prompts] + [Generate("Unrelated", 4)])
-    assert outs == [hf_greedy(tiny, p, 6) for p in prompts] + [hf_greedy(tiny, "Unrelated", 4)]
+    reqs = [Generate(p, 6) for p in prompts] + [Generate("Unrelated", 4)]
+    want = [hf_greedy(tiny, p, 6) for p in prompts] + [hf_greedy(tiny, "Unrelated", 4)]
+    assert eng.generate(reqs) == want
+    # the per-row prefix copies (what models without the attention interface use) give the same
+    assert Engine(tiny, batch_tokens=60, progress=False, cascade_attention=False).generate(reqs) == want
 
 
 @pytest.mark.parametrize("q", [1, 5])
@@ -120,7 +123,7 @@ def test_cascade_attention_equals_sdpa_over_the_concatenation(q, groups):
 
 
 def test_cascade_used_where_attention_interface_exists(tiny):
-    assert cascade.supported(tiny.model) == (tiny.spec != "random:tiny-gptj")
+    assert Engine(tiny, progress=False).cascade == (tiny.spec != "random:tiny-gptj")
 
 
 def test_prefix_groups():

@@ -73,8 +73,12 @@ def prefix_groups(prompts: Sequence[Sequence[int]]) -> list[tuple[int, list[int]
 class Engine:
     """Answer evaluation requests for one loaded model (``editfast.load_model``)."""
 
-    def __init__(self, lm, batch_tokens: int | str = "auto", max_length: int | None = None, progress: bool = True):
+    def __init__(self, lm, batch_tokens: int | str = "auto", max_length: int | None = None, progress: bool = True,
+                 cascade_attention: bool = True):
+        """``cascade_attention``: rows sharing a prompt prefix attend to one copy of it (where the
+        model supports it); False gives every row its own copy (the benchmark's comparison)."""
         self.lm, self.model, self.tok = lm, lm.model, lm.tokenizer
+        self.cascade = cascade_attention and cascade.supported(self.model)
         self.head = self.model.get_output_embeddings()
         if self.head is None:
             from editfast.errors import ModelError
@@ -281,7 +285,7 @@ class Engine:
         """Greedy continuations of ``prompts``, each after the shared ``prefix_kv`` when given:
         attended once per step by cascade attention where the model supports it, else through
         per-row caches that start from the prefix."""
-        if prefix_kv is not None and cascade.supported(self.model):
+        if prefix_kv is not None and self.cascade:
             with cascade.shared_prefix(self.model, prefix_kv):
                 return self._decode(prompts, reqs, n_prefix=prefix_kv[0][0].shape[2])
         return self._decode(prompts, reqs, prefix_kv=prefix_kv)
