@@ -92,6 +92,44 @@ def test_shared_prefix_generation_equals_hf_greedy(tiny):
     assert Engine(tiny, batch_tokens=60, progress=False, cascade_attention=False).generate(reqs) == want
 
 
+def test_continuous_batching_equals_hf_greedy(tiny):
+    """Rows of different prompt lengths and answer lengths: finished rows leave, waiting prompts
+    join the running batch (its cache stacked with theirs, right-aligned), and every answer is
+    still the one HF's greedy search gives that prompt alone."""
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    prompts = [" ".join(words[: 1 + (3 * k) % len(words)]) for k in range(9)]
+    reqs = [Generate(p, n) for p, n in zip(prompts, [2, 9, 4, 12, 1, 7, 3, 10, 5])]
+    want = [hf_greedy(tiny, r.prompt, r.max_new_tokens) for r in reqs]
+    eng = Engine(tiny, batch_tokens=64, progress=False)
+    assert eng.generate(reqs) == want
+    assert eng.stats["generate_joins"] >= 2  # the budget holds a few rows: most prompts joined later
+
+
+def test_growing_cache_layer_equals_concatenation():
+    """The decoding cache layer writes into a buffer (growing it when full), drops rows, and
+    stacks two caches' rows right-aligned with zeros to the left."""
+    from editfast.locate import kv_cache
+
+    model = load_model("random:tiny-llama").model
+    torch.manual_seed(0)
+    layer = kv_cache(model, room=3).layers[0]
+    ref_k = torch.empty(2, 2, 0, 4)
+    for t in (2, 1, 3, 1):  # 2 fits, 3 fits the room, then 6 and 7 need more
+        k = torch.randn(2, 2, t, 4)
+        got_k, got_v = layer.update(k, -k)
+        ref_k = torch.cat([ref_k, k], 2)
+        assert torch.equal(got_k, ref_k) and torch.equal(got_v, -ref_k)
+    layer.batch_select_indices(torch.tensor([1]))
+    assert torch.equal(layer.keys, ref_k[1:]) and layer.get_seq_length() == 7
+    other = torch.randn(3, 2, 4, 4)
+    layer.place([layer.keys, other], [layer.values, -other], 7, 9)
+    assert layer.keys.shape == (4, 2, 7, 4)
+    assert torch.equal(layer.keys[:1], ref_k[1:]) and torch.equal(layer.keys[1:, :, 3:], other)
+    assert not layer.keys[1:, :, :3].any()
+    more = torch.randn(4, 2, 1, 4)
+    assert torch.equal(layer.update(more, more)[0][:, :, -1:], more)
+
+
 @pytest.mark.parametrize("q", [1, 5])
 @pytest.mark.parametrize("groups", [1, 3])
 def test_cascade_attention_equals_sdpa_over_the_concatenation(q, groups):
