@@ -161,6 +161,16 @@ def engine_rows(model: str, quick: bool, device: str, dtype: str) -> list[dict]:
     same = sum(a == b for a, b in zip(got["rows"], got["cascade"]))
     rows.append(row("generation, shared prefix: cascade vs per-row copies", dev, f"{model}, {len(gsm)} gsm8k requests",
                     dtype, base_s, fast_s, f"{same}/{len(gsm)} outputs identical; cascade={eng.cascade}"))
+
+    # continuous batching vs batch after batch, on the two tasks with long answers
+    long = requests("gsm8k,samsum", Generate, 8 if quick else 32)
+    static = Engine(lm, progress=False, continuous_batching=False)
+    base_s = timed(lambda: got.__setitem__("static", static.generate(long)))
+    fast_s = timed(lambda: got.__setitem__("continuous", eng.generate(long)))
+    same = sum(a == b for a, b in zip(got["static"], got["continuous"]))
+    rows.append(row("generation: continuous batching vs batch after batch", dev,
+                    f"{model}, {len(long)} requests (gsm8k, samsum)", dtype, base_s, fast_s,
+                    f"{same}/{len(long)} outputs identical"))
     return rows
 
 

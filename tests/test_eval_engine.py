@@ -103,6 +103,8 @@ def test_continuous_batching_equals_hf_greedy(tiny):
     eng = Engine(tiny, batch_tokens=64, progress=False)
     assert eng.generate(reqs) == want
     assert eng.stats["generate_joins"] >= 2  # the budget holds a few rows: most prompts joined later
+    static = Engine(tiny, batch_tokens=64, progress=False, continuous_batching=False)
+    assert static.generate(reqs) == want and not static.stats["generate_joins"]
 
 
 def test_growing_cache_layer_equals_concatenation():

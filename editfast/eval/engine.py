@@ -78,11 +78,14 @@ class Engine:
     """Answer evaluation requests for one loaded model (``editfast.load_model``)."""
 
     def __init__(self, lm, batch_tokens: int | str = "auto", max_length: int | None = None, progress: bool = True,
-                 cascade_attention: bool = True):
+                 cascade_attention: bool = True, continuous_batching: bool = True):
         """``cascade_attention``: rows sharing a prompt prefix attend to one copy of it (where the
-        model supports it); False gives every row its own copy (the benchmark's comparison)."""
+        model supports it); False gives every row its own copy. ``continuous_batching``: waiting
+        prompts join a running generation batch; False runs batch after batch. Both switches
+        exist for the benchmark's comparisons."""
         self.lm, self.model, self.tok = lm, lm.model, lm.tokenizer
         self.cascade = cascade_attention and cascade.supported(self.model)
+        self.continuous = continuous_batching
         self.head = self.model.get_output_embeddings()
         if self.head is None:
             from editfast.errors import ModelError
@@ -307,7 +310,8 @@ class Engine:
                 k, longest = k + 1, wider
             # join when a quarter of the batch is free (each join copies the batch's cache once),
             # or for the last prompts; a cache whose layers cannot be stacked runs batch by batch
-            if k and (not rows or (growing(cache) and (4 * k >= len(rows) + k or waiting + k == len(prompts)))):
+            if k and (not rows or (self.continuous and growing(cache)
+                                   and (4 * k >= len(rows) + k or waiting + k == len(prompts)))):
                 new = list(range(waiting, waiting + k))
                 waiting += k
                 c, m, hn, pn = self._prefill([prompts[i] for i in new], [reqs[i] for i in new], prefix_kv, n_prefix)
