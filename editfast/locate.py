@@ -157,7 +157,8 @@ def _growing_layer_class():
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
             if n := self.held():
-                self.place([self.keys[indices]], [self.values[indices]], n, self._buf[0].shape[-2] if self._buf else self.room)
+                size = self._buf[0].shape[-2] if self._buf else self.room
+                self.place([self.keys[indices]], [self.values[indices]], n, size)
 
         def reset(self) -> None:
             self._buf = None

@@ -17,11 +17,11 @@ max_new_tokens; prompts are sorted by length (bucketed across tasks). Continuous
 finished sequences leave the batch at once and waiting prompts are prefilled and join the
 running batch (their caches stacked right-aligned), so one long answer does not hold a whole
 batch back. The cache writes into preallocated buffers (``locate.kv_cache(room=...)``) instead
-of concatenating at every step. Prompts that open with the same tokens (a task's few-shot exemplars or
-instruction) share them: the common prefix runs once and only each prompt's own suffix is
-prefilled; every row then attends to the prefix's single copy of keys/values through cascade
-attention (``cascade.py``), or, for models without transformers' attention interface, the
-prefix's keys/values seed each row's cache.
+of concatenating at every step. Prompts that open with the same tokens (a task's few-shot
+exemplars or instruction) share them: the common prefix runs once and only each prompt's own
+suffix is prefilled; every row then attends to the prefix's single copy of keys/values through
+cascade attention (``cascade.py``), or, for models without transformers' attention interface,
+the prefix's keys/values seed each row's cache.
 """
 
 from __future__ import annotations
@@ -375,8 +375,8 @@ class Engine:
             cut = int(m.sum(0).nonzero()[0])  # first column some row attends to
             parts.append((cut, m[:, cut:]))
         width = max(m.shape[1] for _, m in parts)
+        (ca, _), (cb, _) = parts
         for layer, add in zip(cache.layers, other.layers):
-            (ca, _), (cb, _) = parts
             layer.place([layer.keys[..., ca:, :], add.keys[..., cb:, :]],
                         [layer.values[..., ca:, :], add.values[..., cb:, :]], width, width + room)
         return torch.cat([torch.nn.functional.pad(m, (width - m.shape[1], 0)) for _, m in parts])
