@@ -7,7 +7,7 @@ import torch
 
 from editfast.eval.base import Generate, LogLik, Rolling
 from editfast.eval import cascade
-from editfast.eval.engine import SHARE_MIN_TOKENS, Engine, prefix_groups
+from editfast.eval.engine import SHARE_MIN_TOKENS, Engine, prefix_groups, similar_lengths
 from editfast.models import load_model
 from test_cli import run
 
@@ -89,7 +89,9 @@ def test_shared_prefix_generation_equals_hf_greedy(tiny):
     want = [hf_greedy(tiny, p, 6) for p in prompts] + [hf_greedy(tiny, "Unrelated", 4)]
     assert eng.generate(reqs) == want
     # the per-row prefix copies (what models without the attention interface use) give the same
-    assert Engine(tiny, batch_tokens=60, progress=False, cascade_attention=False).generate(reqs) == want
+    copies = Engine(tiny, batch_tokens=60, progress=False, cascade_attention=False)
+    assert copies.generate(reqs) == want
+    assert eng.stats["prefill_splits"] >= 1 and copies.stats["prefill_splits"] >= 1  # own parts of unlike lengths
 
 
 def test_continuous_batching_equals_hf_greedy(tiny):
@@ -103,8 +105,19 @@ def test_continuous_batching_equals_hf_greedy(tiny):
     eng = Engine(tiny, batch_tokens=64, progress=False)
     assert eng.generate(reqs) == want
     assert eng.stats["generate_joins"] >= 2  # the budget holds a few rows: most prompts joined later
+    assert eng.stats["prefill_splits"] >= 1  # prompts of unlike lengths were prefilled apart, then stacked
     static = Engine(tiny, batch_tokens=64, progress=False, continuous_batching=False)
     assert static.generate(reqs) == want and not static.stats["generate_joins"]
+
+
+def test_similar_lengths():
+    assert similar_lengths([]) == []
+    assert similar_lengths([8]) == [(0, 1)]
+    assert similar_lengths([100, 80, 75, 74, 40, 30, 29, 3]) == [(0, 3), (3, 4), (4, 6), (6, 7), (7, 8)]
+    lens = [439, 220, 216, 191, 146, 123, 92, 54]
+    runs = similar_lengths(lens)
+    assert [i for a, b in runs for i in range(a, b)] == list(range(len(lens)))  # a partition, in order
+    assert all(4 * n >= 3 * lens[a] for a, b in runs for n in lens[a:b])  # padding within a run <= 1/4
 
 
 def test_growing_cache_layer_equals_concatenation():
@@ -134,8 +147,11 @@ def test_growing_cache_layer_equals_concatenation():
 
 @pytest.mark.parametrize("q", [1, 5])
 @pytest.mark.parametrize("groups", [1, 3])
-def test_cascade_attention_equals_sdpa_over_the_concatenation(q, groups):
-    """[shared prefix | own keys] in two parts with one softmax = SDPA over per-row copies."""
+@pytest.mark.parametrize("parts", ["_fused", "_explicit"])
+def test_cascade_attention_equals_sdpa_over_the_concatenation(q, groups, parts, monkeypatch):
+    """[shared prefix | own keys] in two parts with one softmax = SDPA over per-row copies, with
+    the fused kernel (the CPU path) and with materialised scores (the path elsewhere)."""
+    monkeypatch.setattr(cascade, "_fused" if parts == "_explicit" else "_explicit", getattr(cascade, parts))
     torch.manual_seed(0)
     B, kvh, P, T, hd = 3, 2, 7, 6, 8
     H = kvh * groups
@@ -193,6 +209,25 @@ def test_rolling_counts_every_token(tiny):
     assert res.n_tokens == n and res.logprob < 0 and res.n_bytes == len(text.encode())
 
 
+def test_rolling_equals_lm_eval(tiny):
+    """Perplexity windows as lm-evaluation-harness's ``loglikelihood_rolling``: the prefix token
+    before the first window, one token of context before each full window, and a short last
+    window given the tokens before it up to the window length; short texts batched together."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    texts = ["Some text to score for perplexity, a few windows long. " * 3, "A shorter text, one window and a bit.",
+             "Short one here, also a bit."]
+    hf = HFLM(pretrained=tiny.model, tokenizer=tiny.tokenizer, max_length=16, batch_size=4, device="cpu")
+    ref = hf.loglikelihood_rolling([Instance(request_type="loglikelihood_rolling", doc={}, arguments=(t,), idx=i)
+                                    for i, t in enumerate(texts)], disable_tqdm=True)
+    got = Engine(tiny, max_length=16, progress=False).rolling([Rolling(t) for t in texts])
+    assert len(tiny.tokenizer(texts[0], add_special_tokens=False)["input_ids"]) % 16  # a short last window
+    for g, lp in zip(got, ref):
+        assert abs(g.logprob - lp) < 1e-3, (g.logprob, lp)
+
+
 def test_no_lm_head_is_an_error():
     from transformers import LlamaConfig, LlamaModel
 
@@ -232,7 +267,7 @@ def test_loglikelihood_matches_lm_eval(smol):
     for task in resolve_tasks("rte,boolq,sst2,mutual"):
         for ex in select(task, 3, seed=0):
             reqs += [r for r in task.requests(ex, "standard") if isinstance(r, LogLik)]
-    reqs += [LogLik(*p) for p in PAIRS[:6]]
+    reqs += [LogLik(*p) for p in PAIRS]  # the last has an empty context: the prefix token is lm-eval's
     assert len(reqs) > 20
     hf = HFLM(pretrained=smol.model, tokenizer=smol.tokenizer, batch_size=8, device="cpu")
     ref = hf.loglikelihood([Instance(request_type="loglikelihood", doc={}, arguments=(r.context, r.continuation), idx=i)
