@@ -297,7 +297,8 @@ class Engine:
         lp, top = token_logprobs(h, self.head.weight, targets, getattr(self.head, "bias", None))
         total = torch.zeros(len(lengths), dtype=torch.float64, device=dev).index_add_(0, owner, lp.double())
         misses = torch.zeros(len(lengths), dtype=torch.long, device=dev).index_add_(0, owner, (~top.bool()).long())
-        return [LogLikResult(total[k].item(), n, not bool(misses[k]), n - int(misses[k])) for k, n in enumerate(lengths)]
+        return [LogLikResult(total[k].item(), n, not bool(misses[k]), n - int(misses[k]))
+                for k, n in enumerate(lengths)]
 
     # -- generation -----------------------------------------------------------------------------
     @torch.no_grad()
