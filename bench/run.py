@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.kernel_rows import device_name, kernel_rows, row  # noqa: E402
+from bench.kernel_rows import device_name, kernel_rows, median_time, row  # noqa: E402
 from editfast.data import load_dataset  # noqa: E402
 from editfast.hparams import resolve_hparams  # noqa: E402
 from editfast.methods.memit import edit_memit  # noqa: E402
@@ -162,6 +162,8 @@ def engine_rows(model: str, quick: bool, device: str, dtype: str) -> list[dict]:
     rows.append(row("generation, shared prefix: cascade vs per-row copies", dev, f"{model}, {len(gsm)} gsm8k requests",
                     dtype, base_s, fast_s, f"{same}/{len(gsm)} outputs identical; cascade={eng.cascade}"))
 
+    rows += attention_rows(lm, dev)
+
     # continuous batching vs batch after batch, on the two tasks with long answers
     long = requests("gsm8k,samsum", Generate, 8 if quick else 32)
     static = Engine(lm, progress=False, continuous_batching=False)
@@ -171,6 +173,40 @@ def engine_rows(model: str, quick: bool, device: str, dtype: str) -> list[dict]:
     rows.append(row("generation: continuous batching vs batch after batch", dev,
                     f"{model}, {len(long)} requests (gsm8k, samsum)", dtype, base_s, fast_s,
                     f"{same}/{len(long)} outputs identical"))
+    return rows
+
+
+def attention_rows(lm, dev: str) -> list[dict]:
+    """One attention layer at the shapes behind two engine choices (CPU only: on other devices
+    cascade attention materialises its scores, and the mask question is the CPU kernel's):
+    cascade attention in the fused kernel vs materialised scores at a GSM8K prefill (16 rows x 146
+    own tokens after the 1,242-token 8-shot prefix), and a 2,048-token perplexity window under
+    the causal flag (what the engine runs, no mask) vs an explicit causal mask."""
+    if lm.model.device.type != "cpu":
+        return []
+    from editfast.eval import cascade
+
+    cfg = lm.model.config
+    H, kvh = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+    B, q, P = 16, 146, 1242
+    qg = torch.randn(B, kvh, H // kvh * q, hd)
+    pk, pv = torch.randn(2, kvh, P, hd)
+    key, value = torch.randn(2, B, kvh, q, hd)
+    allowed = torch.ones(q, q, dtype=torch.bool).tril().repeat(H // kvh, 1).expand(B, 1, -1, -1)
+    args = (qg, pk, pv, key, value, allowed, hd ** -0.5)
+    base_s, fast_s = median_time(lambda: cascade._explicit(*args)), median_time(lambda: cascade._fused(*args))
+    err = (cascade._explicit(*args) - cascade._fused(*args)).abs().max().item()
+    rows = [row("cascade attention (one layer): fused kernel vs materialised scores", dev,
+                f"{B} rows x {q} own tokens, prefix {P}, {H} heads / {kvh} kv heads", "float32", base_s, fast_s,
+                f"max |diff| {err:.1e}")]
+    x = torch.randn(2, H, 2048, hd)
+    mask = torch.ones(2048, 2048, dtype=torch.bool).tril()
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    base_s = median_time(lambda: sdpa(x, x, x, attn_mask=mask))
+    fast_s = median_time(lambda: sdpa(x, x, x, is_causal=True))
+    rows.append(row("perplexity window attention (one layer): causal flag vs explicit mask", dev,
+                    f"2 windows x 2048 tokens, {H} heads", "float32", base_s, fast_s, "torch SDPA, CPU"))
     return rows
 
 

@@ -118,6 +118,9 @@ def test_similar_lengths():
     runs = similar_lengths(lens)
     assert [i for a, b in runs for i in range(a, b)] == list(range(len(lens)))  # a partition, in order
     assert all(4 * n >= 3 * lens[a] for a, b in runs for n in lens[a:b])  # padding within a run <= 1/4
+    # with costs: a run also ends where its costs would pass the budget; one item over it runs alone
+    assert similar_lengths([5, 5, 5, 5, 5], [4, 4, 4, 4, 4], 8) == [(0, 2), (2, 4), (4, 5)]
+    assert similar_lengths([9, 9], [20, 1], 10) == [(0, 1), (1, 2)]
 
 
 def test_growing_cache_layer_equals_concatenation():

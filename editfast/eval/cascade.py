@@ -89,8 +89,8 @@ def _explicit(qg, pk, pv, key, value, allowed, scale: float) -> torch.Tensor:
 def _fused(qg, pk, pv, key, value, allowed, scale: float) -> torch.Tensor:
     """The same with PyTorch's fused CPU attention, which never materialises the scores: each
     part returns its output and log-sum-exp, and the two are merged by their softmax weights.
-    A GSM8K prefill (16 rows x 146 own tokens after a 1,242-token prefix) ran 5x faster per
-    layer than ``_explicit``, whose [B, kvh, g·q, P + T] scores are read and written several times."""
+    ``_explicit`` reads and writes its [B, kvh, g·q, P + T] scores several times; the benchmark
+    row "cascade attention (one layer)" in ``bench/run.py`` compares the two at a GSM8K prefill."""
     attend = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     B, kvh, gq, hd = qg.shape
     o_pre, l_pre = attend(qg.transpose(0, 1).reshape(1, kvh, B * gq, hd), pk[None], pv[None], scale=scale)

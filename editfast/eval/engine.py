@@ -20,11 +20,11 @@ finished sequences leave the batch at once and waiting prompts are prefilled and
 running batch (their caches stacked right-aligned), so one long answer does not hold a whole
 batch back. The cache writes into preallocated buffers (``locate.kv_cache(room=...)``) instead
 of concatenating at every step; prompts of unlike lengths are prefilled apart and their caches
-stacked, so one long prompt does not pad the others. Prompts that open with the same tokens (a task's few-shot
-exemplars or instruction) share them: the common prefix runs once and only each prompt's own
-suffix is prefilled; every row then attends to the prefix's single copy of keys/values through
-cascade attention (``cascade.py``), or, for models without transformers' attention interface,
-the prefix's keys/values seed each row's cache.
+stacked, so one long prompt does not pad the others. Prompts that open with the same tokens (a
+task's few-shot exemplars or instruction) share them: the common prefix runs once and only each
+prompt's own suffix is prefilled; every row then attends to the prefix's single copy of
+keys/values through cascade attention (``cascade.py``), or, for models without transformers'
+attention interface, the prefix's keys/values seed each row's cache.
 """
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ class Engine:
         continuation without its last token, right-padded and without an attention mask: under
         the causal mask nothing attends to padding at the end, and the attention kernel skips the
         masked upper triangle (perplexity windows of 2,048 tokens spent 38% of their time in
-        attention with an explicit mask; causal attention runs 1.8x faster at that length)."""
+        attention with an explicit mask; benchmark row "perplexity window attention")."""
         L = self.max_length
         fixed = []
         for ctx, cont in pairs:
@@ -217,36 +217,21 @@ class Engine:
         results: list[LogLikResult] = [None] * len(pairs)  # type: ignore[list-item]
         bar = tqdm(total=len(pairs), desc=desc, unit="req", disable=not self.progress)
         t0 = time.perf_counter()
-        width = lambda i: len(fixed[i][0]) + len(fixed[i][1]) - 1  # noqa: E731
-        for batch in self._batches(alone, width, width):
-            for i, res in zip(batch, self._score_alone([fixed[i] for i in batch])):
+        widths = [len(fixed[i][0]) + len(fixed[i][1]) - 1 for i in alone]
+        for a, b in similar_lengths(widths, widths, self.batch_tokens):
+            for i, res in zip(alone[a:b], self._score_alone([fixed[i] for i in alone[a:b]])):
                 results[i] = res
-            bar.update(len(batch))
+            bar.update(b - a)
         # a batch's cost: its contexts' own tokens plus all their continuations
-        for batch in self._batches(shared, len, lambda c: len(c) + sum(len(fixed[i][1]) for i in groups[c])):
-            for i, res in self._score_batch(batch, groups, fixed):
+        costs = [len(c) + sum(len(fixed[i][1]) for i in groups[c]) for c in shared]
+        for a, b in similar_lengths([len(c) for c in shared], costs, self.batch_tokens):
+            for i, res in self._score_batch(shared[a:b], groups, fixed):
                 results[i] = res
-            bar.update(sum(len(groups[c]) for c in batch))
+            bar.update(sum(len(groups[c]) for c in shared[a:b]))
         bar.close()
         self.stats[f"{desc}_s"] += time.perf_counter() - t0
         self.stats[f"{desc}_requests"] += len(pairs)
         return results
-
-    def _batches(self, units: list, length, cost) -> Iterator[list]:
-        """Consecutive runs of ``units`` (longest first) whose ``cost`` fits the token budget and
-        whose ``length`` is at least ``SIMILAR`` of the run's first (bounded padding)."""
-        start = 0
-        while start < len(units):
-            end, total = start, 0
-            while end < len(units):
-                add = cost(units[end])
-                if end > start and (total + add > self.batch_tokens
-                                    or length(units[end]) < SIMILAR * length(units[start])):
-                    break
-                total += add
-                end += 1
-            yield units[start:end]
-            start = end
 
     def _score_alone(self, items: list[tuple[tuple, tuple]]) -> list[LogLikResult]:
         """(context, continuation) pairs as right-padded causal sequences, no cache."""
@@ -344,6 +329,7 @@ class Engine:
         by ``prefix_kv``)."""
         dev, eos = self.device, self.tok.eos_token_id
         need = [len(p) + held + r.max_new_tokens for p, r in zip(prompts, reqs)]
+        room = max(r.max_new_tokens for r in reqs)  # a stacked cache's room for new tokens
         gen: list[list[int]] = [[] for _ in prompts]
         texts = [""] * len(prompts)
         rows: list[int] = []  # batch row -> prompt index
@@ -364,7 +350,7 @@ class Engine:
                 waiting += k
                 c, m, hn, pn = self._prefill([prompts[i] for i in new], [reqs[i] for i in new], prefix_kv, n_prefix)
                 if rows:
-                    cache, mask = self._stack([(cache, mask), (c, m)], max(r.max_new_tokens for r in reqs))
+                    cache, mask = self._stack([(cache, mask), (c, m)], room)
                     self.stats["generate_joins"] += 1
                     h, next_pos = torch.cat([h, hn]), torch.cat([next_pos, pn])
                 else:
@@ -441,12 +427,16 @@ class Engine:
         return cache, torch.cat([torch.nn.functional.pad(m, (width - m.shape[1], 0)) for m in masks])
 
 
-def similar_lengths(lengths: Sequence[int], keep: float = SIMILAR) -> list[tuple[int, int]]:
+def similar_lengths(lengths: Sequence[int], costs: Sequence[int] | None = None,
+                    budget: float = float("inf"), keep: float = SIMILAR) -> list[tuple[int, int]]:
     """Cut a list of lengths, longest first, into [start, end) runs in which every length is at
-    least ``keep`` of the run's first, so left padding wastes at most a quarter of a run."""
-    runs, start = [], 0
+    least ``keep`` of the run's first (left padding wastes at most a quarter of a run) and whose
+    ``costs`` sum to at most ``budget`` (a run holds at least one item)."""
+    runs, start, total = [], 0, 0
     for i, n in enumerate(lengths):
-        if n < keep * lengths[start]:
+        cost = costs[i] if costs is not None else 0
+        if i > start and (n < keep * lengths[start] or total + cost > budget):
             runs.append((start, i))
-            start = i
+            start, total = i, 0
+        total += cost
     return runs + [(start, len(lengths))] if lengths else []
