@@ -1,12 +1,13 @@
 """One table of every benchmark: editfast's fast path against the reference path, same run.
 
-    python bench/run.py [--quick] [--json FILE] [--model M] [--only kernels|engine|pipeline]
+    python bench/run.py [--quick] [--json FILE] [--model M] [--only kernels|engine|pipeline|session]
 
 Rows: kernels (second moment vs X.T@X, low-rank update vs W.add_(U@V.T) and vs a plain copy,
 fused log-probabilities vs full logits), the evaluation engine vs lm-evaluation-harness on the
 same log-likelihood and generation requests, and pipeline stages on a real model: statistics one pass vs per-layer passes, targets batched vs
 per request, MEMIT end to end fast vs reference (statistics excluded: both read the same cached
-C). ``ratio = baseline_s / editfast_s``. On CPU the kernel rows that run the Triton interpreter
+C), and sequential sessions (checkpoint overhead, resume; ``session_rows.py``).
+``ratio = baseline_s / editfast_s``. On CPU the kernel rows that run the Triton interpreter
 only prove the harness works; the pipeline rows are real CPU ratios. ``--quick`` (CPU, 2 cores)
 finishes within 10 minutes.
 """
@@ -27,12 +28,11 @@ import torch  # noqa: E402
 from bench.kernel_rows import device_name, kernel_rows, median_time, row  # noqa: E402
 from editfast.data import load_dataset  # noqa: E402
 from editfast.hparams import resolve_hparams  # noqa: E402
-from editfast.methods.memit import edit_memit  # noqa: E402
+from editfast.methods import METHODS, State  # noqa: E402
 from editfast.models import load_model  # noqa: E402
 from editfast.solve import Moment  # noqa: E402
 from editfast.stats import accumulate_second_moments, corpus_texts, second_moments, token_batches  # noqa: E402
 from editfast.targets import optimize_targets  # noqa: E402
-from editfast.templates import context_templates  # noqa: E402
 
 
 def timed(fn) -> float:
@@ -74,7 +74,8 @@ def pipeline_rows(model: str, quick: bool, device: str, dtype: str) -> list[dict
     # targets: all facts of a batch together vs one at a time (same steps, same z)
     n = 10 if quick else 50
     reqs = load_dataset("counterfact", n)
-    groups = context_templates(lm, "memit", hp, mode="fixed")
+    memit = METHODS["memit"]
+    groups = memit.templates(lm, hp, mode="fixed")
     flat = [t for g in groups for t in g]
     site = lm.adapter.layer_tmp.format(layers[-1])
     ll = hp.loss_layer(lm.adapter.num_layers(lm.model))
@@ -96,10 +97,13 @@ def pipeline_rows(model: str, quick: bool, device: str, dtype: str) -> list[dict
     # MEMIT end to end (statistics cached and shared): fast vs reference backend
     mom2s = second_moments(lm, layers, hp, progress=False)
     restore = restore_after(lm, layers)
-    ref_s = timed(lambda: edit_memit(lm, reqs, hp, groups, {l: Moment(c) for l, c in mom2s.items()},
-                                     backend="reference"))
+
+    def state():
+        return State(moments={l: Moment(c) for l, c in mom2s.items()})
+
+    ref_s = timed(lambda: memit.edit(lm, reqs, hp, state(), groups, backend="reference"))
     restore()
-    fast_s = timed(lambda: edit_memit(lm, reqs, hp, groups, {l: Moment(c) for l, c in mom2s.items()}, backend="fast"))
+    fast_s = timed(lambda: memit.edit(lm, reqs, hp, state(), groups, backend="fast"))
     restore()
     rows.append(row("MEMIT end to end (excl. statistics)", dev, f"{model}, n={n}, layers {layers}", dtype,
                      ref_s, fast_s, f"{n / fast_s:.2f} edits/s vs {n / ref_s:.2f}"))
@@ -225,18 +229,20 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the rows as a JSON list")
     ap.add_argument("--model", default=None, help="default: smollm2-135m on CPU, random:gpt2-xl on CUDA")
     ap.add_argument("--skip-pipeline", action="store_true", help="kernel rows only")
-    ap.add_argument("--only", choices=("kernels", "engine", "pipeline"), default=None, help="one group of rows")
+    ap.add_argument("--only", choices=("kernels", "engine", "pipeline", "session"), default=None, help="one group of rows")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", "bfloat16") if cuda else ("cpu", "float32")
     model = args.model or ("random:gpt2-xl" if cuda else "smollm2-135m")
     print(f"# editfast bench · {platform.node()} · torch {torch.__version__} · threads {torch.get_num_threads()} · "
           f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+    from bench.session_rows import session_rows
     from bench.test_bench_logprob import logprob_rows
 
     groups = {"kernels": lambda: kernel_rows(args.quick) + logprob_rows(args.quick),
               "engine": lambda: engine_rows(model, args.quick, device, dtype),
-              "pipeline": lambda: pipeline_rows(model, args.quick, device, dtype)}
+              "pipeline": lambda: pipeline_rows(model, args.quick, device, dtype),
+              "session": lambda: session_rows(model, args.quick, device, dtype)}
     chosen = [args.only] if args.only else ["kernels"] if args.skip_pipeline else list(groups)
     rows = [r for g in chosen for r in groups[g]()]
     keep = ("name", "device", "sizes", "dtype", "baseline_s", "editfast_s", "ratio")

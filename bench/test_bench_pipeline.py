@@ -39,7 +39,7 @@ def test_statistics(benchmark, lm, backend):
 @pytest.mark.parametrize("backend", ["fast", "reference", "reference-lean"])
 def test_targets(benchmark, lm, backend):
     hp = resolve_hparams("memit", lm.spec, lm.model.config, {"v_num_grad_steps": 5})
-    flat = [t for g in context_templates(lm, "memit", hp, mode="fixed") for t in g]
+    flat = [t for g in context_templates(lm, "groups", hp, mode="fixed") for t in g]
     reqs = load_dataset("counterfact", 8)
     layer = hp.layers[-1]
     benchmark.group = f"targets {MODEL} n=8"

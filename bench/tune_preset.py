@@ -18,16 +18,16 @@ import time
 
 import torch
 
-from editfast.api import edit_metrics
 from editfast.data import load_dataset
 from editfast.hparams import resolve_hparams
 from editfast.locate import encode
-from editfast.methods.memit import edit_memit
+from editfast.methods import METHODS, State
 from editfast.metrics import summarize
 from editfast.models import load_model
+from editfast.session import edit_metrics
+from editfast.solve import Moment
 from editfast.stats import second_moments
 from editfast.targets import optimize_targets
-from editfast.templates import context_templates
 
 
 @torch.no_grad()
@@ -74,7 +74,9 @@ def main() -> None:
     layers = [int(x) for x in args.layers.split(",")]
     hp = resolve_hparams("memit", lm.spec, lm.model.config, {"layers": layers})
     mom2s = second_moments(lm, layers, hp)
-    groups = context_templates(lm, "memit", hp, seed=0)
+    memit = METHODS["memit"]
+    groups = memit.templates(lm, hp, seed=0)
+    state = State(moments={l: Moment(c) for l, c in mom2s.items()})
     flat = [t for g in groups for t in g]
     pre = summarize(edit_metrics(lm, facts, "counterfact"))
     print(f"pre: efficacy {pre['efficacy_success']:.3f} paraphrase {pre['paraphrase_success']:.3f} "
@@ -95,7 +97,7 @@ def main() -> None:
             post = []
             for b, z in zip(batches, zs):
                 saved = {l: lm.adapter.rewrite_weight(lm.model, l).detach().clone() for l in layers}
-                edit_memit(lm, b, hp_l, groups, mom2s, targets=z)
+                memit.edit(lm, b, hp_l, state, groups, targets=z)
                 post += edit_metrics(lm, b, "counterfact")
                 with torch.no_grad():
                     for l, w in saved.items():

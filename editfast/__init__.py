@@ -16,12 +16,13 @@ _EXPORTS = {
     "load_model": "models", "LoadedModel": "models", "supported_architectures": "models",
     "random_presets": "models",
     "Request": "data", "load_dataset": "data", "validate_requests": "data", "dataset_names": "data",
-    "ROMEHyperParams": "hparams", "MEMITHyperParams": "hparams", "resolve_hparams": "hparams",
+    "ROMEHyperParams": "methods.rome", "MEMITHyperParams": "methods.memit", "resolve_hparams": "hparams",
     "make_hparams": "hparams",
-    "LowRankUpdate": "update", "apply_update": "update",
+    "LowRank": "update", "Dense": "update", "Sparse": "update", "apply_update": "update",
+    "EditSession": "session", "METHODS": "methods", "get_method": "methods",
     "second_moments": "stats", "accumulate_second_moments": "stats",
     "counterfact_metrics": "metrics", "zsre_metrics": "metrics", "score_continuations": "metrics",
-    "edit": "api", "EditResult": "api", "context_templates": "api",
+    "edit": "api", "EditResult": "session", "context_templates": "templates",
     "EditfastError": "errors",
 }
 

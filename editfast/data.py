@@ -26,6 +26,7 @@ _DATASETS: dict[str, tuple[str, ...]] = {
     "counterfact": ("counterfact/counterfact_500.json",),
     "counterfact-full": _CF_FULL_FILES,
     "zsre": ("zsre/zsre_mend_train-1k.json",),
+    "zsre-alt": ("zsre/zsre_mend_train-1k.json",),
 }
 
 
@@ -189,7 +190,8 @@ def load_dataset(name_or_path: str | os.PathLike[str], n: int | None = None, *, 
     Shipped: "counterfact" (500 full ROME records, file order), "counterfact-full" (CounterFact
     in EasyEdit format sorted by case_id: 21,605 requests — of the 21,919 cases, 314 that rewrite
     the same subject and prompt as a lower case_id to a different target are skipped, see
-    _data/datasets/SOURCES.md), "zsre" (1,000 MEND records, case_id = index).
+    _data/datasets/SOURCES.md), "zsre" (1,000 MEND records, case_id = index, toward answers[0]),
+    "zsre-alt" (the same records toward their counterfactual "alt", as the 2024 study edits).
     Files: .json (a list of records), .jsonl, optionally .gz; the schema is detected per record
     (see `Request.from_dict`); records without case_id get their index in the file.
     The selected requests are checked with `validate_requests`.
@@ -204,6 +206,8 @@ def load_dataset(name_or_path: str | os.PathLike[str], n: int | None = None, *, 
         if name == "counterfact-full":
             records.sort(key=lambda rec: rec["case_id"])
         requests = _parse(records, DATA_DIR / _DATASETS[name][0])
+        if name == "zsre-alt":  # the 2024 study's zsRE edits: each record's "alt" is the new target
+            requests = [replace(r, target_new=rec["alt"]) for r, rec in zip(requests, records)]
         if name == "counterfact-full":
             requests = _drop_conflicts(requests)
     else:

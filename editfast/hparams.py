@@ -12,7 +12,7 @@ import dataclasses
 import json
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,69 +88,14 @@ class HParams:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
-@dataclass
-class ROMEHyperParams(HParams):
-    # Lengths and counts of the generated context templates: [[length, count], ...].
-    context_template_length_params: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
+# Model families with presets (each method declares its values per family in its own file).
+FAMILIES = ("gpt2-xl", "gpt-j-6b", "llama-2-7b", "smollm2-135m", "tiny")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if len(self.layers) != 1:
-            raise HParamsError(f"hparams: ROME edits exactly one layer, got layers={self.layers}")
-
-
-@dataclass
-class MEMITHyperParams(HParams):
-    clamp_norm_factor: float = 0.75
-    mom2_update_weight: float = 20000.0  # λ
-    layer_selection: str = "all"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.mom2_update_weight <= 0:
-            raise HParamsError("hparams: mom2_update_weight must be > 0")
-        if sorted(self.layers) != list(self.layers) or len(set(self.layers)) != len(self.layers):
-            raise HParamsError(f"hparams: MEMIT layers must be strictly increasing, got {self.layers}")
-
-
-HPARAMS_CLASSES: dict[str, type[HParams]] = {"rome": ROMEHyperParams, "memit": MEMITHyperParams}
-
-# Published defaults (ROME/MEMIT repositories' hparams files; Llama values from EasyEdit).
-# SmolLM2 has none published: its values were tuned here, see PRESET_NOTES.
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "gpt2-xl": {
-        "rome": dict(layers=[17], v_loss_layer=47, clamp_norm_factor=4, v_weight_decay=0.5, mom2_n_samples=100000),
-        "memit": dict(layers=[13, 14, 15, 16, 17], v_loss_layer=47, clamp_norm_factor=0.75,
-                      mom2_update_weight=20000, mom2_n_samples=100000),
-    },
-    "gpt-j-6b": {
-        "rome": dict(layers=[5], v_loss_layer=27, clamp_norm_factor=4, mom2_n_samples=100000),
-        "memit": dict(layers=[3, 4, 5, 6, 7, 8], v_loss_layer=27, v_num_grad_steps=25, clamp_norm_factor=0.75,
-                      mom2_update_weight=15000, mom2_n_samples=100000),
-    },
-    "llama-2-7b": {
-        "rome": dict(layers=[5], v_loss_layer=31, v_num_grad_steps=25, v_weight_decay=1e-3, clamp_norm_factor=4,
-                     mom2_n_samples=100000),
-        "memit": dict(layers=[4, 5, 6, 7, 8], v_loss_layer=31, v_num_grad_steps=25, v_weight_decay=1e-3,
-                      clamp_norm_factor=4, mom2_update_weight=15000, mom2_n_samples=100000),
-    },
-    "smollm2-135m": {
-        "rome": dict(layers=[5], v_loss_layer=29, clamp_norm_factor=4, mom2_n_samples=1000),
-        # λ tuned on 30 held-out known facts (bench/tune_preset.py; README "SmolLM2 preset").
-        "memit": dict(layers=[4, 5, 6, 7, 8], v_loss_layer=29, clamp_norm_factor=0.75,
-                      mom2_update_weight=2000, mom2_n_samples=1000),
-    },
-    # Tiny test models (4 layers).
-    "tiny": {
-        "rome": dict(layers=[1], v_loss_layer=3, mom2_n_samples=128, mom2_max_tokens=64),
-        "memit": dict(layers=[1, 2], v_loss_layer=3, mom2_n_samples=128, mom2_max_tokens=64),
-    },
-}
 
 def preset_name_for(spec: str, config: Any) -> str | None:
     """The preset that fits a model: by spec name first, then by (layers, width) shape."""
     name = spec.split(":", 1)[-1].lower()
-    if name in PRESETS:
+    if name in FAMILIES:
         return name
     shape = (getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None),
              getattr(config, "hidden_size", None) or getattr(config, "n_embd", None))
@@ -199,9 +144,11 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
 
 def make_hparams(method: str, values: dict[str, Any]) -> HParams:
     """Build the method's hparams from a dict; unknown keys and wrong types are errors."""
-    if method not in HPARAMS_CLASSES:
-        raise HParamsError(f"unknown method {method!r}; choose from {', '.join(HPARAMS_CLASSES)}")
-    cls = HPARAMS_CLASSES[method]
+    from .methods import METHODS
+
+    if str(method).lower() not in METHODS:
+        raise HParamsError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    cls = METHODS[str(method).lower()].hparams_class
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(names))
@@ -233,19 +180,22 @@ def read_hparams_file(path: str | Path) -> dict[str, Any]:
 def resolve_hparams(method: str, spec: str, config: Any, overrides: dict[str, Any] | None = None,
                     file: str | Path | None = None) -> HParams:
     """Preset for the model, then the file's values, then explicit overrides."""
-    method = method.lower()
-    if method not in HPARAMS_CLASSES:
-        raise HParamsError(f"unknown method {method!r}; choose from {', '.join(HPARAMS_CLASSES)}")
+    from .methods import get_method
+
+    try:
+        m = get_method(method)
+    except Exception as e:
+        raise HParamsError(str(e)) from None
     values: dict[str, Any] = {}
     preset = preset_name_for(spec, config)
-    if preset is not None:
-        values.update(PRESETS[preset][method])
+    if preset is not None and preset in m.presets:
+        values.update(m.presets[preset])
     if file is not None:
         values.update(read_hparams_file(file))
     values.update(overrides or {})
     if "layers" not in values:
         raise HParamsError(
-            f"no hparams preset for model {spec!r}; give --hparams FILE with at least 'layers' "
-            f"(presets: {', '.join(p for p in PRESETS if p != 'tiny')})"
+            f"no {m.name} hparams preset for model {spec!r}; give --hparams FILE with at least 'layers' "
+            f"(presets: {', '.join(p for p in m.presets if p != 'tiny')})"
         )
-    return make_hparams(method, values)
+    return make_hparams(m.name, values)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from .compat import cache_kwargs, output_cache
 from .data import Request
 from .locate import encode, kv_cache, left_pad, right_pad, subject_last_index
 from .trace import LayerRest, SkipBelow, Trace
@@ -303,13 +304,13 @@ def _optimize_chunk(lm, bs: list[_Batch], hp, site: str, layer: int, loss_layer:
     with torch.no_grad():
         if Wp:
             out = model.base_model(input_ids=pre_ids, attention_mask=pre_mask, position_ids=pre_pos, use_cache=True)
-            kv = [(lay.keys, lay.values) for lay in out.past_key_values.layers]
+            kv = [(lay.keys, lay.values) for lay in output_cache(out).layers]
         else:
             kv = None
         with LayerRest(model.get_submodule(layer_mod)) as layer_rest, \
                 Trace(model, outputs=[site, layer_mod], stop=True) as tr:
             model.base_model(input_ids=suf_ids, attention_mask=full_mask, position_ids=suf_pos, use_cache=kv is not None,
-                             past_key_values=kv_cache(model, kv) if kv else None)
+                             **cache_kwargs(model.base_model, kv_cache(model, kv) if kv else None))
     h_cache = tr.outputs[layer_mod]
     init = tr.outputs[site][first_rows, 0].to(acc)
 
@@ -357,7 +358,7 @@ def _optimize_chunk(lm, bs: list[_Batch], hp, site: str, layer: int, loss_layer:
                     h_last = model.base_model(
                         input_ids=suf_ids[rows, :w], attention_mask=full_mask[rows, Wp - wg: Wp + w],
                         position_ids=suf_pos[rows, :w], use_cache=kv is not None,
-                        past_key_values=cache).last_hidden_state
+                        **cache_kwargs(model.base_model, cache)).last_hidden_state
                 h_src = final_norm(tr2.outputs[loss_module]) if loss_module else h_last
                 local_row = torch.full((R,), -1, device=device, dtype=torch.long)
                 local_row[rows] = torch.arange(len(rows), device=device)

@@ -2,8 +2,8 @@
 
 Generated from the model like the original code (top-k 5 sampling after the prompts "The",
 "Therefore", "Because", "I", "You"; "{" and "}" removed; ". {}" appended), seeded, or fixed for
-reproducibility. MEMIT's groups are [["{}"], five of 10 tokens]; ROME's flat list is
-["{}"] + the lengths/counts of ``context_template_length_params``. For ROME the original
+reproducibility. A method declares its shape: "groups" (MEMIT: [["{}"], five of 10 tokens]) or "flat"
+(ROME: ["{}"] + the lengths/counts of ``context_template_length_params``). For ROME the original
 samples from GPT-2's <|endoftext|>; a BOS-free start works on every tokenizer, so editfast
 uses the same five starter words for both methods.
 """
@@ -23,6 +23,8 @@ FIXED = ["The following is a true statement. {}", "Therefore, it is known. {}", 
 @torch.no_grad()
 def sample_prefixes(lm, n_per_starter: int, length: int, seed: int) -> list[str]:
     """``n_per_starter`` texts per starter word, ``length`` tokens in all, top-k 5 sampling."""
+    from .compat import cache_kwargs, output_cache
+
     model, tok = lm.model, lm.tokenizer
     device = next(model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -32,8 +34,8 @@ def sample_prefixes(lm, n_per_starter: int, length: int, seed: int) -> list[str]
         past = None
         step_in = ids
         while ids.shape[1] < length:
-            res = model(input_ids=step_in, past_key_values=past, use_cache=True)
-            past = res.past_key_values
+            res = model(input_ids=step_in, use_cache=True, **cache_kwargs(model, past))
+            past = output_cache(res)
             probs = torch.softmax(res.logits[:, -1].float(), -1)
             top_p, top_i = probs.topk(5, dim=-1)
             pick = torch.multinomial((top_p / top_p.sum(-1, keepdim=True)).cpu(), 1, generator=gen).to(device)
@@ -45,13 +47,22 @@ def sample_prefixes(lm, n_per_starter: int, length: int, seed: int) -> list[str]
     return out
 
 
-def context_templates(lm, method: str, hp, seed: int = 0, mode: str = "generated") -> list[list[str]]:
-    """Template groups for ``method``: generated from the model with ``seed``, or ``fixed``."""
+SHAPES = ("groups", "flat")
+
+
+def context_templates(lm, shape: str, hp, seed: int = 0, mode: str = "generated") -> list[list[str]]:
+    """Template groups of a method's ``shape``, generated from the model with ``seed`` or ``fixed``.
+
+    "groups" (MEMIT): [["{}"], five prefixes of 10 tokens], each group weighted equally in the key
+    average; "flat" (ROME): one group, ["{}"] + the prefixes of hp.context_template_length_params.
+    """
+    if shape not in SHAPES:
+        raise EditfastError(f"template shape must be one of {', '.join(SHAPES)}, got {shape!r}")
     if mode == "fixed":
-        return [["{}"], list(FIXED)] if method == "memit" else [["{}", *FIXED]]
+        return [["{}"], list(FIXED)] if shape == "groups" else [["{}", *FIXED]]
     if mode != "generated":
         raise EditfastError(f"context template mode must be 'generated' or 'fixed', got {mode!r}")
-    if method == "memit":
+    if shape == "groups":
         return [["{}"], sample_prefixes(lm, 1, 10, seed)]
     flat = ["{}"]
     for i, (length, count) in enumerate(getattr(hp, "context_template_length_params", [[5, 10], [10, 10]])):

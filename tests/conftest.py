@@ -20,3 +20,16 @@ except ImportError:  # pragma: no cover
     pass
 
 GOLDEN = Path(os.environ.get("EDITFAST_GOLDEN_DIR", Path(__file__).resolve().parents[2] / "shared" / "golden"))
+
+
+def run_cli(argv, capsys):
+    """Run the CLI's entry point in-process: (exit code, stdout, stderr)."""
+    import pytest
+
+    from editfast.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return e.value.code or 0, out.out, out.err

@@ -6,19 +6,14 @@ import subprocess
 import sys
 
 import pytest
-from safetensors.torch import load_file
-
-from editfast.cli import main
+from conftest import run_cli
+from editfast.journal import Journal
 
 TINY = ["--model", "random:tiny-llama", "--templates", "fixed", "--quiet"]
 
 
 def run(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return e.value.code or 0, out.out, out.err
+    return run_cli(argv, capsys)
 
 
 def test_edit_memit_writes_results(tmp_path, capsys):
@@ -31,10 +26,12 @@ def test_edit_memit_writes_results(tmp_path, capsys):
     assert len(res["per_request"]) == 4 and {"pre", "post"} <= set(res["per_request"][0])
     assert set(res["summary"]["post"]) >= {"efficacy_success", "paraphrase_success", "neighborhood_success"}
     assert res["timings"]["edit_s"] > 0 and len(res["timings"]["batches"]) == 2
-    journal = load_file(str(out / "journal.safetensors"))
-    assert {"batch0.layer1.U", "batch1.layer2.V"} <= set(journal)
-    assert journal["batch0.layer1.U"].shape[1] == 2  # rank = facts per batch
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+    entries = Journal(out).read()
+    assert [(e.start, e.end) for e in entries] == [(0, 2), (2, 4)]
+    assert [u.weight for u in entries[0].updates] == ["model.layers.1.mlp.down_proj.weight",
+                                                      "model.layers.2.mlp.down_proj.weight"]
+    assert entries[0].updates[0].U.shape[1] == 2  # rank = facts per batch
+    assert not [p for p in out.rglob(".*")]  # no temp files left
 
 
 def test_default_dataset_beyond_500_is_counterfact_full(tmp_path, capsys):

@@ -8,13 +8,16 @@ from editfast.errors import DataError, RequestError
 
 
 def test_shipped_datasets_load_with_expected_counts():
-    assert dataset_names() == ["counterfact", "counterfact-full", "zsre"]
+    assert dataset_names() == ["counterfact", "counterfact-full", "zsre", "zsre-alt"]
     assert len(load_dataset("counterfact")) == 500
     full = load_dataset("counterfact-full")
     assert len(full) == 21_605  # 21,919 cases minus 314 conflicting ones (see SOURCES.md)
     assert [r.case_id for r in full] == sorted(r.case_id for r in full)
     assert full[0].case_id == 0 and full[-1].case_id == 21_918
     assert len(load_dataset("zsre")) == 1000
+    zsre, alt = load_dataset("zsre", 3), load_dataset("zsre-alt", 3)
+    assert [r.target_new for r in alt] == ["unmanned aircraft", "Virgo", "1997"]  # each record's "alt"
+    assert all(a.prompt == z.prompt and a.target_true is None for a, z in zip(alt, zsre))
 
 
 def test_first_counterfact_record():

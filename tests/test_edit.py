@@ -76,24 +76,36 @@ def rewrite_weights(lm):
     return {l: lm.adapter.rewrite_weight(lm.model, l).detach().clone() for l in range(lm.adapter.num_layers(lm.model))}
 
 
-def test_failed_edit_leaves_weights_untouched(tiny, monkeypatch):
+def test_failed_batch_leaves_the_last_good_batch(tiny, monkeypatch):
     before = rewrite_weights(tiny)
     calls = []
+
+    memit = METHODS["memit"]
+    original = memit.edit
 
     def flaky(*args, **kw):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("out of memory (simulated)")
-        return METHODS_ORIG(*args, **kw)
+        return original(*args, **kw)
 
-    METHODS_ORIG = METHODS["memit"]
-    monkeypatch.setitem(METHODS, "memit", flaky)
+    monkeypatch.setattr(memit, "edit", flaky)
     reqs = load_dataset("counterfact", 4)
     with pytest.raises(RuntimeError, match="simulated"):
         editfast.edit(tiny, reqs, "memit", batch_size=2, templates="fixed", evaluate=False, progress=False)
     assert len(calls) == 2  # the first batch was applied before the failure
-    after = rewrite_weights(tiny)
-    assert all(torch.equal(before[l], after[l]) for l in before)
+    after = rewrite_weights(tiny)  # the weights of the last good batch, bit for bit
+    monkeypatch.undo()
+    with torch.no_grad():
+        for l, w in before.items():
+            tiny.adapter.rewrite_weight(tiny.model, l).copy_(w)
+    editfast.edit(tiny, reqs[:2], "memit", batch_size=2, templates="fixed", evaluate=False, progress=False)
+    first = rewrite_weights(tiny)
+    assert all(torch.equal(first[l], after[l]) for l in before)
+    assert not all(torch.equal(before[l], after[l]) for l in before)
+    with torch.no_grad():
+        for l, w in before.items():
+            tiny.adapter.rewrite_weight(tiny.model, l).copy_(w)
 
 
 def test_bad_requests_rejected_before_any_change(tiny):

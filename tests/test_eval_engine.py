@@ -77,14 +77,17 @@ def hf_greedy(lm, prompt, n):
     return lm.tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
 
 
+SHOTS = "".join(f"Question: what is {a} plus {a}? Answer: {2 * a}.\n" for a in range(1, 9))
+SHARED = [SHOTS + q for q in ("Question: what is 9 plus 9? Answer:", "Question: and ten? Answer:",
+                              "Question: what is the sum of eleven and eleven, please? Answer:")]
+
+
 def test_shared_prefix_generation_equals_hf_greedy(tiny):
-    shots = "".join(f"Question: what is {a} plus {a}? Answer: {2 * a}.\n" for a in range(1, 9))
-    prompts = [shots + q for q in ("Question: what is 9 plus 9? Answer:", "Question: and ten? Answer:",
-                                   "Question: what is the sum of eleven and eleven, please? Answer:")]
+    prompts = SHARED
     eng = Engine(tiny, batch_tokens=60, progress=False)
     enc = [tiny.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     [(n_prefix, members)] = prefix_groups(enc)
-    assert members == [0, 1, 2] and n_prefix >= len(tiny.tokenizer(shots)["input_ids"]) - 1
+    assert members == [0, 1, 2] and n_prefix >= len(tiny.tokenizer(SHOTS)["input_ids"]) - 1
     reqs = [Generate(p, 6) for p in prompts] + [Generate("Unrelated", 4)]
     want = [hf_greedy(tiny, p, 6) for p in prompts] + [hf_greedy(tiny, "Unrelated", 4)]
     assert eng.generate(reqs) == want
@@ -181,8 +184,37 @@ def test_cascade_attention_equals_sdpa_over_the_concatenation(q, groups, parts, 
         assert torch.allclose(got, ref.transpose(1, 2), atol=1e-12)
 
 
-def test_cascade_used_where_attention_interface_exists(tiny):
-    assert Engine(tiny, progress=False).cascade == (tiny.spec != "random:tiny-gptj")
+# Architectures whose attention has gone through transformers' attention interface in every
+# transformers version editfast supports. Others may or may not, depending on the installed version
+# (GPT-J: not in transformers 5.0, yes in 5.24); the engine must then decide from the model itself.
+ATTENTION_INTERFACE = {"random:tiny-llama", "random:tiny-gpt2", "random:tiny-neox"}
+
+
+def test_cascade_used_where_attention_interface_exists(tiny, monkeypatch):
+    """The engine turns cascade attention on exactly where the model's attention can be swapped
+    (``cascade.supported``, read from the model, not from a list of architectures), never when
+    asked not to; and where it is on, rows sharing a prefix really attend to it through cascade
+    attention, in every layer. That the answers then equal HF's greedy search and the per-row
+    copies' is test_shared_prefix_generation_equals_hf_greedy (every tiny model, both paths)."""
+    eng = Engine(tiny, batch_tokens=60, progress=False)
+    assert eng.cascade == cascade.supported(tiny.model)
+    assert not Engine(tiny, progress=False, cascade_attention=False).cascade
+    if tiny.spec in ATTENTION_INTERFACE:
+        assert eng.cascade
+
+    calls = []  # (layer, whether a shared prefix was attended) per attention call
+    real = cascade.cascade_attention
+
+    def spy(module, *args, **kwargs):
+        calls.append((module.layer_idx, cascade._ACTIVE["prefix"] is not None))
+        return real(module, *args, **kwargs)
+
+    monkeypatch.setattr(cascade, "cascade_attention", spy)
+    eng.generate([Generate(p, 3) for p in SHARED])
+    if eng.cascade:  # each prefill and decoding step of the group, in every layer, against the prefix
+        assert {layer for layer, with_prefix in calls if with_prefix} == set(range(tiny.adapter.num_layers(tiny.model)))
+    else:
+        assert not calls
 
 
 def test_prefix_groups():

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from editfast.errors import HParamsError
-from editfast.hparams import MEMITHyperParams, make_hparams, read_hparams_file, resolve_hparams
+from editfast.hparams import make_hparams, read_hparams_file, resolve_hparams
+from editfast.methods.memit import MEMITHyperParams
 from editfast.models import load_model
 from conftest import GOLDEN
 

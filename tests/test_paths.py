@@ -10,6 +10,7 @@ from editfast.models import load_model
 from editfast.solve import Moment, residual, solve_reference
 from editfast.stats import accumulate_second_moments, corpus_texts, token_batches
 from editfast.targets import KV_TOKEN_SHARE, optimize_targets, plan_chunks, _Batch
+from editfast.methods import METHODS
 from editfast.templates import context_templates
 
 
@@ -26,10 +27,10 @@ def tiny64(request):
 def test_batched_targets_equal_per_request(tiny64, method):
     lm = tiny64
     hp = resolve_hparams(method, lm.spec, lm.model.config, {"v_num_grad_steps": 8})
-    flat = [t for g in context_templates(lm, method, hp, mode="fixed") for t in g]
+    m = METHODS[method]
+    flat = [t for g in m.templates(lm, hp, mode="fixed") for t in g]
     reqs = load_dataset("counterfact", 5)
-    layer = hp.layers[-1]
-    site = lm.adapter.layer_tmp.format(layer) if method == "memit" else lm.adapter.mlp_tmp.format(layer)
+    site, layer = m.z_site(lm, hp)
     ll = hp.loss_layer(lm.adapter.num_layers(lm.model))
     ref = optimize_targets(lm, reqs, hp, flat, site, layer, ll, backend="reference")
     fast = optimize_targets(lm, reqs, hp, flat, site, layer, ll, backend="fast")
@@ -55,7 +56,7 @@ def test_early_stop_per_request(monkeypatch):
     lm.model.double()
     hp = resolve_hparams("memit", lm.spec, lm.model.config, {"v_num_grad_steps": 12, "v_weight_decay": 0.0,
                                                             "kl_factor": 0.0, "clamp_norm_factor": 1e6, "v_lr": 2.0})
-    flat = [t for g in context_templates(lm, "memit", hp, mode="fixed") for t in g]
+    flat = [t for g in context_templates(lm, "groups", hp, mode="fixed") for t in g]
     reqs = load_dataset("counterfact", 4)
     site = lm.adapter.layer_tmp.format(2)
     first = optimize_targets(lm, reqs, hp, flat, site, 2, 3, backend="reference")

@@ -37,6 +37,7 @@ from typing import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from editfast.compat import cache_kwargs, output_cache
 from editfast.kernels.logprob import token_logprobs
 from editfast.locate import growing, kv_cache, left_pad, right_pad
 
@@ -256,7 +257,7 @@ class Engine:
         rows_h = [h_last[[r for r, _ in members]]]
         rows_t = [torch.tensor([c[0] for c in conts], device=dev)]
         owner = [torch.arange(len(members), device=dev)]
-        kv = [(lay.keys, lay.values) for lay in out.past_key_values.layers] if multi else []
+        kv = [(lay.keys, lay.values) for lay in output_cache(out).layers] if multi else []
         for a, b in similar_lengths([len(conts[j]) for j in multi]):
             run = multi[a:b]
             c_ids, c_mask = right_pad([conts[j][:-1] for j in run], self.pad_id, dev)
@@ -265,8 +266,9 @@ class Engine:
             ctx_len = mask[ctx_rows].sum(1)
             c_pos = ctx_len[:, None] + torch.arange(cw, device=dev)[None]
             h = self.model.base_model(input_ids=c_ids, attention_mask=torch.cat([mask[ctx_rows], c_mask], 1),
-                                      position_ids=c_pos, past_key_values=kv_cache(self.model, kv, ctx_rows),
-                                      use_cache=True).last_hidden_state
+                                      position_ids=c_pos, use_cache=True,
+                                      **cache_kwargs(self.model.base_model, kv_cache(self.model, kv, ctx_rows))
+                                      ).last_hidden_state
             sel = c_mask.bool()
             rows_h.append(h[sel])
             rows_t.append(torch.tensor([t for j in run for t in conts[j][1:]], device=dev))
@@ -298,7 +300,7 @@ class Engine:
             prefix_kv, shared = None, nullcontext()
             if n_prefix:
                 ids = torch.tensor([enc[members[0]][:n_prefix]], device=self.device)
-                past = self.model.base_model(input_ids=ids, use_cache=True).past_key_values
+                past = output_cache(self.model.base_model(input_ids=ids, use_cache=True))
                 prefix_kv = [(lay.keys, lay.values) for lay in past.layers]
                 if self.cascade:  # attended once per step by every row; else it seeds each row's cache
                     shared, prefix_kv = cascade.shared_prefix(self.model, prefix_kv), None
@@ -379,8 +381,8 @@ class Engine:
                 mask, nxt, next_pos = mask[sel], nxt[sel], next_pos[sel]
             mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype, device=dev)], 1)
             out = self.model.base_model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                                        past_key_values=cache, use_cache=True)
-            cache, h = out.past_key_values, out.last_hidden_state[:, -1]
+                                        use_cache=True, **cache_kwargs(self.model.base_model, cache))
+            cache, h = output_cache(out), out.last_hidden_state[:, -1]
             next_pos = next_pos + 1
 
     def _prefill(self, prompts: list[list[int]], reqs: list[Generate], prefix_kv, n_prefix: int):
@@ -406,9 +408,9 @@ class Engine:
             cache = kv_cache(self.model, prefix_kv, batch=len(prompts), room=n_prefix + room)
             mask = torch.cat([torch.ones(len(prompts), n_prefix, dtype=mask.dtype, device=dev), mask], 1)
         pos = pos + n_prefix  # positions skip the padding
-        out = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                                    use_cache=True)
-        return out.past_key_values, mask, out.last_hidden_state[:, -1], pos[:, -1] + 1
+        out = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                                    **cache_kwargs(self.model.base_model, cache))
+        return output_cache(out), mask, out.last_hidden_state[:, -1], pos[:, -1] + 1
 
     @staticmethod
     def _stack(parts: list[tuple], room: int) -> tuple:

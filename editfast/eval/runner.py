@@ -1,14 +1,19 @@
 """Evaluate a model on the general-ability tasks, before and after editing.
 
     result = evaluate(lm, "all", protocol="standard", limit=100, seed=0)
-    result.table()  # markdown
+    markdown_table(result)
+
+    plan = EvalPlan.build("all", "standard", limit=100, seed=0)  # examples and requests, built once
+    before, after = plan.run(lm), plan.run(edited_lm)
 
 All selected tasks' requests are pooled into one engine call (sorted by length across tasks).
-Subsampling (``limit``) is deterministic: the same seed picks the same examples.
+Subsampling (``limit``) is deterministic: the same seed picks the same examples. Every metric
+has a standard error (``stderr``): analytic for means of per-example values, bootstrap otherwise.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -41,12 +46,19 @@ class TaskResult:
     n: int
     seconds: float
     requests: int
+    stderr: dict[str, float] = field(default_factory=dict)  # metric -> standard error
 
     def to_json(self, model: str, seed: int) -> dict[str, Any]:
         return {"task": self.task, "category": self.category, "protocol": self.protocol, "model": model,
                 "seed": seed, "n": self.n, "metrics": self.metrics, "primary": self.primary,
                 "higher_is_better": self.higher_is_better, "seconds": self.seconds, "requests": self.requests,
-                "requests_per_s": self.requests / self.seconds if self.seconds else None}
+                "requests_per_s": self.requests / self.seconds if self.seconds else None, "stderr": self.stderr}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> "TaskResult":
+        """Inverse of ``to_json`` (model and seed belong to the EvalResult; requests_per_s is derived)."""
+        return cls(doc["task"], doc["category"], doc["protocol"], dict(doc["metrics"]), doc["primary"],
+                   doc["higher_is_better"], doc["n"], doc["seconds"], doc["requests"], dict(doc.get("stderr", {})))
 
 
 @dataclass
@@ -64,6 +76,12 @@ class EvalResult:
                 "seconds": self.seconds, "engine": self.engine,
                 "tasks": {t.task: t.to_json(self.model, self.seed) for t in self.tasks}}
 
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> "EvalResult":
+        """Inverse of ``to_json``, e.g. to read back a cached eval.json (or its "before"/"after")."""
+        return cls(doc["model"], doc["protocol"], doc["seed"], doc["limit"],
+                   [TaskResult.from_json(t) for t in doc["tasks"].values()], doc["seconds"], dict(doc["engine"]))
+
 
 def select(task: Task, limit: int | None, seed: int) -> list[dict]:
     examples = task.scored(task.load())
@@ -73,38 +91,90 @@ def select(task: Task, limit: int | None, seed: int) -> list[dict]:
     return examples
 
 
+def _sample_std(xs: list[float]) -> float:
+    """Unbiased sample standard deviation (nan for fewer than two values)."""
+    if len(xs) < 2:
+        return math.nan
+    mu = sum(xs) / len(xs)
+    return math.sqrt(sum((x - mu) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def stderrs(task: Task, per_example: list[dict[str, float]], protocol: str, seed: int = 0,
+            iters: int = 200) -> dict[str, float]:
+    """Standard error of each of ``task.aggregate``'s metrics.
+
+    A task with the default aggregate (mean of per-example values): sample std / sqrt(n), as
+    lm-eval's ``mean_stderr``. Any other aggregate (corpus F1, perplexity from summed counts):
+    std of the aggregate over ``iters`` bootstrap resamples of the examples, seeded by (seed, task).
+    """
+    metrics = task.aggregate(per_example, protocol)
+    n = len(per_example)
+    if type(task).aggregate is Task.aggregate:
+        return {k: _sample_std([e[k] for e in per_example]) / math.sqrt(n) if n else math.nan for k in metrics}
+    rng = random.Random(f"{seed}:{task.name}")
+    boot: dict[str, list[float]] = {k: [] for k in metrics}
+    for _ in range(iters if n else 0):
+        for k, v in task.aggregate(rng.choices(per_example, k=n), protocol).items():
+            if k in boot and math.isfinite(v):
+                boot[k].append(v)
+    return {k: _sample_std(v) for k, v in boot.items()}
+
+
+@dataclass
+class EvalPlan:
+    """The selected examples of each task and their engine requests, built once and run on any model.
+
+    ``entries`` holds (task, examples, per-example (start, end) slices into ``pool``).
+    """
+
+    protocol: str
+    limit: int | None
+    seed: int
+    entries: list[tuple[Task, list[dict], list[tuple[int, int]]]]
+    pool: list[Any]
+
+    @classmethod
+    def build(cls, tasks: str | list[str] = "all", protocol: str = "standard", limit: int | None = None,
+              seed: int = 0) -> "EvalPlan":
+        if protocol not in PROTOCOLS:
+            raise EditfastError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+        if limit is not None and limit <= 0:
+            raise EditfastError(f"--limit must be a positive number of examples, got {limit}")
+        entries, pool = [], []
+        for task in resolve_tasks(tasks if isinstance(tasks, str) else ",".join(tasks)):
+            examples = select(task, limit, seed)
+            slices = []
+            for ex in examples:
+                reqs = task.requests(ex, protocol)
+                slices.append((len(pool), len(pool) + len(reqs)))
+                pool.extend(reqs)
+            entries.append((task, examples, slices))
+        return cls(protocol, limit, seed, entries, pool)
+
+    def run(self, lm, engine: Engine | None = None, batch_tokens: int | str = "auto",
+            progress: bool = True) -> EvalResult:
+        """Run every request through one engine call, then score each task (metrics and stderr)."""
+        t0 = time.perf_counter()
+        engine = engine or Engine(lm, batch_tokens=batch_tokens, progress=progress)
+        outputs = engine.run(self.pool)
+        total = time.perf_counter() - t0
+        cost_all = sum(_cost(r) for r in self.pool) or 1
+        p = self.protocol
+        result = EvalResult(lm.spec, p, self.seed, self.limit, seconds=total, engine=dict(engine.stats))
+        for task, examples, slices in self.entries:
+            per_ex = [task.score(ex, outputs[a:b], p) for ex, (a, b) in zip(examples, slices)]
+            share = sum(_cost(self.pool[i]) for a, b in slices for i in range(a, b)) / cost_all
+            result.tasks.append(TaskResult(task.name, task.category, p, task.aggregate(per_ex, p), task.primary[p],
+                                           task.higher_is_better, len(examples), total * share,
+                                           sum(b - a for a, b in slices), stderrs(task, per_ex, p, self.seed)))
+        return result
+
+
 def evaluate(lm, tasks: str | list[str] = "all", protocol: str = "standard", limit: int | None = None,
              seed: int = 0, batch_tokens: int | str = "auto", progress: bool = True,
              engine: Engine | None = None) -> EvalResult:
-    if protocol not in PROTOCOLS:
-        raise EditfastError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
-    if limit is not None and limit <= 0:
-        raise EditfastError(f"--limit must be a positive number of examples, got {limit}")
-    chosen = resolve_tasks(tasks if isinstance(tasks, str) else ",".join(tasks))
-    engine = engine or Engine(lm, batch_tokens=batch_tokens, progress=progress)
-    t0 = time.perf_counter()
-    plan = []  # (task, examples, per-example request slices)
-    pool = []
-    for task in chosen:
-        examples = select(task, limit, seed)
-        slices = []
-        for ex in examples:
-            reqs = task.requests(ex, protocol)
-            slices.append((len(pool), len(pool) + len(reqs)))
-            pool.extend(reqs)
-        plan.append((task, examples, slices))
-    outputs = engine.run(pool)
-    total = time.perf_counter() - t0
-    cost_all = sum(_cost(r) for r in pool) or 1
-    result = EvalResult(lm.spec, protocol, seed, limit, seconds=total, engine=dict(engine.stats))
-    for task, examples, slices in plan:
-        per_ex = [task.score(ex, outputs[a:b], protocol) for ex, (a, b) in zip(examples, slices)]
-        n_req = sum(b - a for a, b in slices)
-        share = sum(_cost(pool[i]) for a, b in slices for i in range(a, b)) / cost_all
-        result.tasks.append(TaskResult(task.name, task.category, protocol, task.aggregate(per_ex, protocol),
-                                       task.primary[protocol], task.higher_is_better,
-                                       len(examples), total * share, n_req))
-    return result
+    """``EvalPlan.build(tasks, protocol, limit, seed).run(lm, ...)``."""
+    return EvalPlan.build(tasks, protocol, limit, seed).run(lm, engine, batch_tokens, progress)
 
 
 def markdown_table(before: EvalResult, after: EvalResult | None = None) -> str:
@@ -115,7 +185,9 @@ def markdown_table(before: EvalResult, after: EvalResult | None = None) -> str:
         rows.append("|---|---|---|---|---|---|---|")
         for t in before.tasks:
             rps = t.requests / t.seconds if t.seconds else 0
-            rows.append(f"| {t.task} | {t.category} | {t.primary} | {t.metrics[t.primary]:.4f} | {t.n} | "
+            se = t.stderr.get(t.primary)
+            pm = f" ± {se:.4f}" if se is not None and math.isfinite(se) else ""
+            rows.append(f"| {t.task} | {t.category} | {t.primary} | {t.metrics[t.primary]:.4f}{pm} | {t.n} | "
                         f"{t.seconds:.1f} | {rps:.1f} |")
         return "\n".join(rows)
     rows.append("| task | category | metric | before | after | change |")

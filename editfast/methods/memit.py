@@ -8,70 +8,58 @@ For each layer l (in order, on the model as edited so far): keys K at the subjec
 
 from __future__ import annotations
 
-import time
-from typing import Sequence
+from dataclasses import dataclass
 
-import torch
-
-from ..data import Request
-from ..locate import LayerwiseReader, word_activations
-from ..solve import as_moment
-from ..targets import optimize_targets
-from ..update import LowRankUpdate, apply_update
+from ..errors import HParamsError
+from ..hparams import HParams
+from ..update import LowRank
+from .base import LocateThenEdit
 
 
-def group_mean_keys(keys: torch.Tensor, groups: Sequence[Sequence[str]]) -> torch.Tensor:
-    """[n, n_templates, d] -> [n, d]: mean within each template group, then mean of the groups."""
-    out, start = [], 0
-    for g in groups:
-        out.append(keys[:, start: start + len(g)].mean(1))
-        start += len(g)
-    return torch.stack(out, 1).mean(1)
+@dataclass
+class MEMITHyperParams(HParams):
+    clamp_norm_factor: float = 0.75
+    mom2_update_weight: float = 20000.0  # λ
+    layer_selection: str = "all"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mom2_update_weight <= 0:
+            raise HParamsError("hparams: mom2_update_weight must be > 0")
+        if sorted(self.layers) != list(self.layers) or len(set(self.layers)) != len(self.layers):
+            raise HParamsError(f"hparams: MEMIT layers must be strictly increasing, got {self.layers}")
 
 
-def edit_memit(lm, requests: Sequence[Request], hp, groups: Sequence[Sequence[str]], mom2s: dict[int, torch.Tensor],
-               targets: torch.Tensor | None = None, trace: dict | None = None,
-               backend: str = "fast", progress: bool = False) -> list[LowRankUpdate]:
-    """Edit the model in place with one MEMIT batch; returns the applied per-layer updates."""
-    adapter, model = lm.adapter, lm.model
-    trace = {} if trace is None else trace
-    flat = [t for g in groups for t in g]
-    z_layer = hp.layers[-1]
-    z_module = adapter.layer_tmp.format(z_layer)
-    if targets is None:
-        t0 = time.perf_counter()
-        loss_layer = hp.loss_layer(adapter.num_layers(model))
-        res = optimize_targets(lm, list(requests), hp, flat, z_module, z_layer, loss_layer, backend=backend,
-                               progress=progress)
-        trace["targets_s"] = time.perf_counter() - t0
-        targets = torch.stack([x.target for x in res], 1)
-        trace.update(target_init=torch.stack([x.target_init for x in res], 1),
-                     z_delta=torch.stack([x.delta for x in res], 1), losses=[x.losses for x in res])
-    trace["zs"] = targets
-    n = len(requests)
-    updates = []
-    ctx = [t.replace("{}", r.prompt, 1) for r in requests for t in flat]
-    ctx_subjects = [r.subject for r in requests for _ in flat]
-    prompts, subjects = [r.prompt for r in requests], [r.subject for r in requests]
-    if backend == "fast":  # each pass starts at the layer edited last (see LayerwiseReader)
-        keys_reader, cur_reader = LayerwiseReader(lm, ctx, ctx_subjects), LayerwiseReader(lm, prompts, subjects)
-    for i, layer in enumerate(hp.layers):
-        rewrite = adapter.rewrite_tmp.format(layer)
-        if backend == "fast":
-            raw = keys_reader.read(layer, inputs=[rewrite])[("in", rewrite)]
-            cur = cur_reader.read(layer, outputs=[z_module])[("out", z_module)]
-        else:
-            raw = word_activations(lm, ctx, ctx_subjects, inputs=[rewrite])[("in", rewrite)]
-            cur = word_activations(lm, prompts, subjects, outputs=[z_module])[("out", z_module)]
-        raw = raw.float().reshape(n, len(flat), -1)
-        K = group_mean_keys(raw, groups).T  # [d_mlp, n]
-        cur = cur.float().T  # [d_model, n]
-        tgt = targets.to(cur.device) - cur
-        adj_k = as_moment(mom2s[layer]).adj_keys(K, hp.mom2_update_weight, backend)
-        resid = tgt.to(adj_k.dtype) / (len(hp.layers) - i)
-        up = LowRankUpdate(layer, resid, adj_k)
-        apply_update(lm, up)
-        updates.append(up)
-        trace.update({f"K_per_template.layer{layer}": raw, f"K.layer{layer}": K, f"cur_zs.layer{layer}": cur,
-                      f"targets.layer{layer}": tgt, f"adj_k.layer{layer}": adj_k, f"resid.layer{layer}": resid})
-    return updates
+class MEMIT(LocateThenEdit):
+    name = "memit"
+    summary = "mass-editing: a batch of facts spread over several MLP layers (Meng et al., 2023)"
+    hparams_class = MEMITHyperParams
+    # The MEMIT repository's values; Llama's from EasyEdit; SmolLM2's λ tuned here (README).
+    presets = {
+        "gpt2-xl": dict(layers=[13, 14, 15, 16, 17], v_loss_layer=47, clamp_norm_factor=0.75,
+                        mom2_update_weight=20000, mom2_n_samples=100000),
+        "gpt-j-6b": dict(layers=[3, 4, 5, 6, 7, 8], v_loss_layer=27, v_num_grad_steps=25, clamp_norm_factor=0.75,
+                         mom2_update_weight=15000, mom2_n_samples=100000),
+        "llama-2-7b": dict(layers=[4, 5, 6, 7, 8], v_loss_layer=31, v_num_grad_steps=25, v_weight_decay=1e-3,
+                           clamp_norm_factor=4, mom2_update_weight=15000, mom2_n_samples=100000),
+        # λ tuned on 30 held-out known facts (bench/tune_preset.py; README "SmolLM2 preset").
+        "smollm2-135m": dict(layers=[4, 5, 6, 7, 8], v_loss_layer=29, clamp_norm_factor=0.75,
+                             mom2_update_weight=2000, mom2_n_samples=1000),
+        "tiny": dict(layers=[1, 2], v_loss_layer=3, mom2_n_samples=128, mom2_max_tokens=64),
+    }
+    default_batch_size = None  # all at once
+    template_shape = "groups"
+    target_site = "layer"
+
+    def solve(self, lm, x, hp, state, backend, trace):
+        tgt = x.targets - x.cur
+        adj_k = state.moments[x.layer].adj_keys(x.keys, hp.mom2_update_weight, backend)
+        resid = tgt.to(adj_k.dtype) / (len(hp.layers) - x.index)
+        l = x.layer
+        trace.update({f"K_per_template.layer{l}": x.keys_per_template, f"K.layer{l}": x.keys,
+                      f"cur_zs.layer{l}": x.cur, f"targets.layer{l}": tgt, f"adj_k.layer{l}": adj_k,
+                      f"resid.layer{l}": resid, "zs": x.targets})
+        return LowRank(f"{lm.adapter.rewrite_tmp.format(l)}.weight", resid, adj_k)
+
+
+METHOD = MEMIT()

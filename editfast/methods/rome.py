@@ -2,72 +2,82 @@
 
 ΔW = v uᵀ with u = C⁻¹k / ‖C⁻¹k‖ (k averaged over the context templates) and
 v = (v* − W k_bare) / (k_bareᵀ u), reproducing the original code's use of the bare prompt's key
-in the right vector (golden README, quirk Q1). Requests are applied one after another.
+in the right vector (golden README, quirk Q1; ``r_rome.py`` fixes it). Facts are applied one
+after another.
 """
 
 from __future__ import annotations
 
-import time
-from typing import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
-from ..data import Request
-from ..locate import word_activations
-from ..solve import as_moment
-from ..targets import optimize_targets
-from ..update import LowRankUpdate, apply_update
+from ..errors import HParamsError
+from ..hparams import HParams
+from ..update import LowRank
+from .base import LocateThenEdit
 
 
-def compute_rome(lm, request: Request, hp, templates: Sequence[str], mom2: torch.Tensor | None,
-                 target: torch.Tensor | None = None, trace: dict | None = None, backend: str = "fast") -> LowRankUpdate:
-    """The rank-one update for one request on the current model (not applied)."""
-    adapter, model = lm.adapter, lm.model
-    layer = hp.layers[0]
-    rewrite = adapter.rewrite_tmp.format(layer)
-    trace = {} if trace is None else trace
+@dataclass
+class ROMEHyperParams(HParams):
+    # Lengths and counts of the generated context templates: [[length, count], ...].
+    context_template_length_params: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
 
-    keys = word_activations(lm, [t.replace("{}", request.prompt, 1) for t in templates],
-                            [request.subject] * len(templates), inputs=[rewrite])[("in", rewrite)].float()
-    k_avg = keys.mean(0)
-    if hp.mom2_adjustment:
-        inv = as_moment(mom2).inverse().to(keys.device)
-        u_un = inv @ k_avg
-        trace["inv_mom2"] = inv
-    else:
-        u_un = k_avg
-    u = u_un / u_un.norm()
-
-    if target is None:
-        t0 = time.perf_counter()
-        res = optimize_targets(lm, [request], hp, list(templates), adapter.mlp_tmp.format(layer), layer,
-                               hp.loss_layer(adapter.num_layers(model)), backend=backend)[0]
-        target = res.target
-        trace["targets_s"] = trace.get("targets_s", 0.0) + time.perf_counter() - t0
-        trace.update(target_init=res.target_init, delta=res.delta, losses=res.losses)
-    bare = word_activations(lm, [request.prompt], [request.subject], inputs=[rewrite], outputs=[rewrite])
-    k_bare, w_k_bare = bare[("in", rewrite)][0].float(), bare[("out", rewrite)][0].float()
-    division = k_bare @ u
-    v = (target - w_k_bare) / division
-    trace.update(k_per_template=keys, k_avg=k_avg, u_unnormalized=u_un, u=u, target=target,
-                 k_bare=k_bare, w_k_bare=w_k_bare, division_factor=division, v=v)
-    return LowRankUpdate(layer, v[:, None], u[:, None])
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.layers) != 1:
+            raise HParamsError(f"hparams: ROME edits exactly one layer, got layers={self.layers}")
 
 
-def edit_rome(lm, requests: Sequence[Request], hp, templates: Sequence[str], mom2s: dict[int, torch.Tensor],
-              targets: torch.Tensor | None = None, trace: dict | None = None,
-              backend: str = "fast", progress: bool = False) -> list[LowRankUpdate]:
-    """Edit the model in place, one request after another; returns the applied updates.
-    (``progress`` is accepted for the common signature: one target at a time shows no bar.)"""
-    updates = []
-    for i, r in enumerate(requests):
-        step: dict = {}
-        up = compute_rome(lm, r, hp, templates, mom2s.get(hp.layers[0]),
-                          None if targets is None else targets[:, i], step, backend)
-        if trace is not None:
-            seconds = trace.get("targets_s", 0.0) + step.get("targets_s", 0.0)
-            trace.update(step if len(requests) == 1 else {})
-            trace["targets_s"] = seconds
-        apply_update(lm, up)
-        updates.append(up)
-    return updates
+class ROME(LocateThenEdit):
+    name = "rome"
+    summary = "rank-one model editing: one fact at a time in one MLP layer (Meng et al., 2022)"
+    hparams_class = ROMEHyperParams
+    # The ROME repository's values; Llama's from EasyEdit; SmolLM2's layer as MEMIT's middle.
+    presets = {
+        "gpt2-xl": dict(layers=[17], v_loss_layer=47, clamp_norm_factor=4, v_weight_decay=0.5, mom2_n_samples=100000),
+        "gpt-j-6b": dict(layers=[5], v_loss_layer=27, clamp_norm_factor=4, mom2_n_samples=100000),
+        "llama-2-7b": dict(layers=[5], v_loss_layer=31, v_num_grad_steps=25, v_weight_decay=1e-3, clamp_norm_factor=4,
+                           mom2_n_samples=100000),
+        "smollm2-135m": dict(layers=[5], v_loss_layer=29, clamp_norm_factor=4, mom2_n_samples=1000),
+        "tiny": dict(layers=[1], v_loss_layer=3, mom2_n_samples=128, mom2_max_tokens=64),
+    }
+    default_batch_size = 1
+    max_batch_size = 1
+    template_shape = "flat"
+    target_site = "mlp"
+
+    def needs_statistics(self, hp) -> bool:
+        return hp.mom2_adjustment
+
+    def trace_targets(self, trace, init, delta, losses):
+        trace.update(target_init=init[:, 0], delta=delta[:, 0], losses=losses[0])
+
+    def left_vector(self, x, hp, state, trace) -> torch.Tensor:
+        """u = C⁻¹k̄ / ‖C⁻¹k̄‖ (k̄: the template-averaged key)."""
+        k_avg = x.keys[:, 0]
+        if hp.mom2_adjustment:
+            inv = state.moments[x.layer].inverse().to(device=k_avg.device, dtype=k_avg.dtype)
+            u_un = inv @ k_avg
+            trace["inv_mom2"] = inv
+        else:
+            u_un = k_avg
+        trace.update(k_per_template=x.keys_per_template[0], k_avg=k_avg, u_unnormalized=u_un)
+        return u_un / u_un.norm()
+
+    def key_and_output(self, x) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key and the module output that Λ is computed with: the bare prompt's (the original)."""
+        return x.k_bare[:, 0], x.w_k_bare[:, 0]
+
+    def solve(self, lm, x, hp, state, backend, trace):
+        u = self.left_vector(x, hp, state, trace)
+        target = x.targets[:, 0]
+        k, w_k = self.key_and_output(x)
+        division = k @ u
+        v = (target - w_k) / division
+        trace.update(u=u, target=target, k_bare=x.k_bare[:, 0], w_k_bare=x.w_k_bare[:, 0], division_factor=division,
+                     v=v)
+        return LowRank(f"{lm.adapter.rewrite_tmp.format(x.layer)}.weight", v[:, None], u[:, None])
+
+
+METHOD = ROME()

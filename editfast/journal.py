@@ -1,0 +1,132 @@
+"""The journal of a sequential run: one safetensors file per batch in ``RUN/journal/``.
+
+Each entry holds the batch's updates (``update.to_tensors``), the method state the batch changed,
+and a JSON header (batch index, edits [start, end), case ids, seconds). An entry is written to a
+temporary name, fsynced, renamed, and the directory fsynced, so a kill leaves either the whole
+entry or none. A leftover temporary file or an unreadable last entry (a torn tail: the disk lost
+what was not synced) is dropped with a warning; an unreadable entry before the last is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import EditfastError
+from .update import Update, dumps_index, from_tensors, to_tensors
+
+FORMAT = "editfast-journal-1"
+
+
+@dataclass
+class Entry:
+    batch: int
+    start: int  # edits [start, end) of the run's request list
+    end: int
+    updates: list[Update]
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class Journal:
+    def __init__(self, run_dir: str | Path):
+        self.dir = Path(run_dir) / "journal"
+
+    def path(self, batch: int) -> Path:
+        return self.dir / f"batch-{batch:06d}.safetensors"
+
+    def exists(self) -> bool:
+        return self.dir.is_dir() and any(self.dir.glob("batch-*.safetensors"))
+
+    def append(self, entry: Entry) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tensors, index = to_tensors(entry.updates)
+        tensors.update({f"state.{k}": v.detach().cpu().contiguous() for k, v in entry.state.items()})
+        header = {"format": FORMAT, "batch": entry.batch, "start": entry.start, "end": entry.end, **entry.info}
+        meta = {"entry": json.dumps(header, default=str), "updates": dumps_index(index)}
+        final = self.path(entry.batch)
+        tmp = final.with_name(f".{final.name}.tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(self.dir)
+
+    def read(self, upto_edits: int | None = None) -> list[Entry]:
+        """Entries in order (those ending at or before ``upto_edits`` if given); a torn tail is dropped."""
+        if not self.dir.is_dir():
+            return []
+        for tmp in self.dir.glob(".batch-*.tmp"):
+            warnings.warn(f"journal: dropping an unfinished entry {tmp.name} (the run was interrupted while writing it)",
+                          RuntimeWarning, stacklevel=2)
+            tmp.unlink(missing_ok=True)
+        files = sorted(self.dir.glob("batch-*.safetensors"))
+        out: list[Entry] = []
+        for i, f in enumerate(files):
+            try:
+                entry = self._load(f)
+            except Exception as e:  # noqa: BLE001 (safetensors' own error type is not exported stably)
+                if i == len(files) - 1:
+                    warnings.warn(f"journal: the last entry {f.name} is torn ({e}); dropped, its batch runs again",
+                                  RuntimeWarning, stacklevel=2)
+                    f.rename(f.with_name(f".{f.name}.torn"))
+                    break
+                raise EditfastError(f"journal entry {f} is unreadable: {e}") from None
+            expect = (out[-1].batch + 1, out[-1].end) if out else (0, 0)
+            if (entry.batch, entry.start) != expect:
+                raise EditfastError(f"journal {self.dir}: entry {f.name} is batch {entry.batch} starting at edit "
+                                    f"{entry.start}, expected batch {expect[0]} at edit {expect[1]}")
+            if upto_edits is not None and entry.end > upto_edits:
+                break
+            out.append(entry)
+        return out
+
+    def truncate(self, n_batches: int) -> None:
+        """Remove entries from batch ``n_batches`` on (the run continues from there)."""
+        for f in sorted(self.dir.glob("batch-*.safetensors")):
+            if int(f.stem.split("-")[1]) >= n_batches:
+                f.unlink()
+
+    @staticmethod
+    def _load(path: Path) -> Entry:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        header, index = json.loads(meta["entry"]), json.loads(meta["updates"])
+        if header.get("format") != FORMAT:
+            raise ValueError(f"not an editfast journal entry (format {header.get('format')!r})")
+        tensors = load_file(str(path))
+        state = {k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")}
+        info = {k: v for k, v in header.items() if k not in ("format", "batch", "start", "end")}
+        return Entry(int(header["batch"]), int(header["start"]), int(header["end"]), from_tensors(tensors, index),
+                     state, info)
+
+
+def write_entries(run_dir: str | Path, entries: Sequence[Entry]) -> None:
+    """Write a whole journal (an in-memory run saved at the end, or the first k batches of ``undo``)."""
+    j = Journal(run_dir)
+    if j.dir.exists():
+        j.truncate(0)
+    for e in entries:
+        j.append(e)

@@ -1,0 +1,182 @@
+"""The method seam: what every editing method declares, and the shared locate-then-edit pipeline.
+
+    Method                      name, hparams class, presets per model family, default batch size,
+                                template shape, sites(), prepare() -> State, edit() -> [Update]
+    LocateThenEdit(Method)      targets z (batched) -> keys per layer -> solve -> post-process -> apply
+                                MEMIT, ROME, r-ROME override ``solve`` only (and ``trace_targets``).
+
+A method's ``State`` carries what it needs across the batches of a session: the statistics (C per
+layer, factorised once) and any tensors that change from batch to batch (``State.tensors``; the
+session journals the ones a batch changed, so undo and resume restore them).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import torch
+
+from ..data import Request
+from ..hparams import HParams
+from ..locate import LayerwiseReader, word_activations
+from ..solve import Moment
+from ..stats import second_moments
+from ..targets import optimize_targets
+from ..templates import context_templates
+from ..update import Update, apply_update, check_finite
+
+
+@dataclass
+class State:
+    """What a method keeps across batches. ``tensors`` are journaled when a batch changes them."""
+
+    moments: dict[int, Moment] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    changed: set[str] = field(default_factory=set)
+
+    def set(self, name: str, value: torch.Tensor) -> None:
+        self.tensors[name] = value
+        self.changed.add(name)
+
+    def take_changed(self) -> dict[str, torch.Tensor]:
+        out = {k: self.tensors[k] for k in sorted(self.changed)}
+        self.changed.clear()
+        return out
+
+    def solve_reports(self) -> list[dict]:
+        return [r for m in self.moments.values() for r in m.reports]
+
+
+@dataclass
+class LayerInputs:
+    """What the pipeline hands ``solve`` for one layer (keys are columns)."""
+
+    layer: int
+    index: int  # position of ``layer`` in hp.layers
+    keys_per_template: torch.Tensor  # [n, T, d_in] rewrite-module inputs at the subject's last token
+    keys: torch.Tensor  # [d_in, n] mean within each template group, then over the groups
+    outs_per_template: torch.Tensor  # [n, T, d_out] rewrite-module outputs there
+    k_bare: torch.Tensor  # [d_in, n] the bare prompt's key
+    w_k_bare: torch.Tensor  # [d_out, n] the rewrite module's output at the bare prompt
+    cur: torch.Tensor  # [d_z, n] the target site's output at the bare prompt
+    targets: torch.Tensor  # [d_z, n] z (v*)
+
+
+class Method:
+    """Base class of every editing method; one subclass per file in ``editfast/methods/``."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""  # one line, shown in the CLI's help
+    hparams_class: ClassVar[type[HParams]] = HParams
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}  # model family -> hyper-parameter values
+    default_batch_size: ClassVar[int | None] = None  # None: all requests in one batch
+    max_batch_size: ClassVar[int | None] = None  # ROME: 1 (one fact at a time)
+    template_shape: ClassVar[str] = "groups"  # see templates.context_templates
+
+    def batch_size(self, requested: int | None, n: int) -> int:
+        size = requested or self.default_batch_size or n
+        return min(size, self.max_batch_size) if self.max_batch_size else size
+
+    def templates(self, lm, hp, seed: int = 0, mode: str = "generated") -> list[list[str]]:
+        return context_templates(lm, self.template_shape, hp, seed, mode)
+
+    def sites(self, lm, hp) -> list[str]:
+        """Names of the weights this method writes."""
+        return [f"{lm.adapter.rewrite_tmp.format(l)}.weight" for l in hp.layers]
+
+    def needs_statistics(self, hp) -> bool:
+        return True
+
+    def prepare(self, lm, hp, progress: bool = True) -> State:
+        stats = second_moments(lm, hp.layers, hp, progress=progress) if self.needs_statistics(hp) else {}
+        return State(moments={l: Moment(C) for l, C in stats.items()})
+
+    def edit(self, lm, requests: Sequence[Request], hp, state: State, templates: list[list[str]], *,
+             targets: torch.Tensor | None = None, trace: dict | None = None, backend: str = "fast",
+             progress: bool = False) -> list[Update]:
+        """Edit ``lm`` in place with one batch; returns the applied updates."""
+        raise NotImplementedError
+
+
+class LocateThenEdit(Method):
+    """Targets z for all facts of a batch together, then per edited layer (bottom-up, on the model
+    as edited so far): keys, ``solve`` -> update, post-process, apply."""
+
+    target_site: ClassVar[str] = "layer"  # "layer" (decoder-layer output of the last layer) or "mlp"
+
+    def z_site(self, lm, hp) -> tuple[str, int]:
+        layer = hp.layers[-1]
+        tmp = lm.adapter.layer_tmp if self.target_site == "layer" else lm.adapter.mlp_tmp
+        return tmp.format(layer), layer
+
+    def solve(self, lm, x: LayerInputs, hp, state: State, backend: str, trace: dict) -> Update:
+        raise NotImplementedError
+
+    def postprocess(self, lm, update: Update, hp, state: State) -> Update:
+        return update
+
+    def trace_targets(self, trace: dict, init: torch.Tensor, delta: torch.Tensor, losses: list) -> None:
+        trace.update(target_init=init, z_delta=delta, losses=losses)
+
+    def edit(self, lm, requests, hp, state, templates, *, targets=None, trace=None, backend="fast", progress=False):
+        trace = {} if trace is None else trace
+        requests = list(requests)
+        size = self.max_batch_size or len(requests)
+        updates: list[Update] = []
+        for s in range(0, len(requests), size):
+            step = trace if len(requests) <= size else {}
+            given = None if targets is None else targets[:, s: s + size]
+            updates += self._edit_chunk(lm, requests[s: s + size], hp, state, templates, given, step, backend,
+                                        progress)
+            if step is not trace:
+                trace["targets_s"] = trace.get("targets_s", 0.0) + step.get("targets_s", 0.0)
+        return updates
+
+    def _edit_chunk(self, lm, requests, hp, state, templates, targets, trace, backend, progress):
+        adapter, model = lm.adapter, lm.model
+        flat = [t for g in templates for t in g]
+        z_site, z_layer = self.z_site(lm, hp)
+        if targets is None:
+            t0 = time.perf_counter()
+            res = optimize_targets(lm, requests, hp, flat, z_site, z_layer, hp.loss_layer(adapter.num_layers(model)),
+                                   backend=backend, progress=progress)
+            trace["targets_s"] = trace.get("targets_s", 0.0) + time.perf_counter() - t0
+            targets = torch.stack([x.target for x in res], 1)
+            self.trace_targets(trace, torch.stack([x.target_init for x in res], 1),
+                               torch.stack([x.delta for x in res], 1), [x.losses for x in res])
+        n = len(requests)
+        ctx = [t.replace("{}", r.prompt, 1) for r in requests for t in flat]
+        ctx_subjects = [r.subject for r in requests for _ in flat]
+        prompts, subjects = [r.prompt for r in requests], [r.subject for r in requests]
+        if backend == "fast":  # each pass starts at the layer edited last (see LayerwiseReader)
+            readers = LayerwiseReader(lm, ctx, ctx_subjects), LayerwiseReader(lm, prompts, subjects)
+            read = lambda which, layer, **kw: readers[which].read(layer, **kw)
+        else:
+            texts = (ctx, ctx_subjects), (prompts, subjects)
+            read = lambda which, layer, **kw: word_activations(lm, *texts[which], **kw)
+        updates = []
+        for i, layer in enumerate(hp.layers):
+            rewrite = adapter.rewrite_tmp.format(layer)
+            tpl = read(0, layer, inputs=[rewrite], outputs=[rewrite])
+            bare = read(1, layer, inputs=[rewrite], outputs=list(dict.fromkeys([rewrite, z_site])))
+            raw = tpl[("in", rewrite)].float().reshape(n, len(flat), -1)
+            x = LayerInputs(layer, i, raw, group_mean_keys(raw, templates).T,
+                            tpl[("out", rewrite)].float().reshape(n, len(flat), -1),
+                            bare[("in", rewrite)].float().T, bare[("out", rewrite)].float().T,
+                            bare[("out", z_site)].float().T, targets.to(raw.device))
+            up = self.postprocess(lm, self.solve(lm, x, hp, state, backend, trace), hp, state)
+            check_finite([up])
+            apply_update(lm, up)
+            updates.append(up)
+        return updates
+
+
+def group_mean_keys(keys: torch.Tensor, groups: Sequence[Sequence[str]]) -> torch.Tensor:
+    """[n, n_templates, d] -> [n, d]: mean within each template group, then mean of the groups."""
+    out, start = [], 0
+    for g in groups:
+        out.append(keys[:, start: start + len(g)].mean(1))
+        start += len(g)
+    return torch.stack(out, 1).mean(1)

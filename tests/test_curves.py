@@ -1,0 +1,134 @@
+"""editfast.curves: weight drift against hand computations, and the plots as valid PNGs."""
+
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from editfast.curves import plot_curve, plot_study, spectral_norm, sum_weight_changes, weight_change
+
+
+def test_weight_change_by_hand():
+    W0 = torch.tensor([[1.0, -2.0], [0.0, 4.0]], dtype=torch.float64)
+    W = torch.tensor([[1.1, -2.0], [0.5, 3.0]], dtype=torch.float64)
+    wc = weight_change(W0, W)
+    # ΔW = [[0.1, 0], [0.5, -1]]; |ΔW/W0| = 0.1, 0, (W0 = 0, changed), 0.25
+    assert wc["l1"] == pytest.approx(1.6, rel=1e-12) and wc["n"] == 4
+    assert wc["rel_share"] == {"0.077": 0.75, "0.171": 0.5}
+    assert wc["fro0"] == pytest.approx(math.sqrt(21), rel=1e-12)
+    assert wc["fro"] == pytest.approx(math.sqrt(1.21 + 4 + 0.25 + 9), rel=1e-12)
+    assert wc["fro_growth"] == pytest.approx(math.sqrt(14.46 / 21) - 1, rel=1e-12)
+    # ΔW ΔWᵀ = [[0.01, 0.05], [0.05, 1.25]]: trace 1.26, determinant 0.01
+    assert wc["spectral"] == pytest.approx(math.sqrt((1.26 + math.sqrt(1.26 ** 2 - 0.04)) / 2), rel=1e-12)
+    assert weight_change(W0, W, thresholds=(0.3,))["rel_share"] == {"0.3": 0.25}  # only the W0 = 0 element
+    same = weight_change(W0, W0.clone())
+    assert same["l1"] == 0 and same["spectral"] == 0 and same["rel_share"] == {"0.077": 0.0, "0.171": 0.0}
+
+
+def test_weight_change_float32_in_float64():
+    g = torch.Generator().manual_seed(0)
+    W0 = torch.randn(64, 48, generator=g)
+    W = W0 + 1e-3 * torch.randn(64, 48, generator=g)
+    wc = weight_change(W0, W)
+    D = W.double() - W0.double()
+    assert wc["l1"] == pytest.approx(D.abs().sum().item(), rel=1e-12)
+    assert wc["spectral"] == pytest.approx(torch.linalg.svdvals(D)[0].item(), rel=1e-12)
+    with pytest.raises(ValueError, match="shapes"):
+        weight_change(W0, W.T)
+
+
+def low_rank(m, n, sigmas, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = len(sigmas)
+    U = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64)).Q
+    return U @ torch.diag(torch.tensor(sigmas, dtype=torch.float64)) @ V.T
+
+
+@pytest.mark.parametrize("shape,sigmas", [((300, 200), [3.0]), ((150, 400), [2.0, 1.9, 0.5]),
+                                          ((500, 300), [1.0] + [0.99] * 9)])
+def test_power_iteration(shape, sigmas):
+    D = low_rank(*shape, sigmas)
+    assert spectral_norm(D, exact_max=0) == pytest.approx(max(sigmas), rel=1e-6)
+    assert spectral_norm(D) == pytest.approx(max(sigmas), rel=1e-10)  # exact path
+
+
+def test_weight_change_large_matrix_uses_power_iteration():
+    W0 = torch.zeros(2049, 2060, dtype=torch.float32)
+    D = low_rank(2049, 2060, [0.8, 0.7])  # ROME/MEMIT-like low-rank update
+    wc = weight_change(W0, W0 + D.float())
+    assert wc["spectral"] == pytest.approx(0.8, rel=1e-4)
+    assert wc["rel_share"]["0.077"] == pytest.approx((D.float() != 0).double().mean().item())
+
+
+def test_sum_weight_changes():
+    g = torch.Generator().manual_seed(1)
+    mats = {f"m{i}": torch.randn(20 + i, 30, generator=g, dtype=torch.float64) for i in range(3)}
+    news = {k: v + 0.1 * torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in mats.items()}
+    per = {k: weight_change(mats[k], news[k]) for k in mats}
+    tot = sum_weight_changes(per)
+    flat = weight_change(torch.cat([m.flatten() for m in mats.values()]).reshape(1, -1),
+                         torch.cat([m.flatten() for m in news.values()]).reshape(1, -1))
+    for k in ("l1", "fro0", "fro", "fro_growth"):
+        assert tot[k] == pytest.approx(flat[k], rel=1e-12)
+    assert tot["n"] == flat["n"] == sum(m.numel() for m in mats.values())
+    assert tot["rel_share"] == pytest.approx(flat["rel_share"], rel=1e-12)
+    assert tot["spectral"] == max(w["spectral"] for w in per.values())
+    assert sum_weight_changes({})["n"] == 0
+
+
+# ---- plots --------------------------------------------------------------------------------------
+
+def curve(label, edits=(0, 1, 10, 100, 1000), drop=()):
+    pts = []
+    for i, e in enumerate(edits):
+        wc = {"l1": 10.0 * e, "rel_share": {"0.077": e / 2000}, "fro0": 5.0, "fro": 5.0 + e / 100, "fro_growth": e / 500,
+              "spectral": math.sqrt(e), "n": 100}
+        p = {"edits": e, "seconds": 2.0 * e,
+             "edit_metrics": {"efficacy": 1 - e / 2000, "paraphrase": 0.8 - e / 3000} if e else None,
+             "tasks": {"rte": {"primary": "accuracy", "higher_is_better": True, "metrics": {"accuracy": 0.6 - e / 5000},
+                               "stderr": {"accuracy": 0.02}, "n": 100},
+                       "wikitext": {"primary": "perplexity", "higher_is_better": False,
+                                    "metrics": {"perplexity": 20 + e / 10, "bits_per_byte": 1.0},
+                                    "stderr": {"perplexity": float("nan")}, "n": 5}},
+             "weights": {"total": wc, "per_matrix": {"layers.4.mlp.down_proj": wc}}}
+        for k in drop:
+            if i % 2 == 1:
+                p.pop(k)
+        pts.append(p)
+    return {"label": label, "model": "random:tiny-llama", "method": label.split()[0], "points": pts}
+
+
+def check_png(path, min_w=300, min_h=200):
+    assert path.exists() and not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] >= min_w and im.size[1] >= min_h
+        im.verify()
+
+
+def test_plot_curve(tmp_path):
+    assert plot_curve(curve("rome · one at a time"), tmp_path / "rome.png") == tmp_path / "rome.png"
+    check_png(tmp_path / "rome.png", 900, 400)  # 2 rows of 3 panels
+    plot_curve(curve("memit · one batch", drop=("tasks", "weights", "edit_metrics")), tmp_path / "sparse.png")
+    check_png(tmp_path / "sparse.png")
+    c = curve("x", edits=(0, 5, 10))
+    c["points"][1]["tasks"]["rte"]["stderr"] = {}  # no stderr: plotted without a bar
+    del c["points"][2]["tasks"]["wikitext"]["metrics"]["perplexity"]
+    plot_curve(c, tmp_path / "linear.png")
+    check_png(tmp_path / "linear.png")
+    plot_curve({"label": "empty", "model": "m", "points": []}, tmp_path / "empty.png")
+    check_png(tmp_path / "empty.png")
+
+
+def test_plot_study(tmp_path):
+    runs = [curve("rome · one at a time"), curve("memit · one batch", edits=(0, 1000)),
+            curve("memit · 10 per batch", drop=("tasks", "edit_metrics", "weights"))]
+    paths = plot_study(runs, tmp_path / "study")
+    assert [p.name for p in paths] == ["rte.png", "wikitext.png", "weights.png", "edit_metrics.png"]
+    for p in paths:
+        check_png(p)
+    paths = plot_study(runs[2:], tmp_path / "one", tasks=["rte", "nq"])  # nq has no points: an empty plot
+    assert [p.name for p in paths] == ["rte.png", "nq.png", "weights.png", "edit_metrics.png"]
+    for p in paths:
+        check_png(p)
