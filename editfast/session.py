@@ -225,7 +225,8 @@ class EditSession:
                  eval_limits: dict[str, int | None] | None = None,
                  eval_at: Sequence[int] | str | None = None, out: str | Path | None = None,
                  dataset: dict[str, Any] | None = None, eval_batch_size: int = 32, progress: bool = True,
-                 thresholds: Sequence[float] = (0.077, 0.171), label: str | None = None):
+                 thresholds: Sequence[float] = (0.077, 0.171), label: str | None = None,
+                 evaluator: Evaluator | None = None):
         if backend not in ("fast", "reference"):
             raise EditfastError(f"backend must be 'fast' or 'reference', got {backend!r}")
         self.lm, self.method = lm, get_method(method)
@@ -248,8 +249,9 @@ class EditSession:
         self.templates = templates if isinstance(templates, list) else None
         if self.template_mode not in ("generated", "fixed", "given"):
             raise EditfastError(f"context template mode must be 'generated' or 'fixed', got {templates!r}")
-        self.evaluator = Evaluator(lm, eval_tasks, protocol, eval_limit, seed, progress,
-                                   eval_limits) if eval_tasks else None
+        if evaluator is None and eval_tasks:
+            evaluator = Evaluator(lm, eval_tasks, protocol, eval_limit, seed, progress, eval_limits)
+        self.evaluator = evaluator  # a study passes one, shared by its sessions
         if self.checkpoints and not (self.evaluator or evaluate):
             raise EditfastError("--eval-at needs something to evaluate (edit metrics or --eval tasks)")
         self.out = Path(out) if out is not None else None

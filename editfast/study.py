@@ -141,7 +141,7 @@ def run_study(study: dict, out: str | Path, progress: bool = True, resume: bool 
     from .update import restore
 
     out = Path(out)
-    if (out / "study.json").is_file() and not resume:
+    if ((out / "study.json").is_file() or (out / "runs").is_dir()) and not resume:
         raise EditfastError(f"{out} already holds a study; continue it with --resume or choose another --out")
     t0 = time.perf_counter()
     ev = study.get("eval") or {}
@@ -153,6 +153,12 @@ def run_study(study: dict, out: str | Path, progress: bool = True, resume: bool 
                     device=study.get("device", "cpu"))
     protocols = ev.get("protocols") or ["standard"]
     templates: dict[str, list] = {}  # per method: generated once, shared by its sessions
+    evaluator = None
+    if ev.get("tasks"):  # task requests built once for the whole study, one engine
+        from .session import Evaluator
+
+        evaluator = Evaluator(lm, ev["tasks"], protocols if len(protocols) > 1 else protocols[0], ev.get("limit"),
+                              seed, progress, ev.get("limits"))
     runs_out = []
     for run, sess in plan:
         d = out / "runs" / sess["dir"]
@@ -166,7 +172,7 @@ def run_study(study: dict, out: str | Path, progress: bool = True, resume: bool 
                             templates=templates.get(run["method"], study.get("templates", "generated")),
                             eval_tasks=ev.get("tasks"), eval_limit=ev.get("limit"), eval_limits=ev.get("limits"),
                             protocol=protocols if len(protocols) > 1 else protocols[0], eval_at=sess["eval_at"],
-                            out=d, progress=progress, label=label,
+                            out=d, progress=progress, label=label, evaluator=evaluator,
                             thresholds=ev.get("thresholds") or (0.077, 0.171))
             try:
                 res = s.run(resume=resume and (d / "session.json").is_file())
