@@ -15,9 +15,9 @@ On CPU both parts run in PyTorch's fused (flash) attention kernel, which returns
 log-sum-exp, and the two are merged by their softmax weights without materialising the scores;
 elsewhere the scores are materialised (``_explicit``).
 
-It plugs into transformers' attention interface under the name ``"editfast_cascade"``; models whose
-attention does not go through that interface (``supported`` is False, e.g. GPT-J) keep the
-per-row cache.
+It plugs into transformers' attention interface under the name ``"editfast_cascade"``; models
+whose attention does not go through that interface (``supported`` is False; GPT-J before
+transformers 5.24) keep the per-row cache.
 """
 
 from __future__ import annotations
