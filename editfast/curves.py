@@ -22,6 +22,9 @@ from .paths import atomic_path
 EXACT_SPECTRAL_MAX = 2048  # min(shape) up to which the spectral norm is an exact SVD
 
 
+# The edit metric a curve shows first: efficacy (CounterFact), rewrite accuracy (zsRE).
+HEADLINE_EDIT_METRICS = ("efficacy_success", "rewrite_acc")
+
 def spectral_norm(D: torch.Tensor, exact_max: int = EXACT_SPECTRAL_MAX, block: int = 8, iters: int = 300,
                   tol: float = 1e-9) -> float:
     """Largest singular value of a 2-D D: exact SVD for small matrices, else seeded block power iteration."""
@@ -123,7 +126,7 @@ def _edit_metric_names(curve: dict) -> list[str]:
     names: list[str] = []
     for p in curve.get("points") or []:
         names += [k for k in (p.get("edit_metrics") or {}) if k not in names]
-    first = ("efficacy_success", "rewrite_acc")  # the headline: efficacy (CounterFact), rewrite accuracy (zsRE)
+    first = HEADLINE_EDIT_METRICS
     return sorted(names, key=lambda k: (k not in first, first.index(k) if k in first else 0))
 
 

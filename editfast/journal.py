@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .errors import EditfastError
 from .update import Update, dumps_index, from_tensors, to_tensors
@@ -72,8 +73,8 @@ class Journal:
         os.replace(tmp, final)
         _fsync_dir(self.dir)
 
-    def read(self, upto_edits: int | None = None) -> list[Entry]:
-        """Entries in order (those ending at or before ``upto_edits`` if given); a torn tail is dropped."""
+    def read(self) -> list[Entry]:
+        """Entries in order; a torn tail is dropped."""
         if not self.dir.is_dir():
             return []
         for tmp in self.dir.glob(".batch-*.tmp"):
@@ -96,27 +97,17 @@ class Journal:
             if (entry.batch, entry.start) != expect:
                 raise EditfastError(f"journal {self.dir}: entry {f.name} is batch {entry.batch} starting at edit "
                                     f"{entry.start}, expected batch {expect[0]} at edit {expect[1]}")
-            if upto_edits is not None and entry.end > upto_edits:
-                break
             out.append(entry)
         return out
 
-    def truncate(self, n_batches: int) -> None:
-        """Remove entries from batch ``n_batches`` on (the run continues from there)."""
-        for f in sorted(self.dir.glob("batch-*.safetensors")):
-            if int(f.stem.split("-")[1]) >= n_batches:
-                f.unlink()
-
     @staticmethod
     def _load(path: Path) -> Entry:
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
+        with safe_open(str(path), "pt") as f:  # one read: header, then the tensors
             meta = f.metadata() or {}
-        header, index = json.loads(meta["entry"]), json.loads(meta["updates"])
-        if header.get("format") != FORMAT:
-            raise ValueError(f"not an editfast journal entry (format {header.get('format')!r})")
-        tensors = load_file(str(path))
+            header, index = json.loads(meta["entry"]), json.loads(meta["updates"])
+            if header.get("format") != FORMAT:
+                raise ValueError(f"not an editfast journal entry (format {header.get('format')!r})")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
         state = {k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")}
         info = {k: v for k, v in header.items() if k not in ("format", "batch", "start", "end")}
         return Entry(int(header["batch"]), int(header["start"]), int(header["end"]), from_tensors(tensors, index),
@@ -126,7 +117,7 @@ class Journal:
 def write_entries(run_dir: str | Path, entries: Sequence[Entry]) -> None:
     """Write a whole journal (an in-memory run saved at the end, or the first k batches of ``undo``)."""
     j = Journal(run_dir)
-    if j.dir.exists():
-        j.truncate(0)
+    for f in j.dir.glob("batch-*.safetensors"):
+        f.unlink()
     for e in entries:
         j.append(e)

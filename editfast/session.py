@@ -27,15 +27,15 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .curves import sum_weight_changes, weight_change
+from .curves import HEADLINE_EDIT_METRICS, sum_weight_changes, weight_change
 from .data import Request, validate_requests
-from .errors import EditfastError
+from .errors import EditfastError, HParamsError
 from .hparams import HParams, resolve_hparams
 from .journal import Entry, Journal, write_entries
 from .methods import get_method
 from .metrics import counterfact_metrics, summarize, zsre_metrics
 from .paths import cache_dir, write_json
-from .update import Update, apply_update, guard, restore, snapshot
+from .update import Update, apply_update, guard, restore, snapshot, weight_param
 
 CURVE_FILE, SESSION_FILE, RESULTS_FILE = "curve.json", "session.json", "results.json"
 
@@ -48,9 +48,6 @@ def metric_kind(requests: Sequence[Request]) -> str:
 def edit_metrics(lm, requests: Sequence[Request], kind: str, batch_size: int = 32) -> list[dict]:
     fn = {"counterfact": counterfact_metrics, "zsre": zsre_metrics}[kind]
     return fn(lm.model, lm.tokenizer, list(requests), batch_size=batch_size)
-
-
-HEADLINE_EDIT_METRICS = ("efficacy_success", "rewrite_acc")
 
 
 def headline_edit_metric(metrics: dict | None) -> tuple[str, float] | None:
@@ -66,8 +63,6 @@ def requests_digest(requests: Sequence[Request]) -> str:
 
 
 def check_layers(lm, hp: HParams) -> None:
-    from .errors import HParamsError
-
     n = lm.adapter.num_layers(lm.model)
     bad = [l for l in hp.layers if not 0 <= l < n]
     if bad:
@@ -354,8 +349,6 @@ class EditSession:
     def weight_changes(self) -> dict[str, Any]:
         per = {}
         for name, w0 in self.base.items():
-            from .update import weight_param
-
             per[name] = weight_change(w0, weight_param(self.lm.model, name)[0].detach(), self.thresholds)
         return {"total": sum_weight_changes(per), "per_matrix": per}
 
