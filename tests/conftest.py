@@ -33,3 +33,18 @@ def run_cli(argv, capsys):
         raise SystemExit(0)
     out = capsys.readouterr()
     return e.value.code or 0, out.out, out.err
+
+
+def assert_refused(argv, capsys, *words, absent=(), code=2):
+    """Run the CLI in-process and assert a clean refusal: exit ``code`` (2 for bad input), exactly one
+    line on stderr starting "editfast: error:" with no traceback, each of ``words`` in that line
+    (case-insensitive), and none of the ``absent`` paths left on disk. Returns the line."""
+    got, _, err = run_cli(argv, capsys)
+    lines = err.strip().splitlines()
+    assert got == code, f"exit {got}, stderr: {err}"
+    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("editfast: error:"), err
+    for w in words:
+        assert str(w).lower() in lines[0].lower(), (w, lines[0])
+    for p in absent:
+        assert not Path(p).exists(), f"{p} was left behind"
+    return lines[0]
