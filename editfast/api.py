@@ -17,7 +17,8 @@ from typing import Any, Sequence
 
 from .data import Request
 from .hparams import HParams
-from .session import EditResult, EditSession, load_run
+from .journal import load_run
+from .session import EditResult, EditSession
 from .update import Update
 
 

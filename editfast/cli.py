@@ -250,7 +250,7 @@ def undo_cmd(run, to, out, save_model, model, quiet):
     from .journal import write_entries
     from .models import load_model
     from .paths import write_json
-    from .session import load_run
+    from .journal import load_run
 
     config, entries = load_run(run)
     ends = [0] + [e.end for e in entries]

@@ -24,6 +24,7 @@ from .errors import EditfastError
 from .update import Update, dumps_index, from_tensors, to_tensors
 
 FORMAT = "editfast-journal-1"
+SESSION_FILE, RESULTS_FILE = "session.json", "results.json"
 
 
 @dataclass
@@ -121,3 +122,51 @@ def write_entries(run_dir: str | Path, entries: Sequence[Entry]) -> None:
         f.unlink()
     for e in entries:
         j.append(e)
+
+
+def load_run(run_dir: str | Path, lm=None) -> tuple[dict[str, Any], list[Entry]]:
+    """The config and journal entries of an ``editfast edit`` run directory; checks it matches ``lm``."""
+    run = Path(run_dir)
+    doc_file = run / SESSION_FILE
+    if not doc_file.is_file() and (run / RESULTS_FILE).is_file():
+        doc_file = run / RESULTS_FILE  # an older run: results.json holds the config
+    if not doc_file.is_file():
+        raise EditfastError(f"{run} is not an edit run directory (needs {SESSION_FILE} and journal/)")
+    try:
+        doc = json.loads(doc_file.read_text())
+        config = doc["config"]
+        config["_hparams"] = doc.get("hparams")
+        config["_templates"] = doc.get("templates") or doc.get("context_templates")
+    except (ValueError, KeyError, TypeError) as e:
+        raise EditfastError(f"cannot read edit run {run}: {e}") from None
+    if lm is not None and config.get("model_fingerprint") != lm.fingerprint:
+        raise EditfastError(f"edit run {run} was made on model {config.get('model')!r} "
+                            f"(fingerprint {str(config.get('model_fingerprint'))[:12]}), not on {lm.spec!r} "
+                            f"(fingerprint {lm.fingerprint[:12]})")
+    entries = Journal(run).read()
+    if not entries and (run / "journal.safetensors").is_file():
+        entries = _legacy_journal(run / "journal.safetensors", lm)
+    if not entries:
+        raise EditfastError(f"{run} holds no journal entries")
+    return config, entries
+
+
+def _legacy_journal(path: Path, lm) -> list[Entry]:
+    """journal.safetensors of editfast 0.1 (batch{b}.layer{l}.U/V of the MLP output projection)."""
+    from safetensors.torch import load_file
+
+    from .update import LowRank
+
+    if lm is None:
+        raise EditfastError(f"{path}: an old-format journal needs the model to name its weights")
+    batches: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
+    for name, t in load_file(str(path)).items():
+        b, layer, part = name.split(".")
+        batches.setdefault(int(b[5:]), {}).setdefault(int(layer[5:]), {})[part] = t
+    out, start = [], 0
+    for b in sorted(batches):
+        ups = [LowRank(f"{lm.adapter.rewrite_tmp.format(l)}.weight", f["U"], f["V"]) for l, f in sorted(batches[b].items())]
+        end = start + ups[0].rank
+        out.append(Entry(b, start, end, ups))
+        start = end
+    return out
