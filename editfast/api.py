@@ -7,7 +7,12 @@
     result.save("runs/memit-10")
 
 A thin wrapper over ``EditSession`` (``session.py``). The model is edited in place. If anything
-fails, every edited weight is restored bit for bit to the last good batch.
+fails, every edited weight is restored bit for bit to the last good batch. Undo exactly by replay
+from the base weights (``apply_update(lm, u, alpha=-1)`` rounds a second time, so it is not exact):
+
+    s = editfast.EditSession(lm, "memit", reqs)
+    s.run()
+    s.undo(0)        # bit for bit the model before; s.undo(k) keeps the first k edits
 """
 
 from __future__ import annotations
@@ -40,6 +45,10 @@ def edit(lm, requests: Sequence[Request], method: str = "memit", *, hparams: HPa
 
 
 def load_journal(run_dir: str | Path, lm=None) -> tuple[dict[str, Any], list[list[Update]]]:
-    """The config and updates (one list per batch) of an ``editfast edit`` run directory."""
+    """The config and updates (one list per batch) of an ``editfast edit`` run directory.
+
+    The run is validated whole before it is returned (``journal.load_run``): its config document,
+    every journal entry, and with ``lm`` the model fingerprint and each update's weight, shape,
+    dtype and finiteness, so a bad run is refused (EditfastError, one line) before any work."""
     config, entries = load_run(run_dir, lm)
     return config, [e.updates for e in entries]

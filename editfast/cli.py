@@ -1,50 +1,69 @@
 """Command line: ``editfast edit | eval | undo | study``.
 
-Errors a user can cause print one line on stderr and exit with code 2; nothing is written
-unless the whole job succeeded (files go to a temporary name and are renamed).
+Errors a user can cause print one line on stderr and exit with code 2 (an interruption: 130 for
+SIGINT, 143 for SIGTERM). Options, hyper-parameters and data are checked before the model loads.
+Output directories are transactions (``outputs.OutputDir``): one writer at a time, a non-empty
+--out only with --resume or --force, and a failed or interrupted run leaves either nothing or,
+for an edit run, its complete journal batches to resume.
 """
 
 from __future__ import annotations
 
+import errno
 import shutil
+import signal
 import sys
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
-COUNTERFACT_500 = 500  # records in the shipped "counterfact" dataset (full ROME schema)
+SEEDS = click.IntRange(0, 2**32 - 1)  # what every random generator editfast seeds accepts
+NOTES: list[str] = []  # said after an error or interruption (e.g. how to resume)
+ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
 
-def fail(message: str) -> None:
-    click.echo(f"editfast: error: {message}", err=True)
-    sys.exit(2)
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanup runs as for Ctrl-C."""
 
 
-def parse_set(values: tuple[str, ...]) -> dict:
-    """--set key=value (value parsed as YAML: numbers, booleans, lists)."""
-    import yaml
-
-    out = {}
-    for item in values:
-        if "=" not in item:
-            raise click.UsageError(f"--set expects key=value, got {item!r}")
-        k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
-    return out
+def fail(message: str, code: int = 2) -> None:
+    click.echo(f"editfast: {'error: ' if code == 2 else ''}{message}", err=True)
+    sys.exit(code)
 
 
-def check_out_dir(out: Path) -> bool:
-    """Make sure ``out`` can be written before any work; return whether it was created here."""
-    created = not out.exists()
+def quiet_libraries() -> None:
+    """--quiet: no progress bars, info logs or warnings from transformers and friends either."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".probe."):
-            pass
-    except OSError as e:
-        raise click.UsageError(f"output directory {str(out)!r} is not writable: {e.strerror or e}")
-    return created
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def out_option(help: str):
+    def check(ctx, param, value):
+        if value is not None and not str(value).strip():
+            raise click.BadParameter("must name a directory, got an empty path")
+        return Path(value).expanduser() if value is not None else None
+
+    return click.option("--out", "out", type=click.Path(file_okay=False), callback=check, required=True, help=help)
+
+
+force_option = click.option("--force", is_flag=True, help="Replace what --out holds (only once every check passed).")
 
 
 def summary_table(result) -> str:
@@ -88,12 +107,15 @@ def method_help() -> str:
 
 
 def save_model_to(lm, out: Path) -> None:
-    """The model's safetensors and tokenizer into OUT/model (a temporary folder, then renamed)."""
+    """The model's safetensors and tokenizer into OUT/model (a hidden folder, then renamed; files 0644)."""
     target = out / "model"
     tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=out))
     try:
         lm.model.save_pretrained(tmp, safe_serialization=True)
         lm.tokenizer.save_pretrained(tmp)
+        tmp.chmod(0o755)
+        for f in tmp.rglob("*"):
+            f.chmod(0o755 if f.is_dir() else 0o644)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
@@ -101,16 +123,23 @@ def save_model_to(lm, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@contextmanager
-def output_dir(out: Path):
-    """Check ``out`` is writable before any work; remove it again if it was made here and stays empty."""
-    created = check_out_dir(out)
-    try:
-        yield
-    except BaseException:
-        if created and out.exists() and not any(out.iterdir()):
-            out.rmdir()
-        raise
+def preflight(model: str, method: str, hparams_file, overrides: dict):
+    """The hyper-parameters, resolved and checked against the model's config before its weights load."""
+    from .errors import HParamsError
+    from .hparams import check_layers, resolve_hparams
+    from .models import adapter_for, model_config
+    from .stats import CORPORA
+
+    config = model_config(model)
+    adapter = adapter_for(config)
+    hp = resolve_hparams(method, model, config, overrides, hparams_file)
+    hp.check_modules(adapter)
+    check_layers(hp, int(getattr(config, adapter.n_layers_attr)))
+    corpus = getattr(hp, "mom2_dataset", None)
+    if corpus is not None and corpus not in CORPORA and not Path(corpus).is_file():
+        raise HParamsError(f"hparams: mom2_dataset {corpus!r} is neither a known corpus ({', '.join(CORPORA)}) "
+                           "nor a file")
+    return hp
 
 
 @cli.command("edit")
@@ -119,17 +148,16 @@ def output_dir(out: Path):
 @click.option("--n", "n", type=int, default=10, show_default=True, help="Number of edits.")
 @click.option("--model", default="smollm2-135m", show_default=True,
               help="Model: HF directory, .gguf file, 'smollm2-135m' or 'random:<preset>'.")
-@click.option("--dataset", default=None,
-              help="counterfact (500 full ROME records), counterfact-full (21,605 requests), zsre, zsre-alt "
-                   "(zsRE toward each record's alt), or a JSON/JSONL file of requests. Default: counterfact, or "
-                   "counterfact-full when --offset + --n exceeds 500.")
-@click.option("--offset", type=int, default=0, show_default=True, help="Skip this many dataset records.")
-@click.option("--batch-size", type=int, default=None,
+@click.option("--dataset", default="counterfact", show_default=True,
+              help="counterfact (500 records, full ROME schema: 2 paraphrases, 10 neighbours each), counterfact-full "
+                   "(21,605 requests, EasyEdit schema: 1 paraphrase, 1 neighbour each), zsre, zsre-alt (zsRE toward "
+                   "each record's alt), or a JSON/JSONL file of requests.")
+@click.option("--offset", type=click.IntRange(0), default=0, show_default=True, help="Skip this many dataset records.")
+@click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Edits per batch, applied one batch after another (default: the method's; MEMIT all at once, "
                    "ROME 1).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Directory for session.json, journal/, results.json, curve.json (and the model with --save-model).")
+@click.option("--seed", type=SEEDS, default=0, show_default=True)
+@out_option("Directory for session.json, journal/, results.json, curve.json (and the model with --save-model).")
 @click.option("--save-model", is_flag=True, help="Also write the edited model as safetensors into OUT/model.")
 @click.option("--hparams", "hparams_file", type=click.Path(path_type=Path), default=None,
               help="YAML/JSON file of hyper-parameters (original ROME/MEMIT keys) over the model's preset.")
@@ -142,38 +170,36 @@ def output_dir(out: Path):
 @click.option("--eval", "eval_tasks", default=None, metavar="TASKS",
               help="Also evaluate general abilities (all, or e.g. gsm8k,rte): before and after editing, or at "
                    "every --eval-at checkpoint.")
-@click.option("--eval-limit", type=int, default=None, help="Examples per task for --eval.")
+@click.option("--eval-limit", type=click.IntRange(1), default=None, help="Examples per task for --eval.")
 @click.option("--eval-at", "eval_at", default=None, metavar="K1,K2,...",
               help="Checkpoints in number of edits (batch boundaries, e.g. 0,10,20,50): evaluate there and write "
                    "OUT/curve.json and OUT/curve.png.")
 @click.option("--protocol", type=click.Choice(["standard", "paper"]), default="standard", show_default=True,
               help="Evaluation protocol for --eval.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out (same options).")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@force_option
+@click.option("--quiet", is_flag=True, help="No progress bars, logs or warnings.")
 def edit_cmd(method, n, model, dataset, offset, batch_size, seed, out, save_model, hparams_file, sets, templates,
-             dtype, device, no_eval, eval_tasks, eval_limit, eval_at, protocol, resume, quiet):
+             dtype, device, no_eval, eval_tasks, eval_limit, eval_at, protocol, resume, force, quiet):
     """Apply N edits from a dataset in sequential batches; report efficacy, paraphrase and neighbourhood
     scores, and with --eval-at the curve of abilities against the number of edits."""
     from .data import load_dataset
+    from .hparams import parse_overrides
+    from .journal import Journal
     from .models import load_model
+    from .outputs import OutputDir
     from .session import EditSession
 
     if n < 1:
         raise click.UsageError(f"--n must be >= 1, got {n}")
-    if batch_size is not None and batch_size < 1:
-        raise click.UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    overrides = parse_set(sets)
-    chosen = dataset is None and offset + n > COUNTERFACT_500
-    dataset = dataset or ("counterfact-full" if chosen else "counterfact")
+    if resume and force:
+        raise click.UsageError("--resume and --force exclude each other")
+    overrides = parse_overrides(sets)
     requests = load_dataset(dataset, n, offset=offset)
-    if chosen:
-        click.echo(f"editfast: --offset + --n > {COUNTERFACT_500}: using --dataset counterfact-full", err=True)
     if eval_tasks:
         from .eval.tasks import resolve_tasks
 
         resolve_tasks(eval_tasks)  # unknown task names fail before any work
-        if eval_limit is not None and eval_limit <= 0:
-            raise click.UsageError(f"--eval-limit must be >= 1, got {eval_limit}")
     pair = bool(eval_tasks) and eval_at is None
     if pair:
         eval_at = f"0,{n}"
@@ -184,14 +210,20 @@ def edit_cmd(method, n, model, dataset, offset, batch_size, seed, out, save_mode
         parse_checkpoints(eval_at, n, get_method(method).batch_size(batch_size, n))  # before the model loads
     if resume and not (out / "session.json").is_file():
         raise click.UsageError(f"--resume: {str(out)!r} holds no editfast run to continue")
-    with output_dir(out):
+    hp = preflight(model, method, hparams_file, overrides)
+    with OutputDir(out, resume=resume, force=force, keep=lambda d: Journal(d).exists()) as od:
         lm = load_model(model, dtype=dtype, device=device)
-        session = EditSession(lm, method, requests, hparams_file=hparams_file, overrides=overrides,
-                              batch_size=batch_size, seed=seed, templates=templates, evaluate=not no_eval,
-                              eval_tasks=eval_tasks, eval_limit=eval_limit, protocol=protocol, eval_at=eval_at,
-                              out=out, progress=not quiet,
+        session = EditSession(lm, method, requests, hparams=hp, batch_size=batch_size, seed=seed, templates=templates,
+                              evaluate=not no_eval, eval_tasks=eval_tasks, eval_limit=eval_limit, protocol=protocol,
+                              eval_at=eval_at, out=out, progress=not quiet,
                               dataset={"name": str(dataset), "offset": offset, "n": n})
-        result = session.run(resume=resume)
+        od.start()
+        try:
+            result = session.run(resume=resume)
+        except BaseException:
+            if session.entries:
+                NOTES.append(f"{out} keeps the journal of {session.edits_done} edits: continue with --resume")
+            raise
         before = after = None
         if pair:  # --eval without --eval-at: the checkpoints 0 and N as a before/after report
             from .eval.runner import EvalResult, write_report
@@ -239,63 +271,76 @@ def curve_table(curve: dict) -> str:
 
 @cli.command("undo")
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--to", "to", type=int, required=True, help="Number of edits to keep (a batch boundary of the run).")
-@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Directory for the run cut after K edits (session.json, journal/).")
+@click.option("--to", "to", type=click.IntRange(0), required=True,
+              help="Number of edits to keep (a batch boundary of the run).")
+@out_option("Directory for the run cut after K edits (session.json, journal/).")
 @click.option("--save-model", is_flag=True, help="Also write the model as it was after K edits into OUT/model.")
 @click.option("--model", default=None, help="The run's model, if it was loaded from another path.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-def undo_cmd(run, to, out, save_model, model, quiet):
-    """The run's weights after K edits: the base model with the journal's batches 1..K replayed."""
-    from .journal import write_entries
+@force_option
+@click.option("--quiet", is_flag=True, help="No progress bars, logs or warnings.")
+def undo_cmd(run, to, out, save_model, model, force, quiet):
+    """The run's weights after K edits: the base model with the journal's batches 1..K replayed
+    (exact: the same weights the run had after K edits)."""
+    from .journal import load_run, write_entries
     from .models import load_model
+    from .outputs import OutputDir
     from .paths import write_json
-    from .journal import load_run
 
     config, entries = load_run(run)
     ends = [0] + [e.end for e in entries]
-    if to < 0 or to > ends[-1]:
+    if to > ends[-1]:
         raise click.UsageError(f"--to {to} is outside the run, which has {ends[-1]} edits")
     if to not in ends:
         raise click.UsageError(f"--to {to} is not a batch boundary of the run (batches end at "
                                f"{', '.join(map(str, ends[1:]))})")
     if out.resolve() == run.resolve():
         raise click.UsageError("--out must differ from the run directory")
-    with output_dir(out):
+    with OutputDir(out, staged=True, force=force) as od:
         keep = entries[: ends.index(to)]
         lm = None
         if save_model:
             from .update import apply_update
 
             lm = load_model(model or config["model"], dtype=config.get("dtype", "float32").replace("torch.", ""))
-            if lm.fingerprint != config.get("model_fingerprint"):
-                raise click.UsageError(f"model {lm.spec!r} is not the run's (fingerprint differs)")
+            config, entries = load_run(run, lm)  # names, shapes and the model's fingerprint checked
             for e in keep:
                 for u in e.updates:
                     apply_update(lm, u)
-        write_entries(out, keep)
+        write_entries(od.path, keep)
         cfg = {k: v for k, v in config.items() if not k.startswith("_")}
-        write_json(out / "session.json", {"config": {**cfg, "undone_from": str(run), "edits": to},
-                                          "hparams": config.get("_hparams"), "templates": config.get("_templates")})
+        write_json(od.path / "session.json", {"config": {**cfg, "undone_from": str(run), "edits": to},
+                                              "hparams": config.get("_hparams"), "templates": config.get("_templates")})
         if lm is not None:
-            save_model_to(lm, out)
+            save_model_to(lm, od.path)
     click.echo(f"{len(keep)} batches ({to} edits) of {run} -> {out}")
 
 
 @cli.command("study")
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@out_option("Directory for study.json, report.md, plots/ and one run per session in runs/.")
 @click.option("--profile", default=None, help="A profile of the study file (e.g. quick).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted study in --out.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-def study_cmd(config, out, profile, resume, quiet):
+@force_option
+@click.option("--quiet", is_flag=True, help="No progress bars, logs or warnings.")
+def study_cmd(config, out, profile, resume, force, quiet):
     """A grid of sequential editing sessions (methods x settings) on one model and dataset: ability
     against the number of edits, with study.json, report.md and one plot per task."""
+    from .journal import Journal
+    from .outputs import OutputDir
     from .study import load_study, run_study
 
+    if resume and force:
+        raise click.UsageError("--resume and --force exclude each other")
     study = load_study(config, profile)
-    with output_dir(out):
-        res = run_study(study, out, progress=not quiet, resume=resume)
+    has_runs = lambda d: any(Journal(r).exists() for r in (d / "runs").glob("*"))
+    with OutputDir(out, resume=resume, force=force, keep=has_runs) as od:
+        od.start()
+        try:
+            res = run_study(study, out, progress=not quiet, resume=resume)
+        except BaseException:
+            if has_runs(out):
+                NOTES.append(f"{out} keeps the finished batches of its sessions: continue with --resume")
+            raise
     click.echo(res["report_md"])
     click.echo(f"study: {out / 'study.json'}")
 
@@ -308,24 +353,25 @@ def study_cmd(config, out, profile, resume, quiet):
 @click.option("--tasks", default="all", show_default=True, help="all, or a comma list: gsm8k,rte,nq,boolq,mutual,"
               "samsum,conll03,sst2,wikitext.")
 @click.option("--protocol", type=click.Choice(["standard", "paper"]), default="standard", show_default=True)
-@click.option("--limit", type=int, default=None, help="Examples per task (deterministic subsample by --seed).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--limit", type=click.IntRange(1), default=None,
+              help="Examples per task (deterministic subsample by --seed).")
+@click.option("--seed", type=SEEDS, default=0, show_default=True)
 @click.option("--batch-size", "batch_tokens", default="auto", show_default=True,
               help="Tokens per batch, or 'auto' (the largest that fits).")
-@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@out_option("Directory for eval.json, report.md, tasks/ (and change.png with --edits).")
 @click.option("--dtype", default="float32", show_default=True)
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-def eval_cmd(model, edits, tasks, protocol, limit, seed, batch_tokens, out, dtype, device, quiet):
+@force_option
+@click.option("--quiet", is_flag=True, help="No progress bars, logs or warnings.")
+def eval_cmd(model, edits, tasks, protocol, limit, seed, batch_tokens, out, dtype, device, force, quiet):
     """Measure general abilities (eight task categories + WikiText perplexity)."""
     from .api import load_journal
     from .eval.runner import evaluate, markdown_table, write_report
     from .eval.tasks import resolve_tasks
     from .models import load_model
+    from .outputs import OutputDir
     from .update import apply_update
 
-    if limit is not None and limit <= 0:
-        raise click.UsageError(f"--limit must be >= 1, got {limit}")
     if batch_tokens != "auto":
         try:
             batch_tokens = int(batch_tokens)
@@ -333,9 +379,11 @@ def eval_cmd(model, edits, tasks, protocol, limit, seed, batch_tokens, out, dtyp
         except (ValueError, AssertionError):
             raise click.UsageError(f"--batch-size must be 'auto' or a positive number, got {batch_tokens!r}")
     resolve_tasks(tasks)
-    with output_dir(out):
+    if edits is not None:
+        load_journal(edits)  # the run's files, whole, before the model loads
+    with OutputDir(out, staged=True, force=force) as od:
         lm = load_model(model, dtype=dtype, device=device)
-        journal = load_journal(edits, lm)[1] if edits else None
+        journal = load_journal(edits, lm)[1] if edits else None  # names, shapes, fingerprint: before evaluating
         before = evaluate(lm, tasks, protocol, limit, seed, batch_tokens, progress=not quiet)
         after = None
         if journal is not None:
@@ -343,25 +391,47 @@ def eval_cmd(model, edits, tasks, protocol, limit, seed, batch_tokens, out, dtyp
                 for u in ups:
                     apply_update(lm, u)
             after = evaluate(lm, tasks, protocol, limit, seed, batch_tokens, progress=not quiet)
-        write_report(out, before, after)
+        write_report(od.path, before, after)
     click.echo(markdown_table(before, after))
     click.echo(f"results: {out / 'eval.json'}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors become one line on stderr and exit code 2."""
+    """Entry point: user errors (and a full disk or a permission error) become one line on stderr and
+    exit code 2; Ctrl-C exits 130 and SIGTERM 143, after the same cleanup."""
     from .errors import EditfastError
 
+    def terminate(signum, frame):
+        raise Terminated()
+
+    quiet = "--quiet" in (argv if argv is not None else sys.argv[1:])
+    if quiet:
+        quiet_libraries()
+    NOTES.clear()
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        previous = None
     try:
         cli.main(args=argv, standalone_mode=False, prog_name="editfast")
-    except click.exceptions.Abort:
-        fail("aborted")
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        fail("; ".join(["interrupted"] + NOTES), 130)
+    except Terminated:
+        fail("; ".join(["terminated (SIGTERM)"] + NOTES), 143)
     except click.ClickException as e:
-        fail(e.format_message().replace("\n", " "))
+        fail("; ".join([e.format_message().replace("\n", " ")] + NOTES))
     except EditfastError as e:
-        fail(str(e).replace("\n", " "))
+        fail("; ".join([str(e).replace("\n", " ")] + NOTES))
+    except OSError as e:
+        if e.errno not in ENV_ERRNOS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        fail("; ".join([f"{where}{e.strerror or e}"] + NOTES))
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -60,7 +61,7 @@ class Request:
         that contains the subject is turned into a template at the subject's first occurrence."""
         if not isinstance(d, Mapping):
             raise RequestError(f"a request must be a JSON object, not {type(d).__name__}")
-        case_id = d.get("case_id")
+        case_id = _case_id(d.get("case_id"), "request")
         where = f"request {case_id}" if case_id is not None else "request"
 
         def need(m: Mapping[str, Any], key: str, prefix: str = "") -> Any:
@@ -152,7 +153,9 @@ def validate_requests(requests: Iterable[Request]) -> None:
     seen_ids: dict[int | str, int] = {}
     seen_facts: dict[tuple[str, str], Request] = {}
     for i, r in enumerate(requests):
-        name = _name(r, i)
+        if not isinstance(r, Request):
+            raise RequestError(f"request #{i}: expected a Request (see Request.from_dict), not {type(r).__name__}")
+        name = _name(r, i) if _case_id(r.case_id, f"request #{i}") is not None else f"request #{i}"
         for field in ("prompt", "subject", "target_new"):
             if not isinstance(getattr(r, field), str):
                 raise RequestError(f"{name}: {field} must be a string, not {type(getattr(r, field)).__name__}")
@@ -239,6 +242,14 @@ def _name(r: Request, index: int | None = None) -> str:
     return f"request #{index}" if index is not None else "request"
 
 
+def _case_id(x: Any, where: str) -> int | str | None:
+    """A case_id is an integer (not a boolean), a string, or absent (None)."""
+    if x is None or isinstance(x, str) or (isinstance(x, int) and not isinstance(x, bool)):
+        return x
+    shown = repr(x) if len(repr(x)) <= 40 else repr(x)[:37] + "..."
+    raise RequestError(f"{where}: field 'case_id' must be an integer or a string, not {type(x).__name__} ({shown})")
+
+
 def _str(x: Any, where: str, field: str) -> str:
     if not isinstance(x, str):
         raise RequestError(f"{where}: field '{field}' must be a string, not {type(x).__name__}")
@@ -293,8 +304,10 @@ def _read_records(path: Path) -> list[Any]:
             return records
     except FileNotFoundError as e:
         raise DataError(f"dataset file not found: {path}") from e
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError, EOFError) as e:
-        raise DataError(f"{path}: not a valid JSON{'L' if jsonl else ''} file: {e}") from e
+    except (gzip.BadGzipFile, zlib.error, EOFError) as e:
+        raise DataError(f"{path}: corrupt gzip file: {' '.join(str(e).split()) or type(e).__name__}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, RecursionError) as e:
+        raise DataError(f"{path}: not a valid JSON{'L' if jsonl else ''} file: {' '.join(str(e).split())}") from e
 
 
 def _parse(records: list[Any], path: Path) -> list[Request]:

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import operator
+import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -55,18 +59,31 @@ class HParams:
     ln_f_module: str | None = None
     lm_head_module: str | None = None
 
+    # What each field allows: "OP BOUND" for numbers (every number of a list field), a tuple of
+    # choices for strings. A subclass declares only its own fields; the tables merge along the MRO.
+    # Every float must also be finite, declared or not.
+    RANGES: ClassVar[dict[str, str | tuple[str, ...]]] = {
+        "layers": ">= 0", "fact_token": ("subject_last",), "v_num_grad_steps": ">= 1", "v_lr": "> 0",
+        "v_loss_layer": ">= -1", "v_weight_decay": ">= 0", "clamp_norm_factor": "> 0", "kl_factor": ">= 0",
+        "mom2_n_samples": ">= 1", "mom2_dtype": ("float32", "float64"), "mom2_max_tokens": ">= 1",
+    }
+
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Coerce every field to its annotated type and check its range; raise HParamsError naming the key."""
+        cls = type(self)
+        hints = typing.get_type_hints(cls)
+        ranges = {k: v for c in reversed(cls.__mro__) for k, v in vars(c).get("RANGES", {}).items()}
+        for f in dataclasses.fields(self):
+            value = _check_type(f.name, getattr(self, f.name), hints[f.name])
+            _check_range(f.name, value, ranges.get(f.name))
+            setattr(self, f.name, value)
         if not self.layers:
             raise HParamsError("hparams: 'layers' must list at least one layer")
-        if self.fact_token != "subject_last":
-            raise HParamsError(f"hparams: fact_token {self.fact_token!r} is not supported (only 'subject_last')")
-        if self.v_num_grad_steps < 1:
-            raise HParamsError("hparams: v_num_grad_steps must be >= 1")
-        if self.mom2_dtype not in ("float32", "float64"):
-            raise HParamsError(f"hparams: mom2_dtype must be float32 or float64, got {self.mom2_dtype!r}")
-        for name in ("v_lr", "clamp_norm_factor"):
-            if getattr(self, name) <= 0:
-                raise HParamsError(f"hparams: {name} must be > 0")
+        if len(set(self.layers)) != len(self.layers):
+            raise HParamsError(f"hparams: layers={self.layers} lists a layer twice; each layer may appear once")
 
     def loss_layer(self, n_layers: int) -> int:
         """The layer whose output gives the target loss (the original uses max(v_loss_layer, layer))."""
@@ -107,6 +124,18 @@ def preset_name_for(spec: str, config: Any) -> str | None:
     return None
 
 
+def check_layers(hp: HParams, n_layers: int) -> None:
+    """Raise unless hp's layers and v_loss_layer exist in a model of ``n_layers`` layers (no weights needed)."""
+    bad = [l for l in hp.layers if not 0 <= l < n_layers]
+    if bad:
+        raise HParamsError(f"hparams: layers {bad} out of range for a model with {n_layers} layers")
+    if hp.v_loss_layer >= n_layers:
+        raise HParamsError(f"hparams: v_loss_layer {hp.v_loss_layer} out of range for a model with {n_layers} layers")
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list"}
+
+
 def _check_type(name: str, value: Any, hint: Any) -> Any:
     """Coerce value to the annotated type, or raise HParamsError naming the key."""
     origin = typing.get_origin(hint)
@@ -116,7 +145,8 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
             return None
         hint = next(a for a in args if a is not type(None))
         origin, args = typing.get_origin(hint), typing.get_args(hint)
-    bad = HParamsError(f"hparams: {name} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+    kind = _KINDS.get(origin or hint, getattr(hint, "__name__", hint))
+    bad = HParamsError(f"hparams: {name}={value!r} is not allowed; {name} must be {kind}")
     if hint is bool:
         if not isinstance(value, bool):
             raise bad
@@ -130,7 +160,10 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond float's range
+            raise bad from None
     if hint is str:
         if not isinstance(value, str):
             raise bad
@@ -142,6 +175,31 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
     return value
 
 
+def _numbers(value: Any):
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _numbers(v)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield value
+
+
+_OPS = {">": operator.gt, ">=": operator.ge}
+
+
+def _check_range(name: str, value: Any, rule: str | tuple[str, ...] | None) -> None:
+    """Raise unless value is one of rule's choices, or every number in it is finite and within rule."""
+    if isinstance(rule, tuple):
+        if value not in rule:
+            raise HParamsError(f"hparams: {name}={value!r} is not allowed; choose from {', '.join(map(repr, rule))}")
+        return
+    op, bound = rule.split() if rule else (">=", "-inf")
+    for x in _numbers(value):
+        if not (math.isfinite(x) and _OPS[op](x, float(bound))):
+            what = f"each number in {name}" if isinstance(value, list) else name
+            kind = "an integer" if isinstance(x, int) else "a finite number"
+            raise HParamsError(f"hparams: {name}={value!r} is not allowed; {what} must be {kind} {rule or ''}".rstrip())
+
+
 def make_hparams(method: str, values: dict[str, Any]) -> HParams:
     """Build the method's hparams from a dict; unknown keys and wrong types are errors."""
     from .methods import METHODS
@@ -149,17 +207,52 @@ def make_hparams(method: str, values: dict[str, Any]) -> HParams:
     if str(method).lower() not in METHODS:
         raise HParamsError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     cls = METHODS[str(method).lower()].hparams_class
-    hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(names))
+    unknown = sorted(map(str, set(values) - set(names)))
     if unknown:
         raise HParamsError(
             f"hparams: unknown key(s) {', '.join(unknown)} for {method}; valid keys: {', '.join(names)}"
         )
     if "layers" not in values:
         raise HParamsError("hparams: 'layers' is required")
-    clean = {k: _check_type(k, v, hints[k]) for k, v in values.items()}
-    return cls(**clean)
+    return cls(**values)  # types and ranges: HParams.validate
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with the 1.2 core schema's floats: ``1e4``, ``5e-1``, ``.5`` are floats (YAML 1.1 reads strings)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    """Parse YAML with 1.2 numbers; a syntax error raises ValueError with a one-line message."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{problem}{where}") from None
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``--set key=value`` items as a dict; values are YAML (1.2 numbers), typed later by the field."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip():
+            raise HParamsError(f"--set expects key=value, got {item!r}")
+        try:
+            out[key.strip()] = _load_yaml(text)
+        except ValueError as e:
+            raise HParamsError(f"--set {item!r}: the value of {key.strip()} is not valid YAML: {e}") from None
+    return out
 
 
 def read_hparams_file(path: str | Path) -> dict[str, Any]:
@@ -167,11 +260,14 @@ def read_hparams_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise HParamsError(f"hparams file not found: {p}")
+    kind = "JSON" if p.suffix == ".json" else "YAML"
     try:
         text = p.read_text()
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as e:
-        raise HParamsError(f"hparams file {p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}") from None
+        data = json.loads(text) if kind == "JSON" else _load_yaml(text)
+    except OSError as e:
+        raise HParamsError(f"cannot read hparams file {p}: {e.strerror or e}") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError and _load_yaml's syntax errors
+        raise HParamsError(f"hparams file {p} is not valid {kind}: {e}") from None
     if not isinstance(data, dict):
         raise HParamsError(f"hparams file {p} must hold a mapping of keys to values")
     return data

@@ -5,12 +5,17 @@ and a JSON header (batch index, edits [start, end), case ids, seconds). An entry
 temporary name, fsynced, renamed, and the directory fsynced, so a kill leaves either the whole
 entry or none. A leftover temporary file or an unreadable last entry (a torn tail: the disk lost
 what was not synced) is dropped with a warning; an unreadable entry before the last is an error.
+An entry that reads but is not what editfast wrote (another header, a malformed update index,
+foreign tensors, a missing batch) is an error wherever it is. ``load_run`` validates a whole run
+(its config document, the model fingerprint, every update against the model) before any of it is
+used.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import EditfastError
-from .update import Update, dumps_index, from_tensors, to_tensors
+from .update import Update, dumps_index, from_tensors, to_tensors, validate_updates
 
 FORMAT = "editfast-journal-1"
 SESSION_FILE, RESULTS_FILE = "session.json", "results.json"
@@ -86,33 +91,53 @@ class Journal:
         out: list[Entry] = []
         for i, f in enumerate(files):
             try:
-                entry = self._load(f)
+                with safe_open(str(f), "pt") as st:  # one read: header, then the tensors
+                    meta, tensors = st.metadata() or {}, {k: st.get_tensor(k) for k in st.keys()}
             except Exception as e:  # noqa: BLE001 (safetensors' own error type is not exported stably)
                 if i == len(files) - 1:
                     warnings.warn(f"journal: the last entry {f.name} is torn ({e}); dropped, its batch runs again",
                                   RuntimeWarning, stacklevel=2)
-                    f.rename(f.with_name(f".{f.name}.torn"))
+                    try:
+                        f.rename(f.with_name(f".{f.name}.torn"))
+                    except OSError:
+                        pass  # a read-only run: it is dropped again at the next read
                     break
                 raise EditfastError(f"journal entry {f} is unreadable: {e}") from None
+            try:
+                entry = _entry(meta, tensors)
+            except EditfastError as e:
+                raise EditfastError(f"journal entry {f}: {e}") from None
+            if f.name != self.path(entry.batch).name:
+                raise EditfastError(f"journal {self.dir}: entry {f.name} holds batch {entry.batch}, whose file is "
+                                    f"{self.path(entry.batch).name} (renamed or out of place)")
             expect = (out[-1].batch + 1, out[-1].end) if out else (0, 0)
             if (entry.batch, entry.start) != expect:
                 raise EditfastError(f"journal {self.dir}: entry {f.name} is batch {entry.batch} starting at edit "
-                                    f"{entry.start}, expected batch {expect[0]} at edit {expect[1]}")
+                                    f"{entry.start}, expected batch {expect[0]} at edit {expect[1]} (a batch is "
+                                    "missing or out of place)")
             out.append(entry)
         return out
 
-    @staticmethod
-    def _load(path: Path) -> Entry:
-        with safe_open(str(path), "pt") as f:  # one read: header, then the tensors
-            meta = f.metadata() or {}
-            header, index = json.loads(meta["entry"]), json.loads(meta["updates"])
-            if header.get("format") != FORMAT:
-                raise ValueError(f"not an editfast journal entry (format {header.get('format')!r})")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        state = {k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")}
-        info = {k: v for k, v in header.items() if k not in ("format", "batch", "start", "end")}
-        return Entry(int(header["batch"]), int(header["start"]), int(header["end"]), from_tensors(tensors, index),
-                     state, info)
+
+def _entry(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> Entry:
+    """An entry from a safetensors file's metadata and tensors; EditfastError if it is not editfast's."""
+    if "entry" not in meta or "updates" not in meta:
+        raise EditfastError(f"not an editfast journal entry (its header has {', '.join(sorted(meta)) or 'no metadata'}, "
+                            "not 'entry' and 'updates')")
+    try:
+        header, index = json.loads(meta["entry"]), json.loads(meta["updates"])
+    except ValueError as e:
+        raise EditfastError(f"its header is not JSON ({e})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        fmt = header.get("format") if isinstance(header, dict) else type(header).__name__
+        raise EditfastError(f"not an editfast journal entry (format {fmt!r}, expected {FORMAT!r})")
+    b, start, end = (header.get(k) for k in ("batch", "start", "end"))
+    if not (all(type(v) is int for v in (b, start, end)) and b >= 0 and 0 <= start < end):
+        raise EditfastError(f"its header has no valid batch, start and end (got {b!r}, {start!r}, {end!r})")
+    state = {k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")}
+    updates = from_tensors({k: v for k, v in tensors.items() if not k.startswith("state.")}, index)
+    info = {k: v for k, v in header.items() if k not in ("format", "batch", "start", "end")}
+    return Entry(b, start, end, updates, state, info)
 
 
 def write_entries(run_dir: str | Path, entries: Sequence[Entry]) -> None:
@@ -125,7 +150,9 @@ def write_entries(run_dir: str | Path, entries: Sequence[Entry]) -> None:
 
 
 def load_run(run_dir: str | Path, lm=None) -> tuple[dict[str, Any], list[Entry]]:
-    """The config and journal entries of an ``editfast edit`` run directory; checks it matches ``lm``."""
+    """The config and journal entries of an ``editfast edit`` run directory, validated whole: the
+    config document, and with ``lm`` the model fingerprint and every update against the model
+    (``validate_updates``), so a bad run is refused before anything is applied or evaluated."""
     run = Path(run_dir)
     doc_file = run / SESSION_FILE
     if not doc_file.is_file() and (run / RESULTS_FILE).is_file():
@@ -134,11 +161,15 @@ def load_run(run_dir: str | Path, lm=None) -> tuple[dict[str, Any], list[Entry]]
         raise EditfastError(f"{run} is not an edit run directory (needs {SESSION_FILE} and journal/)")
     try:
         doc = json.loads(doc_file.read_text())
-        config = doc["config"]
-        config["_hparams"] = doc.get("hparams")
-        config["_templates"] = doc.get("templates") or doc.get("context_templates")
-    except (ValueError, KeyError, TypeError) as e:
-        raise EditfastError(f"cannot read edit run {run}: {e}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise EditfastError(f"cannot read edit run {doc_file}: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("config"), dict):
+        got = "an object without one" if isinstance(doc, dict) else f"a JSON {type(doc).__name__}"
+        raise EditfastError(f"{doc_file} is not an edit run's document (expected an object with a 'config' object, "
+                            f"got {got})")
+    config = doc["config"]
+    config["_hparams"] = doc.get("hparams")
+    config["_templates"] = doc.get("templates") or doc.get("context_templates")
     if lm is not None and config.get("model_fingerprint") != lm.fingerprint:
         raise EditfastError(f"edit run {run} was made on model {config.get('model')!r} "
                             f"(fingerprint {str(config.get('model_fingerprint'))[:12]}), not on {lm.spec!r} "
@@ -148,24 +179,41 @@ def load_run(run_dir: str | Path, lm=None) -> tuple[dict[str, Any], list[Entry]]
         entries = _legacy_journal(run / "journal.safetensors", lm)
     if not entries:
         raise EditfastError(f"{run} holds no journal entries")
+    if lm is not None:
+        for e in entries:
+            try:
+                validate_updates(lm, e.updates)
+            except EditfastError as err:
+                raise EditfastError(f"edit run {run}, batch {e.batch} (edits {e.start}..{e.end - 1}): {err}") from None
     return config, entries
 
 
 def _legacy_journal(path: Path, lm) -> list[Entry]:
     """journal.safetensors of editfast 0.1 (batch{b}.layer{l}.U/V of the MLP output projection)."""
-    from safetensors.torch import load_file
-
-    from .update import LowRank
+    from .update import LowRank, check_update
 
     if lm is None:
         raise EditfastError(f"{path}: an old-format journal needs the model to name its weights")
+    try:
+        with safe_open(str(path), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001
+        raise EditfastError(f"old-format journal {path} is unreadable: {e}") from None
     batches: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
-    for name, t in load_file(str(path)).items():
-        b, layer, part = name.split(".")
-        batches.setdefault(int(b[5:]), {}).setdefault(int(layer[5:]), {})[part] = t
+    for name, t in tensors.items():
+        m = re.fullmatch(r"batch(\d+)\.layer(\d+)\.([UV])", name)
+        if not m:
+            raise EditfastError(f"old-format journal {path}: tensor {name!r} is not batch<b>.layer<l>.U or .V")
+        batches.setdefault(int(m[1]), {}).setdefault(int(m[2]), {})[m[3]] = t
     out, start = [], 0
     for b in sorted(batches):
-        ups = [LowRank(f"{lm.adapter.rewrite_tmp.format(l)}.weight", f["U"], f["V"]) for l, f in sorted(batches[b].items())]
+        ups = []
+        for l, f in sorted(batches[b].items()):
+            where = f"old-format journal {path}, batch{b}.layer{l}"
+            if set(f) != {"U", "V"}:
+                raise EditfastError(f"{where} has {', '.join(f)} only; a low-rank update needs U and V")
+            ups.append(LowRank(f"{lm.adapter.rewrite_tmp.format(l)}.weight", f["U"], f["V"]))
+            check_update(ups[-1], where)
         end = start + ups[0].rank
         out.append(Entry(b, start, end, ups))
         start = end

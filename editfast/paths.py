@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 PACKAGE_DATA = Path(__file__).parent / "_data"
 
@@ -43,3 +44,36 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def io_error(e: BaseException) -> bool:
+    """Whether `e` is a failure to write a file (OSError, or safetensors' wrapped I/O error)."""
+    return isinstance(e, OSError) or (type(e).__name__ == "SafetensorError" and "I/O error" in str(e))
+
+
+def warn_not_cached(path: str | Path, e: BaseException) -> None:
+    """Warn that the cache entry ``path`` could not be written (the run goes on without it)."""
+    reason = getattr(e, "strerror", None) or " ".join(str(e).split())
+    warnings.warn(f"cannot write the cache entry {path} ({reason}); continuing without caching it",
+                  RuntimeWarning, stacklevel=3)
+
+
+def write_cache(path: str | Path, data: str | bytes | Callable[[Path], None]) -> bool:
+    """Write a cache file atomically (``data``: text, bytes, or a function writing the temporary
+    path it is given), or, when the cache cannot be written (read-only, full, a file where a
+    folder should be), warn and go on: a cache only saves time. Returns whether it was written."""
+    try:
+        with atomic_path(path) as tmp:
+            if callable(data):
+                data(tmp)
+            elif isinstance(data, bytes):
+                tmp.write_bytes(data)
+            else:
+                tmp.write_text(data)
+            tmp.chmod(0o644)
+        return True
+    except Exception as e:
+        if not io_error(e):
+            raise
+        warn_not_cached(path, e)
+        return False

@@ -29,8 +29,9 @@ from tqdm.auto import tqdm
 
 from .curves import HEADLINE_EDIT_METRICS, sum_weight_changes, weight_change
 from .data import Request, validate_requests
-from .errors import EditfastError, HParamsError
-from .hparams import HParams, resolve_hparams
+from .compat import versions
+from .errors import EditfastError, RequestError
+from .hparams import HParams, check_layers, resolve_hparams
 from .journal import RESULTS_FILE, SESSION_FILE, Entry, Journal, load_run, write_entries  # noqa: F401
 from .methods import get_method
 from .metrics import counterfact_metrics, summarize, zsre_metrics
@@ -62,13 +63,32 @@ def requests_digest(requests: Sequence[Request]) -> str:
     return hashlib.sha256(json.dumps([r.to_dict() for r in requests], sort_keys=True, default=str).encode()).hexdigest()
 
 
-def check_layers(lm, hp: HParams) -> None:
-    n = lm.adapter.num_layers(lm.model)
-    bad = [l for l in hp.layers if not 0 <= l < n]
-    if bad:
-        raise HParamsError(f"hparams: layers {bad} out of range for a model with {n} layers")
-    if hp.v_loss_layer >= n:
-        raise HParamsError(f"hparams: v_loss_layer {hp.v_loss_layer} out of range for a model with {n} layers")
+TEMPLATE_ROOM = 16  # tokens a context template may put before a prompt (generated ones: 10 + a few)
+
+
+def check_lengths(lm, requests: Sequence[Request]) -> None:
+    """Refuse, before any work, a request whose prompts with their target would not fit the model's
+    context (a generated context template included)."""
+    config = lm.model.config
+    limit = next((v for k in ("n_positions", "max_position_embeddings", "n_ctx")
+                  if isinstance(v := getattr(config, k, None), int) and v > 0), None)
+    if limit is None:
+        return
+    texts, owners = [], []
+    for r in requests:
+        for kind, prompts, target in (("prompt", [r.filled()], r.target_new),
+                                      ("paraphrase prompt", r.paraphrase_prompts, r.target_new),
+                                      ("neighbourhood prompt", r.neighborhood_prompts,
+                                       r.neighborhood_target or r.target_true or "")):
+            for p in prompts:
+                texts.append(f"{p} {target}")
+                owners.append((r, kind))
+    lengths = [len(ids) for ids in lm.tokenizer(texts, add_special_tokens=True)["input_ids"]] if texts else []
+    for n_tok, (r, kind) in zip(lengths, owners):
+        if n_tok + TEMPLATE_ROOM > limit:
+            raise RequestError(f"request {r.case_id}: its {kind} with the target is {n_tok} tokens; with up to "
+                               f"{TEMPLATE_ROOM} of context template that exceeds the model's context of {limit} "
+                               "tokens")
 
 
 def boundaries(n: int, batch_size: int) -> list[int]:
@@ -229,11 +249,16 @@ class EditSession:
         if not self.requests:
             raise EditfastError("no requests to apply")
         validate_requests(self.requests)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise EditfastError(f"seed must be an integer in 0..2**32-1, got {seed!r}")
+        if hparams is not None:
+            hparams.validate()  # a caller's object may have changed since it was made
         self.hp = hparams or resolve_hparams(self.method.name, lm.spec, lm.model.config, overrides, hparams_file)
         if not isinstance(self.hp, self.method.hparams_class):
             raise EditfastError(f"hparams of type {type(self.hp).__name__} do not fit method {self.method.name}")
         self.hp.check_modules(lm.adapter)
-        check_layers(lm, self.hp)
+        check_layers(self.hp, lm.adapter.num_layers(lm.model))
+        check_lengths(lm, self.requests)
         if batch_size is not None and batch_size < 1:
             raise EditfastError(f"batch size must be >= 1, got {batch_size}")
         self.batch_size = self.method.batch_size(batch_size, len(self.requests))
@@ -262,6 +287,7 @@ class EditSession:
             "requests_sha256": requests_digest(self.requests), "eval_tasks": eval_tasks, "eval_limit": eval_limit,
             "protocol": protocol if isinstance(protocol, str) else list(protocol),
             "eval_limits": eval_limits or {}, "eval_at": self.checkpoints, "edit_metrics": evaluate,
+            "versions": versions(lm.device),
         }
         self.curve = {"label": label or f"{self.method.name} · {self.batch_size} per batch", "model": lm.spec,
                       "method": self.method.name, "batch_size": self.batch_size, "points": []}

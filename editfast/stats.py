@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -22,9 +23,9 @@ from tqdm.auto import tqdm
 
 from editfast.kernels.second_moment import mirror_upper_, second_moment_accumulate_
 
-from .errors import DataError, HParamsError
+from .errors import DataError, HParamsError, ModelError
 from .locate import right_pad
-from .paths import PACKAGE_DATA, atomic_path, cache_dir
+from .paths import PACKAGE_DATA, cache_dir, write_cache
 from .trace import Trace
 
 CORPORA = {"wikitext": PACKAGE_DATA / "corpus" / "wiki.train.tokens.head2.75MiB.gz"}
@@ -47,6 +48,8 @@ def detokenize_wikitext(line: str) -> str:
 
 def corpus_texts(name: str, n_samples: int) -> list[str]:
     """The first ``n_samples`` paragraphs of a corpus (headings and blank lines skipped)."""
+    if not isinstance(n_samples, int) or n_samples < 1:
+        raise HParamsError(f"mom2_n_samples must be a positive number of paragraphs, got {n_samples!r}")
     path = CORPORA.get(name)
     if path is None:
         path = Path(name)
@@ -151,21 +154,65 @@ def _cache_file(lm, layer: int, corpus: str, n_samples: int, max_tokens: int, dt
     return cache_dir() / "stats" / lm.fingerprint[:24] / f"layer{layer}-{tag}.safetensors"
 
 
-def _save_partial(path: Path, state: dict) -> None:
+def _save_partial(path: Path, state: dict) -> bool:
     tensors = {f"total.layer{l}": t.detach().cpu().contiguous() for l, t in state["totals"].items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"count": str(state["count"]), "batches": str(state["batches"])})
+    meta = {"count": str(state["count"]), "batches": str(state["batches"])}
+    return write_cache(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
-def _load_partial(path: Path) -> dict | None:
-    if not path.is_file():
+def _corrupt(path: Path, why: str) -> None:
+    """Warn that a cache file is corrupt and remove it (it is rebuilt)."""
+    warnings.warn(f"ignoring the corrupt cache file {path} ({why}); recomputing it", RuntimeWarning, stacklevel=2)
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """All tensors and the metadata of a safetensors file; None (with a warning) if unreadable."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except (OSError, SafetensorError, ValueError, RuntimeError) as e:
+        _corrupt(path, " ".join(str(e).split())[:120] or type(e).__name__)
         return None
-    from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-        totals = {int(k.split("layer")[1]): f.get_tensor(k) for k in f.keys()}
-    return {"totals": totals, "count": int(meta["count"]), "batches": int(meta["batches"])}
+
+def _load_partial(path: Path, layers: Sequence[int], d: int) -> dict | None:
+    """The checkpoint of an interrupted pass over ``layers``, or None (a corrupt one is removed
+    with a warning: running sums of the wrong layers or shape, non-finite, or bad counts)."""
+    if not path.is_file() or (read := _read_tensors(path)) is None:
+        return None
+    tensors, meta = read
+    want = {f"total.layer{l}" for l in layers}
+    try:
+        count, batches = int(meta["count"]), int(meta["batches"])
+    except (KeyError, ValueError):
+        return _corrupt(path, "no token and batch counts")
+    if set(tensors) != want or any(t.shape != (d, d) or not t.is_floating_point() for t in tensors.values()):
+        return _corrupt(path, f"expected {len(want)} running sums of shape [{d}, {d}]")
+    if count < 0 or batches < 0 or not all(bool(t.isfinite().all()) for t in tensors.values()):
+        return _corrupt(path, "non-finite running sums or negative counts")
+    return {"totals": {l: tensors[f"total.layer{l}"] for l in layers}, "count": count, "batches": batches}
+
+
+def _load_moment(path: Path, d: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """A cached C, or None: missing, or corrupt (truncated, wrong tensors, shape or dtype,
+    non-finite, no tokens), in which case it is removed with a warning and recomputed."""
+    if not path.is_file() or (read := _read_tensors(path)) is None:
+        return None
+    tensors, _ = read
+    c, n = tensors.get("mom2"), tensors.get("count")
+    if c is None or c.shape != (d, d) or c.dtype != dtype:
+        return _corrupt(path, f"no {str(dtype).removeprefix('torch.')} 'mom2' of shape [{d}, {d}]")
+    if n is None or n.numel() != 1 or int(n) <= 0:
+        return _corrupt(path, "no positive token count")
+    if not bool(c.isfinite().all()):
+        return _corrupt(path, "non-finite statistics")
+    return c
 
 
 def second_moments(lm, layers: Sequence[int], hp, progress: bool = True, use_cache: bool = True,
@@ -173,34 +220,58 @@ def second_moments(lm, layers: Sequence[int], hp, progress: bool = True, use_cac
     """C for ``layers`` from the hparams' corpus, cached on disk per (model, layer, corpus, size, dtype).
 
     Missing layers are computed together in one pass. Every ``checkpoint_every`` batches the
-    running sums are saved, so an interrupted run resumes where it stopped.
+    running sums are saved, so an interrupted run resumes where it stopped. A corrupt cached file
+    is recomputed (with a warning); an unwritable cache warns and the run goes on without it. A
+    statistic over no tokens or with non-finite entries is an error, never returned or cached.
     """
     dtype = DTYPES[hp.mom2_dtype]
+    if not isinstance(hp.mom2_max_tokens, int) or hp.mom2_max_tokens < 1:
+        raise HParamsError(f"statistics of layer {layers[0]}: mom2_max_tokens={hp.mom2_max_tokens!r} counts no "
+                           "tokens (C would be 0/0); it must be >= 1")
+    d = lm.adapter.d_mlp(lm.model)
     files = {l: _cache_file(lm, l, hp.mom2_dataset, hp.mom2_n_samples, hp.mom2_max_tokens, hp.mom2_dtype) for l in layers}
     out: dict[int, torch.Tensor] = {}
     missing = []
     for l in layers:
-        if use_cache and files[l].is_file():
-            out[l] = load_file(str(files[l]))["mom2"]
+        if use_cache and (c := _load_moment(files[l], d, dtype)) is not None:
+            out[l] = c
         else:
             missing.append(l)
     if not missing:
         return out
     texts = corpus_texts(hp.mom2_dataset, hp.mom2_n_samples)
     partial = files[missing[0]].with_name(f"partial-{'-'.join(map(str, missing))}-{files[missing[0]].name}")
-    resume = _load_partial(partial) if use_cache else None
+    resume = _load_partial(partial, missing, d) if use_cache else None
+    caching = [use_cache]  # False after the first failed write: the cache is unwritable
+
+    def checkpoint(state: dict) -> None:  # non-finite running sums are never saved
+        if caching[0] and all(bool(t.isfinite().all()) for t in state["totals"].values()):
+            caching[0] = _save_partial(partial, state)
+
     t0 = time.perf_counter()
     stats = _one_pass(lm, missing, token_batches(lm.tokenizer, texts, hp.mom2_max_tokens), dtype, progress, None,
-                      upper=dtype == torch.float32, resume=resume,
-                      checkpoint=(lambda st: _save_partial(partial, st)) if use_cache else None, every=checkpoint_every)
+                      upper=dtype == torch.float32, resume=resume, checkpoint=checkpoint, every=checkpoint_every)
     for l, s in stats.items():
+        if s.count <= 0:
+            raise HParamsError(f"statistics of layer {l}: the corpus {hp.mom2_dataset!r} gave no tokens "
+                               f"(mom2_n_samples={hp.mom2_n_samples}, mom2_max_tokens={hp.mom2_max_tokens}); "
+                               "C would be 0/0")
         out[l] = s.moment().cpu()
-        if use_cache:
-            with atomic_path(files[l]) as tmp:
-                save_file({"mom2": out[l].contiguous(), "count": torch.tensor(s.count)}, str(tmp),
-                          metadata={"corpus": hp.mom2_dataset, "n_samples": str(hp.mom2_n_samples),
-                                    "max_tokens": str(hp.mom2_max_tokens), "tokens": str(s.count),
-                                    "seconds": f"{time.perf_counter() - t0:.2f}"})
+        if not bool(out[l].isfinite().all()):
+            bad = int((~out[l].isfinite()).sum())
+            raise ModelError(f"statistics of layer {l}: C has {bad} non-finite entries: the model's activations "
+                             f"overflow or are non-finite in {lm.dtype} (try a float32 model, mom2_dtype=float64, "
+                             "or check the weights)")
+    for l in stats:
+        if caching[0]:
+            caching[0] = write_cache(files[l], lambda tmp, l=l: save_file(
+                {"mom2": out[l].contiguous(), "count": torch.tensor(stats[l].count)}, str(tmp),
+                metadata={"corpus": hp.mom2_dataset, "n_samples": str(hp.mom2_n_samples),
+                          "max_tokens": str(hp.mom2_max_tokens), "tokens": str(stats[l].count),
+                          "seconds": f"{time.perf_counter() - t0:.2f}"}))
     if use_cache and partial.exists():
-        partial.unlink()
+        try:
+            partial.unlink()
+        except OSError:
+            pass
     return out

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import run_cli
+from conftest import assert_refused, run_cli
 from editfast.journal import Journal
 
 TINY = ["--model", "random:tiny-llama", "--templates", "fixed", "--quiet"]
@@ -34,14 +34,15 @@ def test_edit_memit_writes_results(tmp_path, capsys):
     assert not [p for p in out.rglob(".*")]  # no temp files left
 
 
-def test_default_dataset_beyond_500_is_counterfact_full(tmp_path, capsys):
-    code, _, err = run(["edit", "--n", "2", "--offset", "21603", "--no-eval", "--out", str(tmp_path / "r"), *TINY],
-                       capsys)
+def test_counterfact_full_is_chosen_explicitly(tmp_path, capsys):
+    """--n 500 and --n 501 never edit different datasets silently: beyond the 500 full records the
+    user names counterfact-full."""
+    assert_refused(["edit", "--n", "2", "--offset", "499", "--no-eval", "--out", str(tmp_path / "r"), *TINY], capsys,
+                   "counterfact-full", absent=[tmp_path / "r"])
+    code, _, err = run(["edit", "--n", "2", "--offset", "21603", "--dataset", "counterfact-full", "--no-eval",
+                        "--out", str(tmp_path / "r"), *TINY], capsys)
     assert code == 0, err
-    assert "using --dataset counterfact-full" in err
     assert [r["case_id"] for r in json.loads((tmp_path / "r" / "results.json").read_text())["per_request"]] == [21917, 21918]
-    code, _, err = run(["edit", "--n", "600", "--dataset", "counterfact", "--out", str(tmp_path / "s"), *TINY], capsys)
-    assert code == 2 and "counterfact-full has all 21,605" in err and not (tmp_path / "s").exists()
 
 
 def test_edit_rome_save_model(tmp_path, capsys):

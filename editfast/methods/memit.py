@@ -9,6 +9,7 @@ For each layer l (in order, on the model as edited so far): keys K at the subjec
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..errors import HParamsError
 from ..hparams import HParams
@@ -22,11 +23,11 @@ class MEMITHyperParams(HParams):
     mom2_update_weight: float = 20000.0  # λ
     layer_selection: str = "all"
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.mom2_update_weight <= 0:
-            raise HParamsError("hparams: mom2_update_weight must be > 0")
-        if sorted(self.layers) != list(self.layers) or len(set(self.layers)) != len(self.layers):
+    RANGES: ClassVar[dict] = {"mom2_update_weight": "> 0", "layer_selection": ("all",)}
+
+    def validate(self) -> None:
+        super().validate()
+        if sorted(self.layers) != list(self.layers):  # unique already (HParams.validate)
             raise HParamsError(f"hparams: MEMIT layers must be strictly increasing, got {self.layers}")
 
 

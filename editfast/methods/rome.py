@@ -9,6 +9,7 @@ after another.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -23,10 +24,15 @@ class ROMEHyperParams(HParams):
     # Lengths and counts of the generated context templates: [[length, count], ...].
     context_template_length_params: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    RANGES: ClassVar[dict] = {"context_template_length_params": ">= 1"}
+
+    def validate(self) -> None:
+        super().validate()
         if len(self.layers) != 1:
             raise HParamsError(f"hparams: ROME edits exactly one layer, got layers={self.layers}")
+        if any(len(p) != 2 for p in self.context_template_length_params):
+            raise HParamsError(f"hparams: context_template_length_params={self.context_template_length_params} "
+                               "is not allowed; it must list [length, count] pairs")
 
 
 class ROME(LocateThenEdit):
