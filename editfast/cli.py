@@ -38,6 +38,7 @@ def quiet_libraries() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
+    warnings.filterwarnings("default", category=RuntimeWarning, module=r"editfast\.")  # ours: a cache rebuilt ...
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
@@ -232,7 +233,7 @@ def edit_cmd(method, n, model, dataset, offset, batch_size, seed, out, save_mode
             before, after = (EvalResult.from_json({"model": lm.spec, "protocol": protocol, "seed": seed,
                                                    "limit": eval_limit, "seconds": 0.0, "engine": {},
                                                    "tasks": p["tasks"]}) for p in (pts[0], pts[-1]))
-            write_report(out / "eval", before, after)
+            write_report(out / "eval", before, after, lm.device)
         if save_model:
             save_model_to(lm, out)
     click.echo(summary_table(result))
@@ -379,7 +380,7 @@ def eval_cmd(model, edits, tasks, protocol, limit, seed, batch_tokens, out, dtyp
         except (ValueError, AssertionError):
             raise click.UsageError(f"--batch-size must be 'auto' or a positive number, got {batch_tokens!r}")
     resolve_tasks(tasks)
-    if edits is not None:
+    if edits is not None and not (edits / "journal.safetensors").is_file():  # (an old-format run needs the model)
         load_journal(edits)  # the run's files, whole, before the model loads
     with OutputDir(out, staged=True, force=force) as od:
         lm = load_model(model, dtype=dtype, device=device)
@@ -391,7 +392,7 @@ def eval_cmd(model, edits, tasks, protocol, limit, seed, batch_tokens, out, dtyp
                 for u in ups:
                     apply_update(lm, u)
             after = evaluate(lm, tasks, protocol, limit, seed, batch_tokens, progress=not quiet)
-        write_report(od.path, before, after)
+        write_report(od.path, before, after, lm.device)
     click.echo(markdown_table(before, after))
     click.echo(f"results: {out / 'eval.json'}")
 

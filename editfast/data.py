@@ -155,7 +155,8 @@ def validate_requests(requests: Iterable[Request]) -> None:
     for i, r in enumerate(requests):
         if not isinstance(r, Request):
             raise RequestError(f"request #{i}: expected a Request (see Request.from_dict), not {type(r).__name__}")
-        name = _name(r, i) if _case_id(r.case_id, f"request #{i}") is not None else f"request #{i}"
+        _case_id(r.case_id, f"request #{i}")
+        name = _name(r, i)
         for field in ("prompt", "subject", "target_new"):
             if not isinstance(getattr(r, field), str):
                 raise RequestError(f"{name}: {field} must be a string, not {type(getattr(r, field)).__name__}")

@@ -122,8 +122,8 @@ class Journal:
 def _entry(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> Entry:
     """An entry from a safetensors file's metadata and tensors; EditfastError if it is not editfast's."""
     if "entry" not in meta or "updates" not in meta:
-        raise EditfastError(f"not an editfast journal entry (its header has {', '.join(sorted(meta)) or 'no metadata'}, "
-                            "not 'entry' and 'updates')")
+        has = ", ".join(sorted(meta)) or "no metadata"
+        raise EditfastError(f"not an editfast journal entry (its header has {has}, not 'entry' and 'updates')")
     try:
         header, index = json.loads(meta["entry"]), json.loads(meta["updates"])
     except ValueError as e:

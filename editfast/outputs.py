@@ -54,6 +54,7 @@ class OutputDir:
         self._lock = None
         self._made: list[Path] = []  # directories this run created (deepest last)
         self._started = False
+        self._was_empty = False
 
     # ---------------------------------------------------------------- enter / exit
     def __enter__(self) -> "OutputDir":
@@ -65,6 +66,7 @@ class OutputDir:
         try:
             self._clean_leftovers()
             busy = out.is_dir() and any(out.iterdir())
+            self._was_empty = not busy
             if busy and not (self.resume or self.force):
                 raise OutputError(f"{str(out)!r} is not empty: continue its run with --resume, replace it with "
                                   "--force, or choose another --out")
@@ -176,14 +178,14 @@ class OutputDir:
             shutil.rmtree(old, ignore_errors=True)
 
     def _rollback(self) -> None:
+        """Put OUT back as it was, unless an appending run has something to resume there."""
         if self.staged:
             if self.path != self.out:
                 shutil.rmtree(self.path, ignore_errors=True)
         elif self.out.is_dir() and not self.resume and not self.keep(self.out):
             if self.out in self._made:
                 shutil.rmtree(self.out, ignore_errors=True)
-            elif self._started or not (self.force or self.resume):
-                # OUT existed and was empty (or --force emptied it): empty it again
+            elif self._was_empty or (self.force and self._started):  # only this run's files are in OUT
                 for p in list(self.out.iterdir()):
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         for d in reversed(self._made):

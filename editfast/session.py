@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,16 +28,16 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .compat import versions
 from .curves import HEADLINE_EDIT_METRICS, sum_weight_changes, weight_change
 from .data import Request, validate_requests
-from .compat import versions
 from .errors import EditfastError, RequestError
 from .hparams import HParams, check_layers, resolve_hparams
 from .journal import RESULTS_FILE, SESSION_FILE, Entry, Journal, load_run, write_entries  # noqa: F401
 from .methods import get_method
 from .metrics import counterfact_metrics, summarize, zsre_metrics
-from .paths import cache_dir, write_json
-from .update import Update, apply_update, guard, restore, snapshot, weight_param
+from .paths import cache_dir, write_cache, write_json
+from .update import Update, apply_update, guard, restore, snapshot, validate_updates, weight_param
 
 CURVE_FILE = "curve.json"
 
@@ -69,9 +70,9 @@ TEMPLATE_ROOM = 16  # tokens a context template may put before a prompt (generat
 def check_lengths(lm, requests: Sequence[Request]) -> None:
     """Refuse, before any work, a request whose prompts with their target would not fit the model's
     context (a generated context template included)."""
-    config = lm.model.config
-    limit = next((v for k in ("n_positions", "max_position_embeddings", "n_ctx")
-                  if isinstance(v := getattr(config, k, None), int) and v > 0), None)
+    from .models import max_positions
+
+    limit = max_positions(lm.model.config)
     if limit is None:
         return
     texts, owners = [], []
@@ -211,11 +212,14 @@ class Evaluator:
             if base:
                 for name in names:
                     f = self.cache_file(name, p, lim)
+                    if not f.is_file():
+                        continue
                     try:
                         doc = TaskResult.from_json(json.loads(f.read_text())).to_json(self.lm.spec, self.seed)
                         out[self.key(name, p)] = {**doc, "cached": True}
-                    except (OSError, ValueError, KeyError, TypeError):
-                        continue
+                    except (OSError, ValueError, KeyError, TypeError) as e:
+                        warnings.warn(f"ignoring the corrupt cache file {f} ({e}); evaluating again", RuntimeWarning,
+                                      stacklevel=2)
                 missing = [n for n in names if self.key(n, p) not in out]
                 plan = EvalPlan.build(missing, p, lim, self.seed) if missing else None
             if plan is None:
@@ -223,7 +227,7 @@ class Evaluator:
             for t in plan.run(self.lm, engine=self.engine, progress=self.progress).tasks:
                 doc = t.to_json(self.lm.spec, self.seed)
                 if base:
-                    write_json(self.cache_file(t.task, p, lim), doc)
+                    write_cache(self.cache_file(t.task, p, lim), json.dumps(doc, indent=2, default=str) + "\n")
                 out[self.key(t.task, p)] = doc
         order = [self.key(t.name, p) for p, _, plan in self.plans for t, _, _ in plan.entries]
         return {k: out[k] for k in order}
@@ -335,7 +339,10 @@ class EditSession:
             raise EditfastError(f"--resume: the run in {self.out} has other hyper-parameters ({', '.join(diff)})")
         self.templates = doc.get("templates") or self.templates
         self._prepare()
-        self.replay(Journal(self.out).read())
+        entries = Journal(self.out).read()
+        for e in entries:  # the whole journal, before any of it is applied
+            validate_updates(self.lm, e.updates)
+        self.replay(entries)
         if (self.out / CURVE_FILE).is_file():
             try:
                 pts = json.loads((self.out / CURVE_FILE).read_text())["points"]

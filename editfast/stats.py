@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from editfast.kernels.second_moment import mirror_upper_, second_moment_accumulate_

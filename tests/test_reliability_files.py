@@ -5,17 +5,19 @@ Bad model folders, GGUFs, datasets and request ids are one-line errors; corrupt 
 warns and the run goes on; no empty or non-finite statistic is returned or cached.
 """
 
+import errno
 import gzip
 import json
 import os
 import shutil
 import stat
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import assert_refused
+from conftest import assert_refused, run_cli
 from safetensors.torch import load_file, save_file
 
 from editfast.data import Request, load_dataset, validate_requests
@@ -137,14 +139,17 @@ def test_good_dir_and_pathlike(saved):
 @pytest.mark.parametrize("spec", ["random:tiny-gpt2", "random:tiny-gptj", "random:tiny-neox", "random:tiny-llama"])
 def test_model_config_matches_loaded_model(spec):
     config, lm = model_config(spec), load_model(spec)
-    assert config.to_dict() == lm.model.config.to_dict() | {k: config.to_dict()[k] for k in ("dtype",)
-                                                               if k in config.to_dict()}
+    def fields(c):
+        return {k: v for k, v in c.to_dict().items() if k != "dtype"}
+
+    assert fields(config) == fields(lm.model.config)
     assert lm.adapter.num_layers(lm.model) == getattr(config, lm.adapter.n_layers_attr)
     assert max_positions(config) == max_positions(lm.model) == max_positions(lm.model.config) == 256
 
 
 def test_model_config_of_dir_and_max_positions(saved):
     assert model_config(saved).to_dict() == load_model(saved).model.config.to_dict()
+    assert model_config(str(saved)).num_hidden_layers == 4
     assert max_positions(model_config("random:llama-3-8b")) == 8192
     assert max_positions(model_config("random:gpt2-xl")) == 1024
     assert max_positions(SimpleNamespace(hidden_size=3)) is None
@@ -197,7 +202,7 @@ def test_bad_case_id(tmp_path, capsys, case):
     with pytest.raises(RequestError, match=r"request #1: field 'case_id' must be an integer or a string"):
         validate_requests([Request("{} x", "a", "b", case_id=0), Request("{} plays", "Messi", "tennis", case_id=bad)])
     path = tmp_path / "ids.json"
-    path.write_text(json.dumps([GOOD, {**GOOD, "subject": "Pele", "case_id": bad}]).replace('"Messi plays"', '"x"'))
+    path.write_text(json.dumps([GOOD, {**GOOD, "subject": "Pele", "case_id": bad}]))
     with pytest.raises(DataError, match=r"ids\.json: record 1: .*case_id"):
         load_dataset(path)
     assert_refused(["edit", "--dataset", str(path), "--out", str(tmp_path / "o"), "--n", "2", "--model",
@@ -251,7 +256,7 @@ STATS = {  # corruption of a cached statistics file
     "wrong shape": lambda f: save_file({"mom2": torch.eye(8), "count": torch.tensor(5)}, f),
     "wrong dtype": lambda f: save_file({"mom2": torch.eye(256, dtype=torch.float64), "count": torch.tensor(5)}, f),
     "no tokens": lambda f: save_file({"mom2": torch.eye(256), "count": torch.tensor(0)}, f),
-    "nan poisoned": lambda f: save_file({"mom2": torch.full((256, 256), float("nan")), "count": torch.tensor(0)}, f),
+    "nan poisoned": lambda f: save_file({"mom2": torch.full((256, 256), float("nan")), "count": torch.tensor(5)}, f),
     "nan entry": lambda f: save_file({"mom2": torch.eye(256).index_fill_(0, torch.tensor([3]), float("nan")),
                                       "count": torch.tensor(99)}, f),
     "inf entry": lambda f: save_file({"mom2": torch.eye(256) * float("inf"), "count": torch.tensor(99)}, f),
@@ -261,14 +266,14 @@ STATS = {  # corruption of a cached statistics file
 @pytest.mark.parametrize("case", STATS)
 def test_corrupt_cached_statistics_rebuilt(tiny, fresh, cache, case):
     assert _same(second_moments(tiny, [1, 2], hp(), progress=False), fresh)
-    files = _stat_files(cache)
-    assert len(files) == 2
-    STATS[case](files[0])
+    files = {int(f.name.split("-")[0].removeprefix("layer")): f for f in _stat_files(cache)}
+    assert sorted(files) == [1, 2]
+    STATS[case](files[2])
     with pytest.warns(RuntimeWarning, match="corrupt"):
         again = second_moments(tiny, [1, 2], hp(), progress=False)
     assert _same(again, fresh)
-    assert _stat_files(cache) == files  # rebuilt in place, valid again
-    assert torch.equal(load_file(files[0])["mom2"], again[int(files[0].name[5])])
+    assert _stat_files(cache) == sorted(files.values())  # rebuilt in place, valid again
+    assert torch.equal(load_file(files[2])["mom2"], again[2])
     assert not _stat_files(cache, "partial-*")
 
 
@@ -293,42 +298,48 @@ PARTIALS = {  # corruption of an interrupted run's checkpoint
 def test_corrupt_checkpoint_ignored(tiny, fresh, cache, case):
     calls = []
 
-    def stop_third_batch(module, args):
+    def stop_second_batch(module, args):  # batches hold 4096 tokens: 300 samples of 16 make two
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 2:
             raise Interrupt
 
-    hook = tiny.model.model.layers[0].register_forward_pre_hook(stop_third_batch)
+    hook = tiny.model.model.layers[0].register_forward_pre_hook(stop_second_batch)
     try:
         with pytest.raises(Interrupt):
-            second_moments(tiny, [1, 2], hp(mom2_n_samples=40), progress=False, checkpoint_every=1)
+            second_moments(tiny, [1, 2], hp(mom2_n_samples=300), progress=False, checkpoint_every=1)
     finally:
         hook.remove()
     (partial,) = _stat_files(cache, "partial-*")
     PARTIALS[case](partial)
-    full = second_moments(tiny, [1, 2], hp(mom2_n_samples=40), progress=False, use_cache=False)
+    full = second_moments(tiny, [1, 2], hp(mom2_n_samples=300), progress=False, use_cache=False)
     with pytest.warns(RuntimeWarning, match="corrupt"):
-        again = second_moments(tiny, [1, 2], hp(mom2_n_samples=40), progress=False, checkpoint_every=1)
+        again = second_moments(tiny, [1, 2], hp(mom2_n_samples=300), progress=False, checkpoint_every=1)
     assert _same(again, full)
     assert not _stat_files(cache, "partial-*") and len(_stat_files(cache)) == 2
 
 
-def _unwritable(cache: Path, how: str) -> None:
+def _unwritable(cache: Path, how: str, monkeypatch) -> None:
     if how == "a file in the way":
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text("not a folder")
+    elif how == "permission denied":  # what a read-only folder does to anyone but root
+        def denied(*a, **kw):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+        monkeypatch.setattr(tempfile, "mkstemp", denied)
+        monkeypatch.setattr(tempfile, "mkdtemp", denied)
     else:
         cache.mkdir(parents=True)
         cache.chmod(stat.S_IRUSR | stat.S_IXUSR)
 
 
-UNWRITABLE = ["a file in the way",
+UNWRITABLE = ["a file in the way", "permission denied",
               pytest.param("read-only", marks=pytest.mark.skipif(ROOT, reason="root writes into read-only folders"))]
 
 
 @pytest.mark.parametrize("how", UNWRITABLE)
-def test_unwritable_cache_warns_and_goes_on(tiny, fresh, saved, cache, how):
-    _unwritable(cache, how)
+def test_unwritable_cache_warns_and_goes_on(tiny, fresh, saved, cache, how, monkeypatch):
+    _unwritable(cache, how, monkeypatch)
     try:
         with pytest.warns(RuntimeWarning, match="cannot write the cache"):
             got = second_moments(tiny, [1, 2], hp(), progress=False, checkpoint_every=1)
@@ -340,7 +351,7 @@ def test_unwritable_cache_warns_and_goes_on(tiny, fresh, saved, cache, how):
     finally:
         if cache.is_dir():
             cache.chmod(0o755)
-    assert not cache.is_dir() or not any(cache.rglob("*"))
+    assert not cache.is_dir() or not any(p.is_file() for p in cache.rglob("*"))
 
 
 def test_write_cache(cache):
@@ -390,3 +401,14 @@ def test_cli_mom2_max_tokens_zero(tmp_path, cache, capsys):
     assert_refused(["edit", "--method", "memit", "--n", "2", "--out", str(tmp_path / "o"), "--model",
                     "random:tiny-llama", "--templates", "fixed", "--quiet", "--no-eval", "--set", "mom2_max_tokens=0"],
                    capsys, "mom2_max_tokens", absent=[tmp_path / "o", cache / "stats"])
+
+
+def test_cli_edit_with_unwritable_cache(tmp_path, cache, capsys):
+    """The whole run goes on without a cache: statistics are computed, used and not saved."""
+    _unwritable(cache, "a file in the way", None)
+    with pytest.warns(RuntimeWarning, match="cannot write the cache"):
+        code, _, err = run_cli(["edit", "--method", "memit", "--n", "2", "--out", str(tmp_path / "o"), "--model",
+                                "random:tiny-llama", "--templates", "fixed", "--no-eval"], capsys)
+    assert code == 0 and "Traceback" not in err, err
+    assert len(json.loads((tmp_path / "o" / "results.json").read_text())["per_request"]) == 2
+    assert cache.read_text() == "not a folder"

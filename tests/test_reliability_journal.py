@@ -92,7 +92,8 @@ def _nan(m, t, idx, h):
 
 
 BAD_RUNS = [  # id, corruption, words of the one-line error
-    ("u-without-v", rewrite(lambda m, t, idx, h: (t.pop("u0.V"), idx[0]["tensors"].pop("V"))), ["batch-000001", "needs U and V"]),
+    ("u-without-v", rewrite(lambda m, t, idx, h: (t.pop("u0.V"), idx[0]["tensors"].pop("V"))),
+     ["batch-000001", "needs U and V"]),
     ("v-tensor-missing", rewrite(lambda m, t, idx, h: t.pop("u0.V")), ["u0.V", "missing"]),
     ("foreign-weight", rewrite(lambda m, t, idx, h: idx[0].update(weight="model.layers.1.mlp.nope.weight")),
      ["batch 1", "no weight", "nope"]),
@@ -101,13 +102,15 @@ BAD_RUNS = [  # id, corruption, words of the one-line error
     ("non-float", rewrite(lambda m, t, idx, h: t.update({"u0.U": t["u0.U"].to(torch.int64)})), ["floating point", "U"]),
     ("nan-in-u", rewrite(_nan), ["non-finite", W1]),
     ("unknown-kind", rewrite(lambda m, t, idx, h: idx[0].update(kind="lowrank2")), ["unknown update kind", "lowrank2"]),
-    ("unknown-kind-last-entry", rewrite(lambda m, t, idx, h: idx[0].update(kind="?"), b=2), ["batch-000002", "unknown"]),
+    ("unknown-kind-last-entry", rewrite(lambda m, t, idx, h: idx[0].update(kind="?"), b=2),
+     ["batch-000002", "unknown"]),
     ("foreign-tensor", rewrite(lambda m, t, idx, h: t.update(extra=torch.zeros(2))), ["does not name", "extra"]),
     ("sparse-index-out-of-bounds", rewrite(_sparse), ["out of bounds"]),
     ("foreign-header", rewrite(lambda m, t, idx, h: (m.clear(), m.update(format="pt"))), ["not an editfast journal"]),
     ("header-not-json", rewrite(lambda m, t, idx, h: m.update(entry="{")), ["not json"]),
     ("index-not-a-list", rewrite(lambda m, t, idx, h: m.update(updates='{"kind": "lowrank"}')), ["not a json list"]),
-    ("index-entry-not-an-object", rewrite(lambda m, t, idx, h: idx.__setitem__(0, "u0")), ["update 0", "not an object"]),
+    ("index-entry-not-an-object", rewrite(lambda m, t, idx, h: idx.__setitem__(0, "u0")),
+     ["update 0", "not an object"]),
     ("header-batch-not-int", rewrite(lambda m, t, idx, h: h.update(batch="1")), ["batch"]),
     ("random-bytes-middle", lambda run: entry(run).write_bytes(os.urandom(4096)), ["batch-000001", "unreadable"]),
     ("zero-length-middle", lambda run: entry(run).write_bytes(b""), ["batch-000001", "unreadable"]),

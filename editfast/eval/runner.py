@@ -229,14 +229,17 @@ def change_plot(before: EvalResult, after: EvalResult, path) -> None:
     plt.close(fig)
 
 
-def write_report(out, before: EvalResult, after: EvalResult | None = None) -> None:
+def write_report(out, before: EvalResult, after: EvalResult | None = None, device=None) -> None:
     """eval.json (everything), tasks/<task>.json, report.md and, with ``after``, change.png."""
     from pathlib import Path
 
     from editfast.paths import atomic_path, write_json, write_text
 
     out = Path(out)
+    from editfast.compat import versions
+
     doc = {"before": before.to_json()} if after is not None else before.to_json()
+    doc["versions"] = versions(device)
     if after is not None:
         doc["after"] = after.to_json()
         doc["change"] = {t.task: {k: after_t.metrics[k] - t.metrics[k] for k in t.metrics}
