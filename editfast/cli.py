@@ -18,6 +18,10 @@ from pathlib import Path
 
 import click
 
+from .load import choose_wait_policy
+
+choose_wait_policy()  # before torch loads (the options below import it): see load.py
+
 SEEDS = click.IntRange(0, 2**32 - 1)  # what every random generator editfast seeds accepts
 NOTES: list[str] = []  # said after an error or interruption (e.g. how to resume)
 ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}

@@ -43,7 +43,7 @@ def versions(device=None) -> dict:
 
     import torch
 
-    out = {"python": platform.python_version()}
+    out = {"python": platform.python_version(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     for pkg in ("editfast", "torch", "transformers"):
         try:
             out[pkg] = version(pkg)

@@ -427,3 +427,22 @@ def test_quiet_is_quiet(tmp_path):
             "--out", str(tmp_path / "o"))
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0 and err.strip() == "", err
+
+
+# ------------------------------------------------------------------------------ a busy machine
+
+
+def test_wait_policy_passive_only_when_busy_and_unchosen(monkeypatch):
+    from editfast import load
+
+    assert load.busy_cores(0.01) >= 0.0
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(load, "busy_cores", lambda seconds=0.1: 1.5)
+    assert load.choose_wait_policy() is None  # torch is loaded here: too late to change, left alone
+    monkeypatch.delitem(sys.modules, "torch")
+    monkeypatch.setattr(load, "busy_cores", lambda seconds=0.1: 0.1)
+    assert load.choose_wait_policy() is None  # a quiet machine: spinning is fastest
+    monkeypatch.setattr(load, "busy_cores", lambda seconds=0.1: 1.5)
+    assert load.choose_wait_policy() == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert load.choose_wait_policy() == "ACTIVE"  # the user's choice stands
