@@ -36,9 +36,11 @@ def busy_cores(seconds: float = 0.1) -> float:
     return (b1 - b0) / max(t1 - t0, 1) * (os.cpu_count() or 1)
 
 
-def choose_wait_policy(threshold: float = 0.5) -> str | None:
-    """Set OMP_WAIT_POLICY=PASSIVE on a busy machine, if torch is not loaded yet and the user has not
-    set it; returns the policy in force."""
-    if "OMP_WAIT_POLICY" not in os.environ and "torch" not in sys.modules and busy_cores() >= threshold:
+def choose_wait_policy(threshold: float = 0.5, torch_loaded: bool | None = None) -> str | None:
+    """Set OMP_WAIT_POLICY=PASSIVE on a busy machine, if torch is not loaded yet (``torch_loaded``:
+    default, whether it is imported) and the user has not set it; returns the policy in force."""
+    if torch_loaded is None:
+        torch_loaded = "torch" in sys.modules
+    if "OMP_WAIT_POLICY" not in os.environ and not torch_loaded and busy_cores() >= threshold:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     return os.environ.get("OMP_WAIT_POLICY")
