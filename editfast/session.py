@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 from tqdm.auto import tqdm
 
 from .compat import versions
@@ -33,7 +32,7 @@ from .curves import HEADLINE_EDIT_METRICS, sum_weight_changes, weight_change
 from .data import Request, validate_requests
 from .errors import EditfastError, RequestError
 from .hparams import HParams, check_layers, resolve_hparams
-from .journal import RESULTS_FILE, SESSION_FILE, Entry, Journal, load_run, write_entries  # noqa: F401
+from .journal import RESULTS_FILE, SESSION_FILE, Entry, Journal, write_entries
 from .methods import get_method
 from .metrics import counterfact_metrics, summarize, zsre_metrics
 from .paths import cache_dir, write_cache, write_json

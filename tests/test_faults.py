@@ -24,7 +24,7 @@ from editfast.journal import Journal
 from editfast.models import load_model
 from editfast.outputs import OutputDir
 from editfast.session import EditSession
-from editfast.update import LowRank, apply_update, snapshot
+from editfast.update import LowRank, apply_update
 
 TINY = ["--model", "random:tiny-llama", "--templates", "fixed", "--quiet"]
 EDIT = ["edit", "--n", "2", *TINY]
@@ -314,24 +314,25 @@ def test_api_refuses_and_weights_stay(case, lm):
 def test_nan_batch_stops_with_journal_intact(lm, tmp_path, monkeypatch, capsys):
     """A batch whose update is not finite stops the run: exit 2, the good batches journaled, the
     weights as after them, and --resume (once the cause is gone) continues from there."""
-    from editfast.methods.memit import MEMIT
+    from editfast.methods import METHODS
 
-    real = MEMIT.solve
+    memit = METHODS["memit"]
+    real = memit.solve
     calls = {"n": 0}
 
-    def poisoned(self, lm, x, *a, **k):
-        up = real(self, lm, x, *a, **k)
+    def poisoned(lm, x, *a, **k):
+        up = real(lm, x, *a, **k)
         calls["n"] += 1
         if calls["n"] == 3:  # the second batch's first layer
             up.U[0, 0] = float("nan")
         return up
 
-    monkeypatch.setattr(MEMIT, "solve", poisoned)
+    monkeypatch.setattr(memit, "solve", poisoned)
     out = tmp_path / "out"
     argv = ["edit", "--n", "4", "--batch-size", "2", "--no-eval", "--out", str(out), *TINY]
     line = assert_refused(argv, capsys, "non-finite")
     assert "--resume" in line and [e.end for e in Journal(out).read()] == [2]
-    monkeypatch.setattr(MEMIT, "solve", real)
+    monkeypatch.setattr(memit, "solve", real)
     code, _, err = run_cli([*argv, "--resume"], capsys)
     assert code == 0, err
     assert [e.end for e in Journal(out).read()] == [2, 4]
