@@ -446,3 +446,34 @@ def test_wait_policy_passive_only_when_busy_and_unchosen(monkeypatch):
     assert load.choose_wait_policy(torch_loaded=False) == "PASSIVE"
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert load.choose_wait_policy(torch_loaded=False) == "ACTIVE"  # the user's choice stands
+
+
+# ------------------------------------------------------------------------------ the study
+
+
+def test_study_disk_full_at_the_report_resumes(tmp_path, monkeypatch, capsys):
+    """A full disk while the study writes its report: one line naming --resume, the finished
+    sessions kept (no report.md half-written), and --resume completes the study."""
+    import editfast.paths as paths
+    from test_session import STUDY
+
+    f = tmp_path / "s.yaml"
+    f.write_text(STUDY)
+    out = tmp_path / "study"
+    argv = ["study", str(f), "--profile", "quick", "--out", str(out), "--quiet"]
+    real = paths.write_text
+
+    def full(path, text):
+        if Path(path).name == "report.md":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, text)
+
+    monkeypatch.setattr(paths, "write_text", full)
+    assert_refused(argv, capsys, "No space left on device", "--resume")
+    assert Journal(out / "runs" / "rome-seq").exists() and not (out / "report.md").exists()
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    monkeypatch.setattr(paths, "write_text", real)
+    assert_refused(argv, capsys, "--resume")  # not empty: continue or replace
+    code, _, err = run_cli([*argv, "--resume"], capsys)
+    assert code == 0, err
+    assert (out / "report.md").is_file() and (out / "study.json").is_file()
