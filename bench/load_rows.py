@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,17 +55,24 @@ def spin() -> None:  # pragma: no cover - a load generator
         pass
 
 
-def timed_child(model: str, n: int, backend: str, busy: int, env: dict | None = None) -> dict:
-    procs = [mp.Process(target=spin, daemon=True) for _ in range(busy)]
+@contextmanager
+def busy_processes(n: int):
+    """``n`` processes spinning a core each while the block runs."""
+    procs = [mp.Process(target=spin, daemon=True) for _ in range(n)]
     for p in procs:
         p.start()
     try:
-        out = subprocess.run([sys.executable, __file__, "--one", backend, "--model", model, "--n", str(n)],
-                             capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=ROOT, check=True)
+        yield
     finally:
         for p in procs:
             p.terminate()
             p.join()
+
+
+def timed_child(model: str, n: int, backend: str, busy: int, env: dict | None = None) -> dict:
+    with busy_processes(busy):
+        out = subprocess.run([sys.executable, __file__, "--one", backend, "--model", model, "--n", str(n)],
+                             capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=ROOT, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -72,19 +80,11 @@ def job(model: str, n: int, busy: int, env: dict | None = None) -> float:
     """Seconds of the whole ``editfast edit --n N`` job (load, templates, statistics cached, metrics)."""
     import tempfile
 
-    procs = [mp.Process(target=spin, daemon=True) for _ in range(busy)]
-    for p in procs:
-        p.start()
-    try:
-        with tempfile.TemporaryDirectory() as d:
-            t = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "editfast.cli", "edit", "--model", model, "--n", str(n), "--quiet",
-                            "--out", f"{d}/run"], env={**os.environ, **(env or {})}, check=True, capture_output=True)
-            return time.perf_counter() - t
-    finally:
-        for p in procs:
-            p.terminate()
-            p.join()
+    with busy_processes(busy), tempfile.TemporaryDirectory() as d:
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "editfast.cli", "edit", "--model", model, "--n", str(n), "--quiet",
+                        "--out", f"{d}/run"], env={**os.environ, **(env or {})}, check=True, capture_output=True)
+        return time.perf_counter() - t
 
 
 def load_rows(model: str, n: int, busy: int) -> list[dict]:

@@ -130,20 +130,17 @@ def save_model_to(lm, out: Path) -> None:
 
 def preflight(model: str, method: str, hparams_file, overrides: dict):
     """The hyper-parameters, resolved and checked against the model's config before its weights load."""
-    from .errors import HParamsError
     from .hparams import check_layers, resolve_hparams
     from .models import adapter_for, model_config
-    from .stats import CORPORA
+    from .stats import corpus_path
 
     config = model_config(model)
     adapter = adapter_for(config)
     hp = resolve_hparams(method, model, config, overrides, hparams_file)
     hp.check_modules(adapter)
     check_layers(hp, int(getattr(config, adapter.n_layers_attr)))
-    corpus = getattr(hp, "mom2_dataset", None)
-    if corpus is not None and corpus not in CORPORA and not Path(corpus).is_file():
-        raise HParamsError(f"hparams: mom2_dataset {corpus!r} is neither a known corpus ({', '.join(CORPORA)}) "
-                           "nor a file")
+    if getattr(hp, "mom2_dataset", None) is not None:
+        corpus_path(hp.mom2_dataset)
     return hp
 
 

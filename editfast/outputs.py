@@ -94,8 +94,7 @@ class OutputDir:
         """The work begins: with ``force``, an appending run empties OUT now."""
         self._started = True
         if self.force and not self.staged and not self.resume:
-            for p in list(self.out.iterdir()):
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            _empty(self.out)
 
     # ---------------------------------------------------------------- pieces
     def _mkdirs(self, d: Path) -> None:
@@ -110,6 +109,7 @@ class OutputDir:
                 self._made.append(m)
         except OSError as e:
             self._rollback()
+            self._release()
             raise _oserror(e, d) from None
 
     @staticmethod
@@ -126,6 +126,7 @@ class OutputDir:
             f = open(lock, "a+")
         except OSError as e:
             self._rollback()
+            self._release()
             raise _oserror(e, self.out.parent) from None
         if fcntl is not None:
             try:
@@ -186,8 +187,10 @@ class OutputDir:
             if self.out in self._made:
                 shutil.rmtree(self.out, ignore_errors=True)
             elif self._was_empty or (self.force and self._started):  # only this run's files are in OUT
-                for p in list(self.out.iterdir()):
-                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        for d in reversed(self._made):
-            if d.is_dir() and not any(d.iterdir()):
-                d.rmdir()
+                _empty(self.out)
+
+
+def _empty(d: Path) -> None:
+    """Remove what directory ``d`` holds (symbolic links themselves, never their targets)."""
+    for p in list(d.iterdir()):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)

@@ -46,15 +46,19 @@ def detokenize_wikitext(line: str) -> str:
     return re.sub(r" ([.,;:!?')])", r"\1", line).replace("( ", "(").strip()
 
 
+def corpus_path(name: str) -> Path:
+    """The file of a known corpus or a path; HParamsError (before any work) if neither."""
+    path = CORPORA.get(name) or Path(name)
+    if not path.is_file():
+        raise HParamsError(f"mom2_dataset {name!r} is neither a known corpus ({', '.join(CORPORA)}) nor a file")
+    return path
+
+
 def corpus_texts(name: str, n_samples: int) -> list[str]:
     """The first ``n_samples`` paragraphs of a corpus (headings and blank lines skipped)."""
     if not isinstance(n_samples, int) or n_samples < 1:
         raise HParamsError(f"mom2_n_samples must be a positive number of paragraphs, got {n_samples!r}")
-    path = CORPORA.get(name)
-    if path is None:
-        path = Path(name)
-        if not path.is_file():
-            raise HParamsError(f"mom2_dataset {name!r} is neither a known corpus ({', '.join(CORPORA)}) nor a file")
+    path = corpus_path(name)
     opener = gzip.open if str(path).endswith(".gz") else open
     texts = []
     try:

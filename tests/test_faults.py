@@ -111,6 +111,8 @@ EDIT_CASES = {
     "negative offset": (["--offset", "-1"], "offset"),
     "beyond the 500 records": (["--n", "2", "--offset", "499"], "counterfact-full"),
     "n larger than dataset": (["--n", "100000", "--dataset", "zsre"], "100000"),
+    "n larger than counterfact": (["--n", "100000"], "100000"),
+    "wrong hparam type": (["--set", "v_lr=fast"], "v_lr"),
     "unknown dataset": (["--dataset", "nosuch"], "nosuch"),
     "case_id a list": (lambda t: ["--dataset", write(t / "r.json", [{**REQ, "case_id": [1, 2]}])], "case_id"),
     "case_id an object": (lambda t: ["--dataset", write(t / "r.json", [{**REQ, "case_id": {"a": 1}}])], "case_id"),
