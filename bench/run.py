@@ -6,7 +6,8 @@ Rows: kernels (second moment vs X.T@X, low-rank update vs W.add_(U@V.T) and vs a
 fused log-probabilities vs full logits), the evaluation engine vs lm-evaluation-harness on the
 same log-likelihood and generation requests, and pipeline stages on a real model: statistics one pass vs per-layer passes, targets batched vs
 per request, MEMIT end to end fast vs reference (statistics excluded: both read the same cached
-C), and sequential sessions (checkpoint overhead, resume; ``session_rows.py``).
+C), sequential sessions (checkpoint overhead, resume; ``session_rows.py``) and the methods built
+on the pipeline (AlphaEdit, EMMET: sessions and solves, fast vs reference; ``method_rows.py``).
 ``ratio = baseline_s / editfast_s``. On CPU the kernel rows that run the Triton interpreter
 only prove the harness works; the pipeline rows are real CPU ratios. ``--quick`` (CPU, 2 cores)
 finishes within 10 minutes.
@@ -229,20 +230,23 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the rows as a JSON list")
     ap.add_argument("--model", default=None, help="default: smollm2-135m on CPU, random:gpt2-xl on CUDA")
     ap.add_argument("--skip-pipeline", action="store_true", help="kernel rows only")
-    ap.add_argument("--only", choices=("kernels", "engine", "pipeline", "session"), default=None, help="one group of rows")
+    ap.add_argument("--only", choices=("kernels", "engine", "pipeline", "session", "methods"), default=None,
+                    help="one group of rows")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", "bfloat16") if cuda else ("cpu", "float32")
     model = args.model or ("random:gpt2-xl" if cuda else "smollm2-135m")
     print(f"# editfast bench · {platform.node()} · torch {torch.__version__} · threads {torch.get_num_threads()} · "
           f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+    from bench.method_rows import method_rows
     from bench.session_rows import session_rows
     from bench.test_bench_logprob import logprob_rows
 
     groups = {"kernels": lambda: kernel_rows(args.quick) + logprob_rows(args.quick),
               "engine": lambda: engine_rows(model, args.quick, device, dtype),
               "pipeline": lambda: pipeline_rows(model, args.quick, device, dtype),
-              "session": lambda: session_rows(model, args.quick, device, dtype)}
+              "session": lambda: session_rows(model, args.quick, device, dtype),
+              "methods": lambda: method_rows(model, args.quick, device, dtype)}
     chosen = [args.only] if args.only else ["kernels"] if args.skip_pipeline else list(groups)
     rows = [r for g in chosen for r in groups[g]()]
     keep = ("name", "device", "sizes", "dtype", "baseline_s", "editfast_s", "ratio")

@@ -1,4 +1,5 @@
-"""Tune MEMIT's λ (mom2_update_weight) and clamp for a model without a published preset.
+"""Tune a locate-then-edit method's key hyper-parameter (MEMIT's and EMMET's λ = mom2_update_weight,
+AlphaEdit's L2 ...) and the clamp for a model without a published preset.
 
 Held-out facts that the model already knows (greedy first token = the true object), never the
 ones tests/test_edit.py uses: ``--pool full`` takes them from ``counterfact-full`` (one
@@ -8,6 +9,7 @@ vectors z do not depend on λ, so they are optimised once per clamp value and ev
 Facts are edited in independent batches of ``--batch`` from the unedited model.
 
     python bench/tune_preset.py --model smollm2-135m --facts 30 --batch 10
+    python bench/tune_preset.py --method alphaedit --key L2 --values 1,10,100 --clamps 0.75
 """
 
 from __future__ import annotations
@@ -51,7 +53,9 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--facts", type=int, default=30)
     ap.add_argument("--batch", type=int, default=10)
-    ap.add_argument("--lambdas", default="20000,5000,2000,1000,500,200")
+    ap.add_argument("--method", default="memit")
+    ap.add_argument("--key", default="mom2_update_weight", help="the hyper-parameter swept")
+    ap.add_argument("--values", "--lambdas", dest="values", default="20000,5000,2000,1000,500,200")
     ap.add_argument("--clamps", default="0.75,2,4")
     ap.add_argument("--layers", default="4,5,6,7,8")
     ap.add_argument("--pool", choices=["full", "counterfact"], default="full")
@@ -72,10 +76,10 @@ def main() -> None:
     facts = known_facts(lm, pool, args.facts)
     print(f"{len(facts)} known held-out facts: case ids {[r.case_id for r in facts]}")
     layers = [int(x) for x in args.layers.split(",")]
-    hp = resolve_hparams("memit", lm.spec, lm.model.config, {"layers": layers})
+    hp = resolve_hparams(args.method, lm.spec, lm.model.config, {"layers": layers})
     mom2s = second_moments(lm, layers, hp)
-    memit = METHODS["memit"]
-    groups = memit.templates(lm, hp, seed=0)
+    method = METHODS[args.method]
+    groups = method.templates(lm, hp, seed=0)
     state = State(moments={l: Moment(c) for l, c in mom2s.items()})
     flat = [t for g in groups for t in g]
     pre = summarize(edit_metrics(lm, facts, "counterfact"))
@@ -84,26 +88,27 @@ def main() -> None:
     batches = [facts[i: i + args.batch] for i in range(0, len(facts), args.batch)]
     rows = []
     for clamp in [float(c) for c in args.clamps.split(",")]:
-        hp_c = resolve_hparams("memit", lm.spec, lm.model.config, {"layers": layers, "clamp_norm_factor": clamp})
+        hp_c = resolve_hparams(args.method, lm.spec, lm.model.config, {"layers": layers, "clamp_norm_factor": clamp})
         t = time.perf_counter()
         site = lm.adapter.layer_tmp.format(layers[-1])
         ll = hp_c.loss_layer(lm.adapter.num_layers(lm.model))
         zs = [torch.stack([x.target for x in optimize_targets(lm, b, hp_c, flat, site, layers[-1], ll)], 1)
               for b in batches]
         z_s = time.perf_counter() - t
-        for lam in [float(x) for x in args.lambdas.split(",")]:
-            hp_l = resolve_hparams("memit", lm.spec, lm.model.config,
-                                   {"layers": layers, "clamp_norm_factor": clamp, "mom2_update_weight": lam})
+        for lam in [float(x) for x in args.values.split(",")]:
+            hp_l = resolve_hparams(args.method, lm.spec, lm.model.config,
+                                   {"layers": layers, "clamp_norm_factor": clamp, args.key: lam})
             post = []
-            for b, z in zip(batches, zs):
+            for b, z in zip(batches, zs):  # each batch alone, from the unedited model and a fresh state
                 saved = {l: lm.adapter.rewrite_weight(lm.model, l).detach().clone() for l in layers}
-                memit.edit(lm, b, hp_l, state, groups, targets=z)
+                state.tensors.clear()
+                method.edit(lm, b, hp_l, state, groups, targets=z)
                 post += edit_metrics(lm, b, "counterfact")
                 with torch.no_grad():
                     for l, w in saved.items():
                         lm.adapter.rewrite_weight(lm.model, l).copy_(w)
             s = summarize(post)
-            row = {"clamp": clamp, "lambda": lam, "efficacy": s["efficacy_success"],
+            row = {"method": args.method, "clamp": clamp, args.key: lam, "efficacy": s["efficacy_success"],
                    "paraphrase": s["paraphrase_success"], "neighbourhood": s["neighborhood_success"],
                    "neighbourhood_pre": pre["neighborhood_success"],
                    "neighbourhood_magnitude": s["neighborhood_magnitude"],

@@ -59,8 +59,9 @@ class HParams:
     ln_f_module: str | None = None
     lm_head_module: str | None = None
 
-    # What each field allows: "OP BOUND" for numbers (every number of a list field), a tuple of
-    # choices for strings. A subclass declares only its own fields; the tables merge along the MRO.
+    # What each field allows: "OP BOUND" (or "OP BOUND and OP BOUND") for numbers (every number of a
+    # list field; None passes), a tuple of choices for strings. A subclass declares only its own
+    # fields; the tables merge along the MRO.
     # Every float must also be finite, declared or not.
     RANGES: ClassVar[dict[str, str | tuple[str, ...]]] = {
         "layers": ">= 0", "fact_token": ("subject_last",), "v_num_grad_steps": ">= 1", "v_lr": "> 0",
@@ -183,7 +184,7 @@ def _numbers(value: Any):
         yield value
 
 
-_OPS = {">": operator.gt, ">=": operator.ge}
+_OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
 
 
 def _check_range(name: str, value: Any, rule: str | tuple[str, ...] | None) -> None:
@@ -192,9 +193,9 @@ def _check_range(name: str, value: Any, rule: str | tuple[str, ...] | None) -> N
         if value not in rule:
             raise HParamsError(f"hparams: {name}={value!r} is not allowed; choose from {', '.join(map(repr, rule))}")
         return
-    op, bound = rule.split() if rule else (">=", "-inf")
+    parts = [p.split() for p in (rule or ">= -inf").split(" and ")]  # "> 0 and <= 1": both must hold
     for x in _numbers(value):
-        if not (math.isfinite(x) and _OPS[op](x, float(bound))):
+        if not (math.isfinite(x) and all(_OPS[op](x, float(bound)) for op, bound in parts)):
             what = f"each number in {name}" if isinstance(value, list) else name
             kind = "an integer" if isinstance(x, int) else "a finite number"
             raise HParamsError(f"hparams: {name}={value!r} is not allowed; {what} must be {kind} {rule or ''}".rstrip())

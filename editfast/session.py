@@ -357,8 +357,7 @@ class EditSession:
         for e in entries:
             for u in e.updates:
                 apply_update(self.lm, u)
-            for k, v in e.state.items():
-                self.state.tensors[k] = v.to(self.lm.device)
+            self.method.restore_state(self.state, {k: v.to(self.lm.device) for k, v in e.state.items()})
             self.entries.append(e)
             self.timings["batches"].append({"seconds": e.info.get("seconds"), "targets_s": e.info.get("targets_s"),
                                             "n": e.end - e.start, "replayed": True})

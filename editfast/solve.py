@@ -10,6 +10,11 @@ so a batch costs two triangular solves with n right-hand sides and an n×n Chole
 d×d factorisation. The result is checked by its residual; if a factorisation fails or the
 residual is above ``tol`` the float64 solve runs instead, and the fallback is reported, never
 silent. ROME's C⁻¹ is computed once per layer (fp32 ``torch.inverse``, as the original).
+
+The same object serves the methods built on other solves against C: EMMET's (λC + νI)⁻¹
+(``inverse64``: computed once per layer, where the original inverts the d×d matrix in float64 for
+every layer of every batch) and AlphaEdit's null-space projector (``null_projector``: fp32 SVD
+once per layer, kept on the model's device).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ class Moment:
 
     C: torch.Tensor
     _inv: torch.Tensor | None = None
-    _chol: dict = field(default_factory=dict)
+    _cache: dict = field(default_factory=dict)
     reports: list = field(default_factory=list)
 
     def inverse(self) -> torch.Tensor:
@@ -37,6 +42,30 @@ class Moment:
             self._inv = torch.inverse(self.C.float())
         return self._inv
 
+    def inverse64(self, lam: float, nu: float = 0.0, backend: str = "fast") -> torch.Tensor:
+        """(λC + νI)⁻¹ in float64, an explicit inverse as EMMET's original. The reference computes it on
+        every call (the original: every layer of every batch); the fast path once per (λ, ν)."""
+        if backend == "reference":
+            return regularised_inverse(self.C, lam, nu)
+        key = ("inv64", lam, nu)
+        if key not in self._cache:
+            self._cache[key] = regularised_inverse(self.C, lam, nu)
+        return self._cache[key]
+
+    def null_projector(self, threshold: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """AlphaEdit's P = U_s U_sᵀ over the singular vectors of C (fp32 SVD) whose singular value is
+        strictly below ``threshold`` (compared in fp32), and the singular values; computed once."""
+        key = ("null", threshold)
+        if key not in self._cache:
+            U, S, _ = torch.linalg.svd(self.C.to(device=device, dtype=torch.float32), full_matrices=False)
+            small = U[:, S < torch.tensor(threshold, dtype=torch.float32)]
+            self._cache[key] = (small @ small.T, S)
+        return self._cache[key]
+
+    def use_projector(self, threshold: float, P: torch.Tensor, S: torch.Tensor) -> None:
+        """Use a projector computed elsewhere (the original's, or one shared by a study's sessions)."""
+        self._cache[("null", threshold)] = (P, S)
+
     def adj_keys(self, K: torch.Tensor, lam: float, backend: str = "fast") -> torch.Tensor:
         """(λC + K Kᵀ)⁻¹ K for keys K [d, n]."""
         if backend == "reference":
@@ -44,10 +73,10 @@ class Moment:
         if backend != "fast":
             raise ValueError(f"backend must be 'fast' or 'reference', got {backend!r}")
         device = K.device
-        if lam not in self._chol:
+        if lam not in self._cache:
             L, info = torch.linalg.cholesky_ex(lam * self.C.to(device=device, dtype=torch.float32))
-            self._chol[lam] = None if int(info) else L
-        L = self._chol[lam]
+            self._cache[lam] = None if int(info) else L
+        L = self._cache[lam]
         if L is not None:
             Kf = K.float()
             Y = torch.cholesky_solve(Kf, L)
@@ -75,6 +104,14 @@ def solve_reference(C: torch.Tensor, K: torch.Tensor, lam: float) -> torch.Tenso
     """The original: torch.linalg.solve(λC + K Kᵀ, K) in float64."""
     K = K.double()
     return torch.linalg.solve(lam * C.to(K.device).double() + K @ K.T, K)
+
+
+def regularised_inverse(C: torch.Tensor, lam: float, nu: float = 0.0) -> torch.Tensor:
+    """(λC + νI)⁻¹ in float64, as EMMET's original (an explicit inverse)."""
+    A = lam * C.double()
+    if nu:
+        A = A + nu * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+    return torch.inverse(A)
 
 
 def residual(C: torch.Tensor, K: torch.Tensor, lam: float, adj: torch.Tensor) -> float:

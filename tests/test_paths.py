@@ -130,7 +130,7 @@ def test_fast_solve_equals_float64(d, n, lam):
     assert ((fast.double() - ref).norm() / ref.norm()).item() < 1e-4
     # the factorisation of λC is reused by later batches
     m.adj_keys(K[:, :1], lam, "fast")
-    assert len(m._chol) == 1
+    assert len(m._cache) == 1
 
 
 def test_ill_conditioned_falls_back_and_reports():

@@ -3,7 +3,10 @@
     Method                      name, hparams class, presets per model family, default batch size,
                                 template shape, sites(), prepare() -> State, edit() -> [Update]
     LocateThenEdit(Method)      targets z (batched) -> keys per layer -> solve -> post-process -> apply
-                                MEMIT, ROME, r-ROME override ``solve`` only (and ``trace_targets``).
+                                MEMIT, ROME, r-ROME, EMMET, AlphaEdit override ``solve`` (and
+                                ``trace_targets``; AlphaEdit its state after a batch).
+    LocateHParams               their hyper-parameters, with the post-processes every locate-then-edit
+                                method offers: RECT (``rect``) and the norm anchor (``norm_anchor``).
 
 A method's ``State`` carries what it needs across the batches of a session: the statistics (C per
 layer, factorised once) and any tensors that change from batch to batch (``State.tensors``; the
@@ -25,7 +28,7 @@ from ..solve import Moment
 from ..stats import second_moments
 from ..targets import optimize_targets
 from ..templates import context_templates
-from ..update import Update, apply_update, check_finite
+from ..update import Dense, Sparse, Update, apply_update, check_finite, weight_param
 
 
 @dataclass
@@ -47,6 +50,22 @@ class State:
 
     def solve_reports(self) -> list[dict]:
         return [r for m in self.moments.values() for r in m.reports]
+
+
+@dataclass
+class LocateHParams(HParams):
+    """Hyper-parameters of a locate-then-edit method, with its optional post-processes of each update:
+
+    rect         RECT (Gu et al., 2024): keep this fraction of ΔW's entries, those with the largest
+                 relative change |ΔW / W|, and zero the rest (the update is then ``Sparse``); None: off.
+    norm_anchor  hold every edited matrix's Frobenius norm to its value before the session's first
+                 edit: W + ΔW is rescaled to that norm (the update is then ``Dense``).
+    """
+
+    rect: float | None = None
+    norm_anchor: bool = False
+
+    RANGES: ClassVar[dict] = {"rect": "> 0 and <= 1"}
 
 
 @dataclass
@@ -93,6 +112,11 @@ class Method:
         stats = second_moments(lm, hp.layers, hp, progress=progress) if self.needs_statistics(hp) else {}
         return State(moments={l: Moment(C) for l, C in stats.items()})
 
+    def restore_state(self, state: State, journaled: dict[str, torch.Tensor]) -> None:
+        """Take a journaled batch's state tensors back (resume, undo): by default they replace the
+        current ones; a method whose journal holds increments (AlphaEdit's keys) accumulates them."""
+        state.tensors.update(journaled)
+
     def edit(self, lm, requests: Sequence[Request], hp, state: State, templates: list[list[str]], *,
              targets: torch.Tensor | None = None, trace: dict | None = None, backend: str = "fast",
              progress: bool = False) -> list[Update]:
@@ -115,6 +139,11 @@ class LocateThenEdit(Method):
         raise NotImplementedError
 
     def postprocess(self, lm, update: Update, hp, state: State) -> Update:
+        """RECT, then the norm anchor, where ``hp`` asks for them (see ``LocateHParams``)."""
+        if getattr(hp, "rect", None) is not None:
+            update = rect(lm, update, hp.rect)
+        if getattr(hp, "norm_anchor", False):
+            update = norm_anchor(lm, update, state)
         return update
 
     def trace_targets(self, trace: dict, init: torch.Tensor, delta: torch.Tensor, losses: list) -> None:
@@ -147,15 +176,7 @@ class LocateThenEdit(Method):
             self.trace_targets(trace, torch.stack([x.target_init for x in res], 1),
                                torch.stack([x.delta for x in res], 1), [x.losses for x in res])
         n = len(requests)
-        ctx = [t.replace("{}", r.prompt, 1) for r in requests for t in flat]
-        ctx_subjects = [r.subject for r in requests for _ in flat]
-        prompts, subjects = [r.prompt for r in requests], [r.subject for r in requests]
-        if backend == "fast":  # each pass starts at the layer edited last (see LayerwiseReader)
-            readers = LayerwiseReader(lm, ctx, ctx_subjects), LayerwiseReader(lm, prompts, subjects)
-            read = lambda which, layer, **kw: readers[which].read(layer, **kw)
-        else:
-            texts = (ctx, ctx_subjects), (prompts, subjects)
-            read = lambda which, layer, **kw: word_activations(lm, *texts[which], **kw)
+        read = self.reader(lm, requests, flat, backend)
         updates = []
         for i, layer in enumerate(hp.layers):
             rewrite = adapter.rewrite_tmp.format(layer)
@@ -172,6 +193,19 @@ class LocateThenEdit(Method):
             updates.append(up)
         return updates
 
+    @staticmethod
+    def reader(lm, requests, flat: list[str], backend: str):
+        """read(which, layer, inputs=, outputs=): activations at the subject's last token of every
+        (request, template) prompt (which=0) or of the bare prompts (which=1)."""
+        ctx = [t.replace("{}", r.prompt, 1) for r in requests for t in flat]
+        ctx_subjects = [r.subject for r in requests for _ in flat]
+        prompts, subjects = [r.prompt for r in requests], [r.subject for r in requests]
+        if backend == "fast":  # each pass starts at the layer edited last (see LayerwiseReader)
+            readers = LayerwiseReader(lm, ctx, ctx_subjects), LayerwiseReader(lm, prompts, subjects)
+            return lambda which, layer, **kw: readers[which].read(layer, **kw)
+        texts = (ctx, ctx_subjects), (prompts, subjects)
+        return lambda which, layer, **kw: word_activations(lm, *texts[which], **kw)
+
 
 def group_mean_keys(keys: torch.Tensor, groups: Sequence[Sequence[str]]) -> torch.Tensor:
     """[n, n_templates, d] -> [n, d]: mean within each template group, then mean of the groups."""
@@ -180,3 +214,31 @@ def group_mean_keys(keys: torch.Tensor, groups: Sequence[Sequence[str]]) -> torc
         out.append(keys[:, start: start + len(g)].mean(1))
         start += len(g)
     return torch.stack(out, 1).mean(1)
+
+
+def _logical_weight(lm, name: str) -> torch.Tensor:
+    W, transposed = weight_param(lm.model, name)
+    return W.detach().T if transposed else W.detach()
+
+
+def rect(lm, update: Update, fraction: float) -> Sparse:
+    """RECT: the ``fraction`` of ΔW's entries with the largest relative change |ΔW / W| (W as it is
+    before this update), the rest zeroed. An entry of W that is 0 counts as an infinite change."""
+    delta = update.dense()
+    W = _logical_weight(lm, update.weight).to(delta.dtype)
+    rel = (delta.abs() / W.abs()).nan_to_num(nan=0.0).flatten()  # 0/0: no change
+    k = max(1, round(fraction * rel.numel()))
+    index = torch.topk(rel, k, sorted=False).indices.sort().values
+    return Sparse(update.weight, tuple(delta.shape), index, delta.flatten()[index])
+
+
+def norm_anchor(lm, update: Update, state: State) -> Dense:
+    """ΔW' = s(W + ΔW) − W with s = ‖W₀‖ / ‖W + ΔW‖: the edited matrix keeps the Frobenius norm ‖W₀‖
+    it had before the session's first edit (kept in the state, journaled with that batch)."""
+    W = _logical_weight(lm, update.weight).double()
+    key = f"norm0.{update.weight}"
+    if key not in state.tensors:
+        state.set(key, W.norm().reshape(1).float())
+    edited = W + update.dense().double()
+    scale = state.tensors[key].double().to(W.device) / edited.norm()
+    return Dense(update.weight, (scale * edited - W).to(torch.float32))

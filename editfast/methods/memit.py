@@ -12,13 +12,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..errors import HParamsError
-from ..hparams import HParams
 from ..update import LowRank
-from .base import LocateThenEdit
+from .base import LocateHParams, LocateThenEdit
 
 
 @dataclass
-class MEMITHyperParams(HParams):
+class MEMITHyperParams(LocateHParams):
     clamp_norm_factor: float = 0.75
     mom2_update_weight: float = 20000.0  # λ
     layer_selection: str = "all"

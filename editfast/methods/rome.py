@@ -14,13 +14,12 @@ from typing import ClassVar
 import torch
 
 from ..errors import HParamsError
-from ..hparams import HParams
 from ..update import LowRank
-from .base import LocateThenEdit
+from .base import LocateHParams, LocateThenEdit
 
 
 @dataclass
-class ROMEHyperParams(HParams):
+class ROMEHyperParams(LocateHParams):
     # Lengths and counts of the generated context templates: [[length, count], ...].
     context_template_length_params: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
 
