@@ -1,4 +1,4 @@
-"""Benchmark rows of the remedies on the locate-then-edit pipeline: AlphaEdit and EMMET.
+"""Benchmark rows of the methods beyond MEMIT/ROME: AlphaEdit and EMMET here, KN (``kn_rows.py``).
 
 - a sequential session (several batches, the accumulated keys carried) on the ``fast`` backend
   against the ``reference`` backend (the original algorithm step by step: z one request at a time,
@@ -71,6 +71,13 @@ def solve_stage(method: str, d: int, d_out: int, n: int, batches: int, dev: torc
 
 
 def method_rows(model: str, quick: bool, device: str, dtype: str) -> list[dict]:
+    """AlphaEdit's and EMMET's rows, then KN's (``kn_rows.py``)."""
+    from bench.kn_rows import kn_rows
+
+    return remedy_rows(model, quick, device, dtype) + kn_rows(model, quick, device, dtype)
+
+
+def remedy_rows(model: str, quick: bool, device: str, dtype: str) -> list[dict]:
     lm = load_model(model, device=device, dtype=dtype)
     dev = device_name(torch.device(device))
     n, bs = (10, 5) if quick else (30, 10)

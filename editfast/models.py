@@ -52,6 +52,9 @@ class Adapter:
     lm_head: str  # output embedding (may be tied to `embed`)
     weight_in_out: bool  # rewrite weight stored [in=d_mlp, out=d_model] (GPT-2 Conv1D), else [out, in]
     n_layers_attr: str  # config attribute holding the layer count
+    # the MLP's input projection (its output: the pre-activation; for gated MLPs the gate), which
+    # knowledge-neuron attribution patches (EasyEdit's `input_ff_attr`)
+    mlp_in_tmp: str = ""
 
     def name(self, tmp: str, layer: int | None = None) -> str:
         """Fill a template (e.g. `self.rewrite_tmp`) with a layer index."""
@@ -83,17 +86,20 @@ class Adapter:
 ADAPTERS: dict[str, Adapter] = {a.family: a for a in [
     Adapter("gpt2", ("gpt2",), "transformer.h.{}", "transformer.h.{}.mlp",
             "transformer.h.{}.mlp.c_proj", "transformer.h.{}.attn", "transformer.ln_f",
-            "transformer.wte", "lm_head", weight_in_out=True, n_layers_attr="n_layer"),
+            "transformer.wte", "lm_head", weight_in_out=True, n_layers_attr="n_layer",
+            mlp_in_tmp="transformer.h.{}.mlp.c_fc"),
     Adapter("gptj", ("gptj",), "transformer.h.{}", "transformer.h.{}.mlp",
             "transformer.h.{}.mlp.fc_out", "transformer.h.{}.attn", "transformer.ln_f",
-            "transformer.wte", "lm_head", weight_in_out=False, n_layers_attr="n_layer"),
+            "transformer.wte", "lm_head", weight_in_out=False, n_layers_attr="n_layer",
+            mlp_in_tmp="transformer.h.{}.mlp.fc_in"),
     Adapter("gpt_neox", ("gpt_neox",), "gpt_neox.layers.{}", "gpt_neox.layers.{}.mlp",
             "gpt_neox.layers.{}.mlp.dense_4h_to_h", "gpt_neox.layers.{}.attention",
             "gpt_neox.final_layer_norm", "gpt_neox.embed_in", "lm_head", weight_in_out=False,
-            n_layers_attr="num_hidden_layers"),
+            n_layers_attr="num_hidden_layers", mlp_in_tmp="gpt_neox.layers.{}.mlp.dense_h_to_4h"),
     Adapter("llama", ("llama", "mistral", "qwen2"), "model.layers.{}", "model.layers.{}.mlp",
             "model.layers.{}.mlp.down_proj", "model.layers.{}.self_attn", "model.norm",
-            "model.embed_tokens", "lm_head", weight_in_out=False, n_layers_attr="num_hidden_layers"),
+            "model.embed_tokens", "lm_head", weight_in_out=False, n_layers_attr="num_hidden_layers",
+            mlp_in_tmp="model.layers.{}.mlp.gate_proj"),
 ]}
 _BY_MODEL_TYPE = {mt: a for a in ADAPTERS.values() for mt in a.model_types}
 

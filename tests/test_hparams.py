@@ -66,7 +66,7 @@ def test_memit_layers_increasing_and_lambda_positive():
 
 def test_unknown_method_and_no_preset():
     with pytest.raises(HParamsError, match="unknown method"):
-        make_hparams("mend", {"layers": [1]})
+        make_hparams("no-such-method", {"layers": [1]})
     with pytest.raises(HParamsError, match="--hparams"):
         resolve_hparams("memit", "some/model", None)
 

@@ -14,7 +14,7 @@ from editfast.methods import METHODS
 from editfast.methods.memit import MEMITHyperParams
 from conftest import GOLDEN, assert_refused
 
-LAYERS = {"rome": [1], "r-rome": [1], "memit": [1, 2]}
+LAYERS = {name: m.presets["tiny"]["layers"] for name, m in METHODS.items()}  # every method has a tiny preset
 
 
 def build(method, items):
