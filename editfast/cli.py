@@ -1,4 +1,4 @@
-"""Command line: ``editfast edit | eval | undo | study``.
+"""Command line: ``editfast edit | eval | undo | study | train-mend``.
 
 Errors a user can cause print one line on stderr and exit with code 2 (an interruption: 130 for
 SIGINT, 143 for SIGTERM). Options, hyper-parameters and data are checked before the model loads.
@@ -128,6 +128,20 @@ def save_model_to(lm, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def post_processes(method: str, rect: float | None, norm_anchor: bool) -> dict:
+    """--rect / --norm-anchor as hyper-parameters; refused for a method that is not locate-then-edit."""
+    from .methods import METHODS, get_method
+    from .methods.base import LocateHParams
+
+    asked = {k: v for k, v in (("rect", rect), ("norm_anchor", norm_anchor or None)) if v is not None}
+    if asked and not issubclass(get_method(method).hparams_class, LocateHParams):
+        which = ", ".join(m.name for m in METHODS.values() if issubclass(m.hparams_class, LocateHParams))
+        flag = "--rect" if "rect" in asked else "--norm-anchor"
+        raise click.UsageError(f"{flag} post-processes a locate-then-edit method's update ({which}); "
+                               f"{method} is not one")
+    return asked
+
+
 def preflight(model: str, method: str, hparams_file, overrides: dict):
     """The hyper-parameters, resolved and checked against the model's config before its weights load."""
     from .hparams import check_layers, resolve_hparams
@@ -164,6 +178,13 @@ def preflight(model: str, method: str, hparams_file, overrides: dict):
 @click.option("--hparams", "hparams_file", type=click.Path(path_type=Path), default=None,
               help="YAML/JSON file of hyper-parameters (original ROME/MEMIT keys) over the model's preset.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override one hyper-parameter (repeatable).")
+@click.option("--rect", type=click.FloatRange(0, 1, min_open=True), default=None, metavar="FRACTION",
+              help="RECT: keep this fraction of each update's entries (largest relative change |ΔW/W|), zero the rest "
+                   "(locate-then-edit methods).")
+@click.option("--norm-anchor", is_flag=True, help="Hold every edited matrix's norm to its value before the first edit "
+                                                  "(locate-then-edit methods).")
+@click.option("--mend", "mend_dir", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="MEND: the editor network trained by 'editfast train-mend --out DIR' (hparam mend_dir).")
 @click.option("--templates", type=click.Choice(["generated", "fixed"]), default="generated", show_default=True,
               help="Context templates: sampled from the model with --seed, or a fixed set.")
 @click.option("--dtype", default="float32", show_default=True)
@@ -181,8 +202,9 @@ def preflight(model: str, method: str, hparams_file, overrides: dict):
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out (same options).")
 @force_option
 @click.option("--quiet", is_flag=True, help="No progress bars, logs or warnings.")
-def edit_cmd(method, n, model, dataset, offset, batch_size, seed, out, save_model, hparams_file, sets, templates,
-             dtype, device, no_eval, eval_tasks, eval_limit, eval_at, protocol, resume, force, quiet):
+def edit_cmd(method, n, model, dataset, offset, batch_size, seed, out, save_model, hparams_file, sets, rect,
+             norm_anchor, mend_dir, templates, dtype, device, no_eval, eval_tasks, eval_limit, eval_at, protocol, resume,
+             force, quiet):
     """Apply N edits from a dataset in sequential batches; report efficacy, paraphrase and neighbourhood
     scores, and with --eval-at the curve of abilities against the number of edits."""
     from .data import load_dataset
@@ -197,6 +219,8 @@ def edit_cmd(method, n, model, dataset, offset, batch_size, seed, out, save_mode
     if resume and force:
         raise click.UsageError("--resume and --force exclude each other")
     overrides = parse_overrides(sets)
+    overrides.update(post_processes(method, rect, norm_anchor))
+    overrides.update(trained_network(method, mend_dir))
     requests = load_dataset(dataset, n, offset=offset)
     if eval_tasks:
         from .eval.tasks import resolve_tasks
@@ -213,6 +237,7 @@ def edit_cmd(method, n, model, dataset, offset, batch_size, seed, out, save_mode
     if resume and not (out / "session.json").is_file():
         raise click.UsageError(f"--resume: {str(out)!r} holds no editfast run to continue")
     hp = preflight(model, method, hparams_file, overrides)
+    check_trained_network(hp)
     with OutputDir(out, resume=resume, force=force, keep=lambda d: Journal(d).exists()) as od:
         lm = load_model(model, dtype=dtype, device=device)
         session = EditSession(lm, method, requests, hparams=hp, batch_size=batch_size, seed=seed, templates=templates,
@@ -269,6 +294,88 @@ def curve_table(curve: dict) -> str:
         cells.append(f"{p['weights']['total']['l1']:.1f}")
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------------------------------- MEND
+# Methods with a trained editor network (MEND: hparam ``mend_dir``), and ``train-mend`` that trains one.
+
+
+def trained_network(method: str, mend_dir: Path | None) -> dict:
+    """--mend DIR as the hyper-parameter mend_dir; refused for a method without a trained network."""
+    import dataclasses
+
+    from .methods import METHODS, get_method
+
+    if mend_dir is None:
+        return {}
+    if "mend_dir" not in {f.name for f in dataclasses.fields(get_method(method).hparams_class)}:
+        which = ", ".join(m.name for m in METHODS.values()
+                          if "mend_dir" in {f.name for f in dataclasses.fields(m.hparams_class)})
+        raise click.UsageError(f"--mend gives the trained editor network of {which}; {method} has none")
+    return {"mend_dir": str(mend_dir)}
+
+
+def check_trained_network(hp) -> None:
+    """A trained network named by the hyper-parameters (--mend or --set mend_dir=) must exist and be
+    readable before the model loads (its model and shapes are checked once the model is loaded)."""
+    if getattr(hp, "mend_dir", None) is not None:
+        from .mend_net import read_meta
+
+        read_meta(hp.mend_dir)
+
+
+@cli.command("train-mend")
+@click.option("--model", default="smollm2-135m", show_default=True,
+              help="Model: HF directory, .gguf file, 'smollm2-135m' or 'random:<preset>'.")
+@click.option("--data", default="counterfact-train", show_default=True,
+              help="Training requests: counterfact-train (EasyEdit's train split without the 500 'counterfact' "
+                   "evaluation records), another dataset name, or a JSON/JSONL file of requests.")
+@out_option("Directory for mend.safetensors (the network) and mend.json (its description, held-out success).")
+@click.option("--steps", type=click.IntRange(1), default=1000, show_default=True,
+              help="Training iterations (one batch of train_batch_size edits each).")
+@click.option("--seed", type=SEEDS, default=0, show_default=True)
+@click.option("--heldout", type=click.IntRange(0), default=50, show_default=True,
+              help="The last HELDOUT requests of --data are not trained on: each is edited alone with the trained "
+                   "network to measure efficacy, paraphrase and neighbourhood success.")
+@click.option("--hparams", "hparams_file", type=click.Path(path_type=Path), default=None,
+              help="YAML/JSON file of MEND hyper-parameters over the model's preset.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override one hyper-parameter (repeatable).")
+@click.option("--device", default="cpu", show_default=True)
+@force_option
+@click.option("--quiet", is_flag=True, help="No progress bars, logs or warnings.")
+def train_mend_cmd(model, data, out, steps, seed, heldout, hparams_file, sets, device, force, quiet):
+    """Train MEND's editor network for a model (Mitchell et al., 2022) and save it for
+    'editfast edit --method mend --mend OUT'."""
+    from .data import load_dataset
+    from .hparams import parse_overrides
+    from .mend_net import train_and_save
+    from .models import load_model
+    from .outputs import OutputDir
+
+    overrides = parse_overrides(sets)
+    if "mend_dir" in overrides:
+        raise click.UsageError("mend_dir names a trained network to edit with; train-mend writes its network to --out")
+    hp = preflight(model, "mend", hparams_file, overrides)
+    requests = load_dataset(data)
+    if len(requests) - heldout < hp.train_batch_size:
+        raise click.UsageError(f"--data {data} has {len(requests)} requests: with --heldout {heldout}, fewer than the "
+                               f"{hp.train_batch_size} a training step needs are left to train on")
+    train, held = requests[: len(requests) - heldout], requests[len(requests) - heldout:]
+    with OutputDir(out, staged=True, force=force) as od:
+        lm = load_model(model, device=device)
+        info = {"name": str(data), "n_train": len(train), "heldout": heldout,
+                "heldout_case_ids": [r.case_id for r in held]}
+        meta = train_and_save(lm, train, held, hp, steps, seed, od.path, info, progress=not quiet)
+    t, h = meta["training"], meta["heldout"]
+    click.echo(f"trained {steps} steps ({t['optimizer_steps']} optimiser steps) in {t['seconds']:.0f}s "
+               f"({t['steps_per_s']:.2f} steps/s) on {len(train)} requests")
+    if h.get("n"):
+        keys = [k for k in ("efficacy_success", "paraphrase_success", "neighborhood_success", "rewrite_acc",
+                            "paraphrase_acc", "neighborhood_acc") if h["post"].get(k) is not None]
+        fmt = lambda x: "-" if x is None else f"{x:.3f}"
+        click.echo(f"held-out edits ({h['n']}, each alone): " + ", ".join(
+            f"{k.replace('_success', '')} {fmt(h['pre'].get(k))} -> {fmt(h['post'][k])}" for k in keys))
+    click.echo(f"network: {out / 'mend.safetensors'}")
 
 
 @cli.command("undo")

@@ -26,6 +26,7 @@ _CF_FULL_FILES = tuple(
 _DATASETS: dict[str, tuple[str, ...]] = {
     "counterfact": ("counterfact/counterfact_500.json",),
     "counterfact-full": _CF_FULL_FILES,
+    "counterfact-train": (_CF_FULL_FILES[0],),  # for training MEND: disjoint from "counterfact"
     "zsre": ("zsre/zsre_mend_train-1k.json",),
     "zsre-alt": ("zsre/zsre_mend_train-1k.json",),
 }
@@ -195,7 +196,10 @@ def load_dataset(name_or_path: str | os.PathLike[str], n: int | None = None, *, 
     in EasyEdit format sorted by case_id: 21,605 requests — of the 21,919 cases, 314 that rewrite
     the same subject and prompt as a lower case_id to a different target are skipped, see
     _data/datasets/SOURCES.md), "zsre" (1,000 MEND records, case_id = index, toward answers[0]),
-    "zsre-alt" (the same records toward their counterfactual "alt", as the 2024 study edits).
+    "zsre-alt" (the same records toward their counterfactual "alt", as the 2024 study edits),
+    "counterfact-train" (EasyEdit's train split in file order, for training editor networks such as
+    MEND's: the records whose case_id or subject is among the 500 of "counterfact" are removed, so
+    it is disjoint from the evaluation records, then conflicts as for counterfact-full: 9,669).
     Files: .json (a list of records), .jsonl, optionally .gz; the schema is detected per record
     (see `Request.from_dict`); records without case_id get their index in the file.
     The selected requests are checked with `validate_requests`.
@@ -214,6 +218,8 @@ def load_dataset(name_or_path: str | os.PathLike[str], n: int | None = None, *, 
             requests = [replace(r, target_new=rec["alt"]) for r, rec in zip(requests, records)]
         if name == "counterfact-full":
             requests = _drop_conflicts(requests)
+        if name == "counterfact-train":
+            requests = _drop_conflicts(_disjoint_from_eval(requests))
     else:
         path = Path(name).expanduser()
         if not path.is_file():
@@ -322,6 +328,13 @@ def _parse(records: list[Any], path: Path) -> list[Request]:
             r = replace(r, case_id=i)
         requests.append(r)
     return requests
+
+
+def _disjoint_from_eval(requests: list[Request]) -> list[Request]:
+    """Drop the requests that share a case_id or a subject with the 500 "counterfact" records."""
+    evals = _parse(_read_records(DATA_DIR / _DATASETS["counterfact"][0]), DATA_DIR / _DATASETS["counterfact"][0])
+    ids, subjects = {r.case_id for r in evals}, {r.subject for r in evals}
+    return [r for r in requests if r.case_id not in ids and r.subject not in subjects]
 
 
 def _drop_conflicts(requests: list[Request]) -> list[Request]:

@@ -8,7 +8,7 @@ from editfast.errors import DataError, RequestError
 
 
 def test_shipped_datasets_load_with_expected_counts():
-    assert dataset_names() == ["counterfact", "counterfact-full", "zsre", "zsre-alt"]
+    assert dataset_names() == ["counterfact", "counterfact-full", "counterfact-train", "zsre", "zsre-alt"]
     assert len(load_dataset("counterfact")) == 500
     full = load_dataset("counterfact-full")
     assert len(full) == 21_605  # 21,919 cases minus 314 conflicting ones (see SOURCES.md)
