@@ -252,15 +252,7 @@ def test_cli_edit_runs(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- SmolLM2, real facts
-KNOWN = [52, 72, 122, 154, 163, 204, 212, 233, 242, 312]  # tests/test_edit.py's known facts
-
-
-@pytest.fixture(scope="module")
-def smol():
-    try:
-        return load_model("smollm2-135m")
-    except editfast.EditfastError as e:
-        pytest.skip(str(e))
+from test_edit import KNOWN, smol  # noqa: E402,F401  (the known facts and the SmolLM2 fixture)
 
 
 @pytest.mark.slow

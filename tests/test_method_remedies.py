@@ -288,15 +288,7 @@ def test_rect_bad_input(capsys, tmp_path):
 
 
 # ---------------------------------------------------------------- efficacy on SmolLM2
-KNOWN = [52, 72, 122, 154, 163, 204, 212, 233, 242, 312]  # as test_edit.py
-
-
-@pytest.fixture(scope="module")
-def smol():
-    try:
-        return load_model("smollm2-135m")
-    except editfast.EditfastError as e:
-        pytest.skip(str(e))
+from test_edit import KNOWN, smol  # noqa: E402,F401  (the known facts and the SmolLM2 fixture)
 
 
 @pytest.mark.slow
