@@ -18,6 +18,7 @@ from pathlib import Path
 
 import click
 
+from .errors import Terminated, on_sigterm, raise_if_terminated, reset_terminated
 from .load import choose_wait_policy
 
 choose_wait_policy()  # before torch loads (the options below import it): see load.py
@@ -25,10 +26,6 @@ choose_wait_policy()  # before torch loads (the options below import it): see lo
 SEEDS = click.IntRange(0, 2**32 - 1)  # what every random generator editfast seeds accepts
 NOTES: list[str] = []  # said after an error or interruption (e.g. how to resume)
 ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that cleanup runs as for Ctrl-C."""
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -121,6 +118,7 @@ def save_model_to(lm, out: Path) -> None:
         tmp.chmod(0o755)
         for f in tmp.rglob("*"):
             f.chmod(0o755 if f.is_dir() else 0o644)
+        raise_if_terminated()  # SIGTERM during the save may have been swallowed (a __del__ ran it)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
@@ -510,19 +508,18 @@ def main(argv: list[str] | None = None) -> None:
     exit code 2; Ctrl-C exits 130 and SIGTERM 143, after the same cleanup."""
     from .errors import EditfastError
 
-    def terminate(signum, frame):
-        raise Terminated()
-
     quiet = "--quiet" in (argv if argv is not None else sys.argv[1:])
     if quiet:
         quiet_libraries()
     NOTES.clear()
+    reset_terminated()
     try:
-        previous = signal.signal(signal.SIGTERM, terminate)
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
     except ValueError:  # not the main thread: leave SIGTERM alone
         previous = None
     try:
         cli.main(args=argv, standalone_mode=False, prog_name="editfast")
+        raise_if_terminated()
     except (click.exceptions.Abort, KeyboardInterrupt):
         fail("; ".join(["interrupted"] + NOTES), 130)
     except Terminated:

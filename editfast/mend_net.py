@@ -40,15 +40,24 @@ trainer.py, losses.py; the same code in zjunlp/EasyEdit trainer/algs/MEND.py), w
   (divided by accumulate_bs) and the optimisers step when ``iteration > 0 and iteration %
   accumulate_bs == 0`` (the first step therefore sums accumulate_bs + 1 edits), after clipping the
   gradient norm at grad_clip; a step whose gradient has NaN/Inf is not accumulated.
+- Q7 validation: every ``val_interval`` iterations (counted from 0, after that iteration's step) on
+  ``val_steps`` requests kept out of training, with the loss cedit·NLL + cloc·KL; the network of
+  the best validation loss is the one kept (the original's early-stopping key
+  "loss/total_edit_val"; its patience of 20,000 iterations is not reproduced).
 
-Deviations (for a CPU tool): the original validates every 5,000 iterations and keeps the best
-checkpoint (early stopping on 20,000); here training runs ``steps`` iterations and keeps the last
-network, then measures edit success on held-out requests. The edited forward of training adds
-x·Ũᵀ·D̃ to the layer's output instead of building W + ΔW (the same function, cheaper). The
-locality KL is taken at the positions that predict the locality answer's tokens (EasyEdit's
-CounterFact loader gives the answer mask; its slicing is one position off, not reproduced).
-The network, its running statistics and the learned rates are saved as safetensors with a JSON
-side file; nothing is pickled.
+Deviations (for a CPU tool): the last iteration is validated too (the original drops the
+iterations after its last validation); held-out requests, never trained or validated on, are
+then each edited alone to measure edit success (``heldout_success``). The edited forward of
+training runs only the layers from the lowest edited one up (``Above``; the layers below are the
+same before and after the edit, and run once per step for all its rows) and adds x·Ũᵀ·D̃ to each
+edited layer's output instead of building W + ΔW (the same function, cheaper); the LM head runs
+only at the scored positions. The locality KL is taken, as the original does for decoder-only
+models, at every token of the locality prompt (its attention mask); ``loc_kl_positions="answer"``
+takes it at the positions predicting the locality answer only, as EasyEdit's CounterFact loader
+(whose slicing is one position off, not reproduced). Training data (EasyEdit's CounterFact
+records): the edit on the prompt, its loss on the paraphrase (the original's "rephrase"), the
+locality on the neighbourhood prompt with its true answer. The network, its running statistics
+and the learned rates are saved as safetensors with a JSON side file; nothing is pickled.
 """
 
 from __future__ import annotations
@@ -491,7 +500,11 @@ def mend_step(lm, net: MENDNet, above: "Above", chosen: Sequence[Request], pool:
                               torch.cat([batch.attention_mask[:n], batch.attention_mask[2 * n:]]),
                               torch.cat([batch.labels[:n], torch.full_like(batch.labels[2 * n:], -100)]))
     h_el = None if h is None else torch.cat([h[:n], h[2 * n:]])
-    keep = scored_columns(batch)
+    # the locality KL: at every token of the locality rows (the original, decoder-only), or at the
+    # positions that predict its answer (EasyEdit's CounterFact loader)
+    every = hp.loc_kl_positions == "all"
+    keep = torch.arange(batch.input_ids.shape[1], device=batch.input_ids.device) if every else scored_columns(batch)
+    loc_mask = batch.attention_mask[2 * n:, keep].bool() if every else batch.labels[2 * n:, keep] != -100
     grads, pre_loss, pre_logits = capture(lm, net.sites, edit_and_loc, lambda b, k: above.logits(b, h_el, k), keep)
     grads = {w: (u[:n], d[:n]) for w, (u, d) in grads.items()}
     base = pre_logits[n:]
@@ -501,7 +514,7 @@ def mend_step(lm, net: MENDNet, above: "Above", chosen: Sequence[Request], pool:
         with added_lowrank(lm, net.sites, fac):
             post = above.logits(rows(batch, rest), None if h is None else h[rest], keep)
         l_edit = target_nll(post[:n], labels[n: 2 * n])
-        l_loc = kl_loc(base, post[n:], labels[2 * n:] != -100)
+        l_loc = kl_loc(base, post[n:], loc_mask)
         total = hp.cedit * l_edit + hp.cloc * l_loc
     return pre_loss, l_edit, l_loc, total
 

@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from .errors import EditfastError
+from .errors import EditfastError, Terminated, terminated
 
 try:
     import fcntl
@@ -82,13 +82,16 @@ class OutputDir:
         return self
 
     def __exit__(self, kind, value, tb) -> None:
+        swallowed = kind is None and terminated()  # SIGTERM whose exception Python dropped (in a __del__)
         try:
-            if kind is None and self.staged:
+            if kind is None and self.staged and not swallowed:
                 self._publish()
-            elif kind is not None:
+            elif kind is not None or swallowed:
                 self._rollback()
         finally:
             self._release()
+        if swallowed:
+            raise Terminated()
 
     def start(self) -> None:
         """The work begins: with ``force``, an appending run empties OUT now."""

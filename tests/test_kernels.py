@@ -191,7 +191,9 @@ def test_lowrank_update_conv1d_orientation(dtype):
     check_one_rounding(Wc.T, W0.T, U, V, 1.0)
     Wc2 = W0.clone()
     lowrank_update_(Wc2, V, U, 1.0, force_triton=True, block_m=32, block_k=32)
-    assert torch.equal(Wc, Wc2)
+    check_one_rounding(Wc2, W0, V, U, 1.0)  # both ways one rounding from the exact update
+    if dtype != torch.float32:  # and the same bits nearly everywhere (fp32: the dot's summation
+        assert (Wc != Wc2).float().mean() < 0.01  # order may follow the layout in the last bits)
 
 
 def test_lowrank_update_factor_dtypes_and_strides():

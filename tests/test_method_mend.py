@@ -208,14 +208,14 @@ def test_train_mend_same_seed_same_network():
     assert all(torch.equal(nets[0][k], nets[1][k]) for k in nets[0])
 
 
-@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-llama"])
-def test_training_from_the_first_edited_layer_equals_full_forwards(preset, monkeypatch):
+@pytest.mark.parametrize("preset,loc", [("tiny-gpt2", "answer"), ("tiny-llama", "all")])
+def test_training_from_the_first_edited_layer_equals_full_forwards(preset, loc, monkeypatch):
     """Training runs the layers below the first edited one once per step (they do not change):
     the same network, bit for bit, as full forward passes."""
     import editfast.mend_net as mn
 
     lm = load_model(f"random:{preset}")
-    hp = make_hparams("mend", editfast.methods.get_method("mend").presets["tiny"])
+    hp = make_hparams("mend", {**editfast.methods.get_method("mend").presets["tiny"], "loc_kl_positions": loc})
     reqs = load_dataset("counterfact-train", 20)
     fast = mn.train_mend(lm, reqs, hp, 3, seed=0, progress=False)[0].state_dict()
     full_init = mn.Above.__init__
@@ -345,20 +345,23 @@ def test_shipped_network_records_how_to_reproduce_it():
     assert len(load_dataset("counterfact-train")) - doc["data"]["heldout"] == doc["data"]["n_train"]
 
 
-# Measured with the shipped network (README "MEND"): each known fact alone, efficacy 4/10 (P(new) 0.008 ->
-# 0.36 on average), paraphrase magnitude -0.15 -> +0.10, neighbourhood 0.80 -> 0.56.
+# Measured with the shipped network (README "MEND"). Each known fact alone: efficacy 6/10, P(new) 0.008 ->
+# 0.46 on average (magnitude -0.21 -> +0.38), paraphrase magnitude -0.15 -> +0.16, neighbourhood 0.80 ->
+# 0.55. The ten one after another, measured after the last: efficacy 4/10, P(new) 0.23, P(true) 0.22 ->
+# 0.11, neighbourhood 0.80 -> 0.66.
 @pytest.mark.slow
-def test_mend_known_facts_each_alone_with_the_shipped_network(pristine):
-    """`editfast edit --method mend` on SmolLM2 takes the shipped network. The original's protocol:
-    each fact edited alone from the unedited model and measured right after (MEND's single edits
-    do not survive many sequential ones: see the README)."""
+def test_mend_known_facts_with_the_shipped_network(pristine):
+    """`editfast edit --method mend` on SmolLM2 takes the shipped network. The original's protocol,
+    each fact edited alone from the unedited model and measured right after; then the session's,
+    the ten one after another (batches of 1)."""
     lm = pristine
     data = load_dataset("counterfact")
+    reqs = [data[i] for i in KNOWN]
     names = [s.weight for s in mlp_sites(lm, [27, 28, 29])]
     base = {n: weight_param(lm.model, n)[0].detach().clone() for n in names}
     pre, post = [], []
-    for i in KNOWN:
-        res = editfast.edit(lm, [data[i]], method="mend", seed=0, progress=False)
+    for r in reqs:
+        res = editfast.edit(lm, [r], method="mend", seed=0, progress=False)
         assert sorted(u.weight for u in res.journal[0]) == sorted(names)
         assert all(isinstance(u, LowRank) and u.rank <= 20 for u in res.journal[0])
         pre.append(res.per_request[0]["pre"])
@@ -369,6 +372,13 @@ def test_mend_known_facts_each_alone_with_the_shipped_network(pristine):
     mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
     print({k: (mean(pre, k), mean(post, k)) for k in pre[0] if k != "case_id"})
     assert mean(post, "p_new") >= 10 * mean(pre, "p_new")
-    assert mean(post, "efficacy_success") >= 0.3 and mean(post, "efficacy_magnitude") >= 0.15
-    assert mean(post, "paraphrase_magnitude") >= mean(pre, "paraphrase_magnitude") + 0.15
+    assert mean(post, "efficacy_success") >= 0.4 and mean(post, "efficacy_magnitude") >= 0.2
+    assert mean(post, "paraphrase_magnitude") >= mean(pre, "paraphrase_magnitude") + 0.2
     assert mean(post, "neighborhood_success") >= mean(pre, "neighborhood_success") - 0.35
+    res = editfast.edit(lm, reqs, method="mend", seed=0, progress=False)
+    s_pre, s_post = res.summary["pre"], res.summary["post"]
+    print("sequential", s_pre, s_post)
+    assert len(res.journal) == 10
+    assert s_post["efficacy_success"] >= 0.3 and s_post["p_new"] >= 10 * s_pre["p_new"]
+    assert s_post["p_true"] >= 0.1 * s_pre["p_true"]  # the model still works after ten edits
+    assert s_post["neighborhood_success"] >= s_pre["neighborhood_success"] - 0.3
