@@ -15,12 +15,11 @@ styles are the original's GPT-J file (30/0.2/1/0.75) and EasyEdit's Llama-2 file
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
-from tune_preset import known_facts  # bench/ is the script's directory
+from tune_preset import known_facts, report, write_rows  # bench/ is the script's directory
 
 from editfast.data import load_dataset
 from editfast.hparams import resolve_hparams
@@ -83,17 +82,9 @@ def main() -> None:
                 with torch.no_grad():
                     for l, w in saved.items():
                         lm.adapter.rewrite_weight(lm.model, l).copy_(w)
-            s = summarize(post)
-            row = {**setting, "lambda": lam, "efficacy": s["efficacy_success"], "paraphrase": s["paraphrase_success"],
-                   "neighbourhood": s["neighborhood_success"], "neighbourhood_pre": pre["neighborhood_success"],
-                   "neighbourhood_magnitude": s["neighborhood_magnitude"],
-                   "neighbourhood_magnitude_pre": pre["neighborhood_magnitude"], "z_seconds": round(z_s, 1),
-                   "z_steps": steps_done}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            report(rows, {**setting, "lambda": lam}, summarize(post), pre, z_seconds=round(z_s, 1),
+                   z_steps=steps_done)
+    write_rows(rows, args.json)
 
 
 if __name__ == "__main__":

@@ -107,16 +107,24 @@ def main() -> None:
                 with torch.no_grad():
                     for l, w in saved.items():
                         lm.adapter.rewrite_weight(lm.model, l).copy_(w)
-            s = summarize(post)
-            row = {"method": args.method, "clamp": clamp, args.key: lam, "efficacy": s["efficacy_success"],
-                   "paraphrase": s["paraphrase_success"], "neighbourhood": s["neighborhood_success"],
-                   "neighbourhood_pre": pre["neighborhood_success"],
-                   "neighbourhood_magnitude": s["neighborhood_magnitude"],
-                   "neighbourhood_magnitude_pre": pre["neighborhood_magnitude"], "z_seconds": z_s}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
+            report(rows, {"method": args.method, "clamp": clamp, args.key: lam}, summarize(post), pre,
+                   z_seconds=z_s)
+    write_rows(rows, args.json)
+
+
+def report(rows: list, setting: dict, s: dict, pre: dict, **extra) -> None:
+    """One tuning row (the setting, held-out success after the edit, neighbourhood before), printed."""
+    row = {**setting, "efficacy": s["efficacy_success"], "paraphrase": s["paraphrase_success"],
+           "neighbourhood": s["neighborhood_success"], "neighbourhood_pre": pre["neighborhood_success"],
+           "neighbourhood_magnitude": s["neighborhood_magnitude"],
+           "neighbourhood_magnitude_pre": pre["neighborhood_magnitude"], **extra}
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def write_rows(rows: list, path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
             json.dump(rows, f, indent=1)
 
 

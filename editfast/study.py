@@ -224,6 +224,7 @@ def report_md(doc: dict) -> str:
            f"Measured in {doc['seconds'] / 60:.1f} min. Values: headline metric ± standard error at each number of "
            "edits (columns).", ""]
     tasks = list(dict.fromkeys(t for l in lines for p in l["points"] for t in p.get("tasks", {})))
+    out += comparison_md(lines, tasks)
     for t in tasks:
         edits = sorted({p["edits"] for l in lines for p in l["points"] if t in p.get("tasks", {})})
         first = next(p["tasks"][t] for l in lines for p in l["points"] if t in p.get("tasks", {}))
@@ -245,3 +246,28 @@ def report_md(doc: dict) -> str:
                        + " |")
         out.append("")
     return "\n".join(out)
+
+
+def comparison_md(lines: list[dict], tasks: list[str]) -> list[str]:
+    """One row per run: unedited -> its last checkpoint, for the edit success rates, each task's
+    headline metric and the weights' drift, with the seconds per edit (editing only)."""
+    rates: list[str] = []
+    for l in lines:
+        for k in (l["points"][-1].get("edit_metrics") or {}):
+            if k.endswith(("_success", "_acc")) and k not in rates:
+                rates.append(k)
+    cols = [k.removesuffix("_success").removesuffix("_acc") for k in rates] + tasks
+    out = ["## Comparison: unedited → last checkpoint", "",
+           "| run | edits | s / edit | " + " | ".join(cols) + " | ‖W − W₀‖₁ |", "|---|" + "---|" * (len(cols) + 3)]
+    pair = lambda a, b, f: "-" if a is None or b is None else f"{a:{f}} → {b:{f}}"
+    for l in lines:
+        first, last = l["points"][0], l["points"][-1]
+        em0, em1 = first.get("edit_metrics") or {}, last.get("edit_metrics") or {}
+        task = lambda p, t: (lambda r: None if r is None else r["metrics"][r["primary"]])(p.get("tasks", {}).get(t))
+        drift = last.get("weights", {}).get("total", {}).get("l1")
+        per_edit = last["seconds"] / last["edits"] if last["edits"] and last.get("seconds") is not None else None
+        out.append(f"| {l['label']} | {last['edits']} | {'-' if per_edit is None else f'{per_edit:.2f}'} | "
+                   + " | ".join([pair(em0.get(k), em1.get(k), ".2f") for k in rates]
+                                + [pair(task(first, t), task(last, t), ".3f") for t in tasks])
+                   + f" | {'-' if drift is None else f'{drift:.3g}'} |")
+    return out + [""]

@@ -284,7 +284,18 @@ def test_study_runs_the_grid(tmp_path, capsys):
         assert {"sst2", "wikitext"} == set(line["points"][-1]["tasks"])
         assert "stderr" in line["points"][-1]["tasks"]["sst2"]
     assert {p.split("/")[-1] for p in doc["plots"]} >= {"sst2.png", "wikitext.png", "weights.png"}
-    assert "## sst2" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "## sst2" in report
+    # the comparison: one row per run, unedited -> last checkpoint, as study.json has it
+    rows = {r.split(" | ")[0].lstrip("| "): r.split(" | ") for r in report.split("## Comparison")[1].split("\n## ")[0].splitlines()
+            if r.startswith("| ") and "---" not in r}
+    header = rows.pop("run")
+    assert set(rows) == set(labels)
+    first, last = doc["lines"][0]["points"][0], doc["lines"][0]["points"][-1]
+    row = dict(zip(header, rows["rome · one at a time"]))
+    sst2 = lambda p: p["tasks"]["sst2"]["metrics"]["accuracy"]
+    assert row["edits"] == "2" and row["sst2"] == f"{sst2(first):.3f} → {sst2(last):.3f}"
+    assert row["s / edit"] == f"{last['seconds'] / 2:.2f}"
     # every session's unedited evaluation after the first came from the cache
     cached = [s["curve"]["points"][0]["tasks"]["sst2"].get("cached") for s in doc["sessions"]]
     assert cached[0] is None and all(cached[1:])

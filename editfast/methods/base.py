@@ -4,7 +4,8 @@
                                 template shape, sites(), prepare() -> State, edit() -> [Update]
     LocateThenEdit(Method)      targets z (batched) -> keys per layer -> solve -> post-process -> apply
                                 MEMIT, ROME, r-ROME, EMMET, AlphaEdit override ``solve`` (and
-                                ``trace_targets``; AlphaEdit its state after a batch).
+                                ``trace_targets``; AlphaEdit its state after a batch); PMET
+                                ``optimize`` too (two sites optimised together).
     LocateHParams               their hyper-parameters, with the post-processes every locate-then-edit
                                 method offers: RECT (``rect``) and the norm anchor (``norm_anchor``).
 
@@ -163,18 +164,28 @@ class LocateThenEdit(Method):
                 trace["targets_s"] = trace.get("targets_s", 0.0) + step.get("targets_s", 0.0)
         return updates
 
-    def _edit_chunk(self, lm, requests, hp, state, templates, targets, trace, backend, progress):
-        adapter, model = lm.adapter, lm.model
+    def optimize(self, lm, requests, hp, templates: list[list[str]], trace: dict | None = None, backend: str = "fast",
+                 progress: bool = False) -> torch.Tensor:
+        """The targets z [d_model, n] of ``requests`` at :meth:`z_site` (all requests optimised in one
+        batch on the fast backend); ``trace`` receives the initial values, deltas, losses and seconds."""
+        trace = {} if trace is None else trace
         flat = [t for g in templates for t in g]
         z_site, z_layer = self.z_site(lm, hp)
+        t0 = time.perf_counter()
+        loss_layer = hp.loss_layer(lm.adapter.num_layers(lm.model))
+        res = optimize_targets(lm, list(requests), hp, flat, z_site, z_layer, loss_layer, backend=backend,
+                               progress=progress)
+        trace["targets_s"] = trace.get("targets_s", 0.0) + time.perf_counter() - t0
+        self.trace_targets(trace, torch.stack([x.target_init for x in res], 1),
+                           torch.stack([x.delta for x in res], 1), [x.losses for x in res])
+        return torch.stack([x.target for x in res], 1)
+
+    def _edit_chunk(self, lm, requests, hp, state, templates, targets, trace, backend, progress):
+        adapter = lm.adapter
+        flat = [t for g in templates for t in g]
+        z_site, _ = self.z_site(lm, hp)
         if targets is None:
-            t0 = time.perf_counter()
-            res = optimize_targets(lm, requests, hp, flat, z_site, z_layer, hp.loss_layer(adapter.num_layers(model)),
-                                   backend=backend, progress=progress)
-            trace["targets_s"] = trace.get("targets_s", 0.0) + time.perf_counter() - t0
-            targets = torch.stack([x.target for x in res], 1)
-            self.trace_targets(trace, torch.stack([x.target_init for x in res], 1),
-                               torch.stack([x.delta for x in res], 1), [x.losses for x in res])
+            targets = self.optimize(lm, requests, hp, templates, trace, backend, progress)
         n = len(requests)
         read = self.reader(lm, requests, flat, backend)
         updates = []

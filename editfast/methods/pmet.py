@@ -178,12 +178,6 @@ class PMET(LocateThenEdit):
                      losses=[x.losses for x in res])
         return init[1] + delta[1]
 
-    def _edit_chunk(self, lm, requests, hp, state, templates, targets, trace, backend, progress):
-        # the pipeline's own target step optimises one site; PMET's two-site step replaces it
-        if targets is None:
-            targets = self.optimize(lm, requests, hp, templates, trace, backend, progress)
-        return super()._edit_chunk(lm, requests, hp, state, templates, targets, trace, backend, progress)
-
     def solve(self, lm, x, hp, state, backend, trace):
         tgt = x.targets - x.cur
         adj_k = state.moments[x.layer].adj_keys(x.keys, hp.mom2_update_weight, backend)
