@@ -208,10 +208,20 @@ def merge_lines(sessions: list[dict]) -> list[dict]:
     return list(lines.values())
 
 
+def _headline(r: dict | None) -> float | None:
+    """A task result's headline metric (None where the task did not run)."""
+    return None if r is None else r["metrics"][r["primary"]]
+
+
+def _drift(p: dict) -> float | None:
+    """‖W − W₀‖₁ over the edited matrices at a checkpoint."""
+    return p.get("weights", {}).get("total", {}).get("l1")
+
+
 def _fmt(r: dict | None) -> str:
     if r is None:
         return "-"
-    v, se = r["metrics"][r["primary"]], (r.get("stderr") or {}).get(r["primary"])
+    v, se = _headline(r), (r.get("stderr") or {}).get(r["primary"])
     return f"{v:.3f}" + (f" ± {se:.3f}" if se is not None and se == se else "")
 
 
@@ -237,8 +247,7 @@ def report_md(doc: dict) -> str:
     edits = sorted({p["edits"] for l in lines for p in l["points"]})
     for title, get in (("Edit success (first edit metric: efficacy or rewrite accuracy, of the facts edited so far)",
                         lambda p: (headline_edit_metric(p.get("edit_metrics")) or (None, None))[1]),
-                       ("Weight drift ‖W − W₀‖₁ over the edited matrices",
-                        lambda p: p.get("weights", {}).get("total", {}).get("l1"))):
+                       ("Weight drift ‖W − W₀‖₁ over the edited matrices", _drift)):
         out += [f"## {title}", "", "| run | " + " | ".join(map(str, edits)) + " |", "|---|" + "---|" * len(edits)]
         for l in lines:
             by = {p["edits"]: get(p) for p in l["points"]}
@@ -263,8 +272,8 @@ def comparison_md(lines: list[dict], tasks: list[str]) -> list[str]:
     for l in lines:
         first, last = l["points"][0], l["points"][-1]
         em0, em1 = first.get("edit_metrics") or {}, last.get("edit_metrics") or {}
-        task = lambda p, t: (lambda r: None if r is None else r["metrics"][r["primary"]])(p.get("tasks", {}).get(t))
-        drift = last.get("weights", {}).get("total", {}).get("l1")
+        task = lambda p, t: _headline(p.get("tasks", {}).get(t))
+        drift = _drift(last)
         per_edit = last["seconds"] / last["edits"] if last["edits"] and last.get("seconds") is not None else None
         out.append(f"| {l['label']} | {last['edits']} | {'-' if per_edit is None else f'{per_edit:.2f}'} | "
                    + " | ".join([pair(em0.get(k), em1.get(k), ".2f") for k in rates]

@@ -368,9 +368,7 @@ def test_subsampling_is_deterministic():
 def test_all_tasks_both_protocols_on_smollm2(smol, protocol):
     import math
 
-    from editfast.eval.runner import evaluate
-
-    from editfast.eval.runner import EvalPlan
+    from editfast.eval.runner import EvalPlan, evaluate
 
     eight = ["gsm8k", "rte", "nq", "boolq", "mutual", "samsum", "conll03", "sst2"]
     if protocol == "paper":  # WikiText's requests do not depend on the protocol: scored once, under "standard"

@@ -287,8 +287,8 @@ def test_study_runs_the_grid(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "## sst2" in report
     # the comparison: one row per run, unedited -> last checkpoint, as study.json has it
-    rows = {r.split(" | ")[0].lstrip("| "): r.split(" | ") for r in report.split("## Comparison")[1].split("\n## ")[0].splitlines()
-            if r.startswith("| ") and "---" not in r}
+    table = report.split("## Comparison")[1].split("\n## ")[0].splitlines()
+    rows = {r.split(" | ")[0].lstrip("| "): r.split(" | ") for r in table if r.startswith("| ") and "---" not in r}
     header = rows.pop("run")
     assert set(rows) == set(labels)
     first, last = doc["lines"][0]["points"][0], doc["lines"][0]["points"][-1]
