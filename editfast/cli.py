@@ -65,6 +65,31 @@ def out_option(help: str):
     return click.option("--out", "out", type=click.Path(file_okay=False), callback=check, required=True, help=help)
 
 
+class DeviceType(click.ParamType):
+    """--device: cpu, cuda, cuda:N or mps (checked here, so a typo never waits for the model)."""
+
+    name = "device"
+    CHOICES = "cpu|cuda|cuda:N|mps"
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return f"[{self.CHOICES}]"
+
+    def convert(self, value, param, ctx):
+        import re
+
+        text = str(value).strip().lower()
+        if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", text):
+            self.fail(f"{value!r} is not a device; choose from {self.CHOICES.replace('|', ', ')}", param, ctx)
+        return text
+
+
+# One option, one meaning and one unit wherever it appears.
+dtype_option = click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+                            show_default=True, help="Weights' dtype.")
+device_option = click.option("--device", type=DeviceType(), default="cpu", show_default=True,
+                             help="Where the model runs.")
+
+
 force_option = click.option("--force", is_flag=True, help="Replace what --out holds (only once every check passed).")
 
 
@@ -185,8 +210,8 @@ def preflight(model: str, method: str, hparams_file, overrides: dict):
               help="MEND: the editor network trained by 'editfast train-mend --out DIR' (hparam mend_dir).")
 @click.option("--templates", type=click.Choice(["generated", "fixed"]), default="generated", show_default=True,
               help="Context templates: sampled from the model with --seed, or a fixed set.")
-@click.option("--dtype", default="float32", show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@dtype_option
+@device_option
 @click.option("--no-eval", is_flag=True, help="Skip the edit metrics.")
 @click.option("--eval", "eval_tasks", default=None, metavar="TASKS",
               help="Also evaluate general abilities (all, or e.g. gsm8k,rte): before and after editing, or at "
@@ -338,7 +363,7 @@ def check_trained_network(hp) -> None:
 @click.option("--hparams", "hparams_file", type=click.Path(path_type=Path), default=None,
               help="YAML/JSON file of MEND hyper-parameters over the model's preset.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override one hyper-parameter (repeatable).")
-@click.option("--device", default="cpu", show_default=True)
+@device_option
 @force_option
 @click.option("--quiet", is_flag=True, help="No progress bars, logs or warnings.")
 def train_mend_cmd(model, data, out, steps, seed, heldout, hparams_file, sets, device, force, quiet):
@@ -463,14 +488,16 @@ def study_cmd(config, out, profile, resume, force, quiet):
 @click.option("--limit", type=click.IntRange(1), default=None,
               help="Examples per task (deterministic subsample by --seed).")
 @click.option("--seed", type=SEEDS, default=0, show_default=True)
-@click.option("--batch-size", "batch_tokens", default="auto", show_default=True,
-              help="Tokens per batch, or 'auto' (the largest that fits).")
+@click.option("--batch-tokens", "batch_tokens", default="auto", show_default=True,
+              help="Tokens per forward batch, or 'auto' (the largest that fits).")
+@click.option("--batch-size", "old_batch_size", default=None, hidden=True, expose_value=True)
 @out_option("Directory for eval.json, report.md, tasks/ (and change.png with --edits).")
-@click.option("--dtype", default="float32", show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@dtype_option
+@device_option
 @force_option
 @click.option("--quiet", is_flag=True, help="No progress bars, logs or warnings.")
-def eval_cmd(model, edits, tasks, protocol, limit, seed, batch_tokens, out, dtype, device, force, quiet):
+def eval_cmd(model, edits, tasks, protocol, limit, seed, batch_tokens, old_batch_size, out, dtype, device, force,
+             quiet):
     """Measure general abilities (eight task categories + WikiText perplexity)."""
     from .api import load_journal
     from .eval.runner import evaluate, markdown_table, write_report
@@ -479,12 +506,15 @@ def eval_cmd(model, edits, tasks, protocol, limit, seed, batch_tokens, out, dtyp
     from .outputs import OutputDir
     from .update import apply_update
 
+    if old_batch_size is not None:  # edit's --batch-size counts edits; eval's unit is tokens, under its own name
+        raise click.UsageError(f"eval's --batch-size is now --batch-tokens (tokens per forward batch, or 'auto'): "
+                               f"use --batch-tokens {old_batch_size}")
     if batch_tokens != "auto":
         try:
             batch_tokens = int(batch_tokens)
             assert batch_tokens > 0
         except (ValueError, AssertionError):
-            raise click.UsageError(f"--batch-size must be 'auto' or a positive number, got {batch_tokens!r}")
+            raise click.UsageError(f"--batch-tokens must be 'auto' or a positive number, got {batch_tokens!r}")
     resolve_tasks(tasks)
     if edits is not None and not (edits / "journal.safetensors").is_file():  # (an old-format run needs the model)
         load_journal(edits)  # the run's files, whole, before the model loads

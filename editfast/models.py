@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import shutil
 import struct
 import tempfile
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -314,13 +315,17 @@ def _load_error(e: BaseException) -> bool:
 
 @contextmanager
 def _hf_errors_only():
-    """Silence transformers' warnings (its multi-line load report becomes editfast's own error)."""
+    """Silence transformers' warnings (its multi-line load report becomes editfast's own error).
+    Where transformers' progress bars are off (``--quiet``), the bars it draws with plain tqdm
+    (GGUF de-quantisation) are kept off stderr too."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    bars = nullcontext() if hf_logging.is_progress_bar_enabled() else redirect_stderr(io.StringIO())
     try:
-        yield
+        with bars:
+            yield
     finally:
         hf_logging.set_verbosity(level)
 

@@ -306,7 +306,7 @@ class EditSession:
             return
         t = time.perf_counter()
         if self.templates is None:
-            self.templates = self.method.templates(self.lm, self.hp, self.seed, self.template_mode)
+            self.templates = self.method.templates(self.lm, self.hp, self.seed, self.template_mode, self.progress)
         self.timings["templates_s"] = time.perf_counter() - t
         t = time.perf_counter()
         self.state = self.method.prepare(self.lm, self.hp, progress=self.progress)

@@ -21,8 +21,9 @@ FIXED = ["The following is a true statement. {}", "Therefore, it is known. {}", 
 
 
 @torch.no_grad()
-def sample_prefixes(lm, n_per_starter: int, length: int, seed: int) -> list[str]:
-    """``n_per_starter`` texts per starter word, ``length`` tokens in all, top-k 5 sampling."""
+def sample_prefixes(lm, n_per_starter: int, length: int, seed: int, bar=None) -> list[str]:
+    """``n_per_starter`` texts per starter word, ``length`` tokens in all, top-k 5 sampling.
+    ``bar`` (a tqdm bar, optional) advances by one per generated token step."""
     from .compat import cache_kwargs, output_cache
 
     model, tok = lm.model, lm.tokenizer
@@ -41,6 +42,8 @@ def sample_prefixes(lm, n_per_starter: int, length: int, seed: int) -> list[str]
             pick = torch.multinomial((top_p / top_p.sum(-1, keepdim=True)).cpu(), 1, generator=gen).to(device)
             step_in = top_i.gather(1, pick)
             ids = torch.cat([ids, step_in], 1)
+            if bar is not None:
+                bar.update(1)
         for row in ids:
             text = tok.decode(row, skip_special_tokens=True)
             out.append(text.replace("{", " ").replace("}", " ") + ". {}")
@@ -50,7 +53,8 @@ def sample_prefixes(lm, n_per_starter: int, length: int, seed: int) -> list[str]
 SHAPES = ("groups", "flat")
 
 
-def context_templates(lm, shape: str, hp, seed: int = 0, mode: str = "generated") -> list[list[str]]:
+def context_templates(lm, shape: str, hp, seed: int = 0, mode: str = "generated",
+                      progress: bool = False) -> list[list[str]]:
     """Template groups of a method's ``shape``, generated from the model with ``seed`` or ``fixed``.
 
     "groups" (MEMIT): [["{}"], five prefixes of 10 tokens], each group weighted equally in the key
@@ -62,9 +66,17 @@ def context_templates(lm, shape: str, hp, seed: int = 0, mode: str = "generated"
         return [["{}"], list(FIXED)] if shape == "groups" else [["{}", *FIXED]]
     if mode != "generated":
         raise EditfastError(f"context template mode must be 'generated' or 'fixed', got {mode!r}")
-    if shape == "groups":
-        return [["{}"], sample_prefixes(lm, 1, 10, seed)]
-    flat = ["{}"]
-    for i, (length, count) in enumerate(getattr(hp, "context_template_length_params", [[5, 10], [10, 10]])):
-        flat += sample_prefixes(lm, max(1, count // len(STARTERS)), length, seed + i)
-    return [flat]
+    from tqdm.auto import tqdm
+
+    def steps(length: int) -> int:  # generation steps of one sample_prefixes call (one per starter and token)
+        return len(STARTERS) * max(0, length - 1)
+
+    params = [[10, 1]] if shape == "groups" else getattr(hp, "context_template_length_params", [[5, 10], [10, 10]])
+    with tqdm(total=sum(steps(length) for length, _ in params), unit="step", desc="context templates",
+              leave=False, disable=not progress) as bar:
+        if shape == "groups":
+            return [["{}"], sample_prefixes(lm, 1, 10, seed, bar)]
+        flat = ["{}"]
+        for i, (length, count) in enumerate(params):
+            flat += sample_prefixes(lm, max(1, count // len(STARTERS)), length, seed + i, bar)
+        return [flat]

@@ -114,3 +114,26 @@ def test_out_dir_is_a_file(tmp_path, capsys):
 def test_entry_point_help():
     res = subprocess.run([sys.executable, "-m", "editfast.cli", "edit", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "--method" in res.stdout and "--batch-size" in res.stdout
+
+
+def test_quiet_is_quiet_and_progress_is_shown(tmp_path, capsys):
+    """--quiet: nothing on stderr, not even the bar transformers draws while de-quantising a GGUF.
+    Without it, template generation (minutes on a 7B model) shows its progress."""
+    from test_models import _write_llama_gguf
+
+    from editfast.models import load_model
+    from editfast.templates import context_templates
+
+    lm = load_model("random:tiny-llama", seed=1)
+    _write_llama_gguf(lm.model, tmp_path / "tiny.gguf")
+    code, stdout, err = run(["eval", "--model", str(tmp_path / "tiny.gguf"), "--tasks", "sst2", "--limit", "2",
+                             "--quiet", "--out", str(tmp_path / "out")], capsys)
+    assert code == 0 and "sst2" in stdout and err == ""
+    templates = context_templates(lm, "groups", None, seed=0, progress=True)
+    assert len(templates[1]) == 5 and "context templates" in capsys.readouterr().err
+
+
+def test_options_list_their_choices():
+    res = subprocess.run([sys.executable, "-m", "editfast.cli", "eval", "--help"], capture_output=True, text=True)
+    assert "float32|bfloat16|float16" in res.stdout and "cpu|cuda|cuda:N|mps" in res.stdout
+    assert "--batch-tokens" in res.stdout and "--batch-size" not in res.stdout  # edit's --batch-size counts edits

@@ -170,7 +170,9 @@ def eval_argv(t: Path, *extra):
 
 OTHER_CASES = {
     "eval limit zero": (lambda t, r: eval_argv(t, "--limit", "0"), "limit"),
-    "eval batch size": (lambda t, r: eval_argv(t, "--batch-size", "-5"), "batch-size"),
+    "eval batch tokens": (lambda t, r: eval_argv(t, "--batch-tokens", "-5"), "batch-tokens"),
+    "eval's old --batch-size": (lambda t, r: eval_argv(t, "--batch-size", "4096"), "--batch-tokens 4096"),
+    "eval bad device": (lambda t, r: eval_argv(t, "--device", "gpu0"), "cuda:N"),
     "eval unknown task": (lambda t, r: eval_argv(t, "--tasks", "nosuch"), "nosuch"),
     "eval seed overflow": (lambda t, r: eval_argv(t, "--seed", str(2**64)), "seed"),
     "eval edits missing": (lambda t, r: eval_argv(t, "--edits", str(t / "none")), "none"),

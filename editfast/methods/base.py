@@ -99,8 +99,8 @@ class Method:
         size = requested or self.default_batch_size or n
         return min(size, self.max_batch_size) if self.max_batch_size else size
 
-    def templates(self, lm, hp, seed: int = 0, mode: str = "generated") -> list[list[str]]:
-        return context_templates(lm, self.template_shape, hp, seed, mode)
+    def templates(self, lm, hp, seed: int = 0, mode: str = "generated", progress: bool = False) -> list[list[str]]:
+        return context_templates(lm, self.template_shape, hp, seed, mode, progress)
 
     def sites(self, lm, hp) -> list[str]:
         """Names of the weights this method writes."""

@@ -365,7 +365,7 @@ class KN(Method):
     default_batch_size = 1
     max_batch_size = 1  # one fact at a time, each on the model as edited so far (as EasyEdit)
 
-    def templates(self, lm, hp, seed: int = 0, mode: str = "generated") -> list[list[str]]:
+    def templates(self, lm, hp, seed: int = 0, mode: str = "generated", progress: bool = False) -> list[list[str]]:
         return [["{}"]]
 
     def needs_statistics(self, hp) -> bool:

@@ -130,7 +130,7 @@ class MEND(Method):
     }
     default_batch_size = 1  # the networks are trained on one edit at a time
 
-    def templates(self, lm, hp, seed: int = 0, mode: str = "generated") -> list[list[str]]:
+    def templates(self, lm, hp, seed: int = 0, mode: str = "generated", progress: bool = False) -> list[list[str]]:
         return [["{}"]]
 
     def needs_statistics(self, hp) -> bool:

@@ -209,7 +209,7 @@ class UltraEdit(Method):
     }
     default_batch_size = 100  # the original's turns (dataset.n_edits)
 
-    def templates(self, lm, hp, seed: int = 0, mode: str = "generated") -> list[list[str]]:
+    def templates(self, lm, hp, seed: int = 0, mode: str = "generated", progress: bool = False) -> list[list[str]]:
         return [["{}"]]
 
     def needs_statistics(self, hp) -> bool:
