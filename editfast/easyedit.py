@@ -480,6 +480,15 @@ class BaseEditor:
                 all_metrics += metrics
         return all_metrics, self.model, weights_copy
 
+    def generate_edit(self, *args, **kwargs):
+        raise EditfastError("generate_edit (chat-template generation) is not supported by editfast.easyedit")
+
+    def normal_edit(self, *args, **kwargs):
+        raise EditfastError("normal_edit is not supported by editfast.easyedit; use batch_edit")
+
+    def deep_edit(self, *args, **kwargs):
+        raise EditfastError("deep_edit (DeepEdit's API) is not supported by editfast.easyedit")
+
     # ------------------------------------------------------------------ internals
     _KNOWN = {"subject": None, "keep_original_weight": None, "test_generation": False, "eval_metric": "exact match",
               "train_ds": None, "requests": None, "pre_edit": None, "pre_file": None}

@@ -280,6 +280,22 @@ def test_batch_edit_memit(hparams_dir):
         memit.edit(prompts="Ray Charles, the", target_new="violin", subject="Ray Charles", verbose=False)
 
 
+def test_alphaedit_keys_do_not_leak_from_restored_edits(hparams_dir):
+    """Restoring after an edit restores AlphaEdit's accumulated keys too: a later edit gives the weights it
+    gives on a fresh editor (EasyEdit keeps them in a global across restored edits)."""
+    (hparams_dir / "alpha.yaml").write_text(MEMIT_YAML.replace('"MEMIT"', '"AlphaEdit"') +
+                                            'nullspace_threshold: 2e-2\nL2: 10\nP_loc: "./null_space_project.pt"\n')
+    first, fresh = (_editor(hparams_dir / "alpha", "AlphaEditHyperParams") for _ in range(2))
+    w0 = weights(first.model)
+    first.batch_edit(prompts=["Ray Charles, the", "Grant Hill is a professional"], target_new=["violin", "soccer"],
+                     subject=["Ray Charles", "Grant Hill"], verbose=False)
+    assert same(weights(first.model), w0)
+    for editor in (first, fresh):
+        editor.batch_edit(prompts=["The law in Ikaalinen declares the language"], target_new=["Swedish"],
+                          subject=["Ikaalinen"], sequential_edit=True, verbose=False)
+    assert not same(weights(first.model), w0) and same(weights(first.model), weights(fresh.model))
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(target_new=["violin"]), "target_new has 1 entries for 2 prompts"),
     (dict(subject=["Ray Charles"]), "subject has 1 entries for 2 prompts"),
