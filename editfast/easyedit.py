@@ -141,7 +141,8 @@ class HyperParams:
                                f"{', '.join(_IGNORED_KEYS)} are read by the editor)") from None
 
     def __getattr__(self, name: str) -> Any:
-        for d in (self.__dict__.get("_options", {}), self.__dict__.get("_values", {}), self.__dict__.get("_ignored", {})):
+        for part in ("_options", "_values", "_ignored"):
+            d = self.__dict__.get(part, {})
             if name in d:
                 return d[name]
         if name.startswith("_"):
@@ -402,6 +403,8 @@ class BaseEditor:
                                f"ROMEHyperParams.from_hparams(path)), not {type(hparams).__name__}")
         if hparams.model_parallel:
             raise HParamsError("hparams model_parallel: true is not supported by editfast.easyedit (one device)")
+        if getattr(hparams, "model_name", None) is None:
+            raise HParamsError(f"{type(hparams).__name__} has no model_name: the model to edit")
         if not isinstance(hparams.model_name, (str, Path)):
             raise HParamsError("hparams model_name must be a model: a local Hugging Face directory, a .gguf file, "
                                "smollm2-135m or random:<preset> (a (model, tokenizer) pair is not supported)")
@@ -443,9 +446,8 @@ class BaseEditor:
         weights_copy = None
         with self._transaction(verbose):
             for i, r in enumerate(requests):
-                weights_copy, _ = self._apply([r], i, sequential_edit, verbose)
                 all_metrics[i].update({"case_id": i, "requested_rewrite": r})
-                all_metrics[i]["post"] = self._post
+                weights_copy = self._apply([r], i, sequential_edit, verbose, [all_metrics[i]], timed=False)
                 finalize_locality(all_metrics[i], r)
                 if verbose:
                     LOG.info("%d editing: %s -> %s\n%s", i, r["prompt"], r["target_new"], all_metrics[i])
@@ -472,7 +474,7 @@ class BaseEditor:
                 chunk = requests[s: s + size]
                 metrics = [{"case_id": i, "requested_rewrite": r, "pre": edit_quality(self.lm, r)}
                            for i, r in enumerate(chunk)]
-                weights_copy, seconds = self._apply(chunk, s, sequential_edit, verbose, posts=metrics)
+                weights_copy = self._apply(chunk, s, sequential_edit, verbose, metrics, timed=True)
                 for m, r in zip(metrics, chunk):
                     finalize_locality(m, r)
                     if verbose:
@@ -565,9 +567,11 @@ class BaseEditor:
                 raise
         return block()
 
-    def _apply(self, chunk: list[dict], start: int, sequential: bool, verbose: bool, posts=None):
-        """Edit ``chunk`` as one batch, measure ``post`` (into ``posts`` or ``self._post``), then restore the
-        weights and method state unless ``sequential``. Returns (weights_copy, editing seconds)."""
+    def _apply(self, chunk: list[dict], start: int, sequential: bool, verbose: bool, metrics: list[dict],
+               timed: bool) -> dict[str, torch.Tensor]:
+        """Edit ``chunk`` as one batch, put each request's ``post`` (and with ``timed`` the batch's editing
+        seconds as ``time``) into ``metrics``, then restore the weights and the method's state unless
+        ``sequential``. Returns EasyEdit's weights_copy: the changed weights as they were before."""
         from .update import restore, snapshot
 
         reqs = [_editfast_request(r, start + i) for i, r in enumerate(chunk)]
@@ -579,17 +583,15 @@ class BaseEditor:
         self._state.take_changed()
         changed = {u.weight for u in ups}
         weights_copy = {name: w for name, w in before.items() if name in changed}
-        if posts is None:
-            self._post = edit_quality(self.lm, chunk[0])
-        else:
-            for m, r in zip(posts, chunk):
+        for m, r in zip(metrics, chunk):
+            if timed:
                 m["time"] = seconds
-                m["post"] = edit_quality(self.lm, r)
+            m["post"] = edit_quality(self.lm, r)
         if not sequential:
             restore(self.lm, before)
             self._state.tensors.clear()
             self._state.tensors.update(saved_state)
-        return weights_copy, seconds
+        return weights_copy
 
 
 __all__ = ["BaseEditor", "HyperParams", "ROMEHyperParams", "MEMITHyperParams", "AlphaEditHyperParams",
