@@ -46,6 +46,12 @@ token accuracy (``ppl``, ``ood_ppl``), ``train_ds`` (IKE), ``metric_kwargs``, ``
 as ``model_name``. EasyEdit's chat template and LLM-judge paths belong to hparams keys its ROME,
 MEMIT and AlphaEdit classes do not have. ``summary_metrics`` prints EasyEdit's summary and returns
 it; it does not write ``./logs/results.json``.
+
+Methods: ROME, MEMIT, AlphaEdit, EMMET and r-ROME, whose EasyEdit files map key for key onto
+editfast's hparams. Left out: PMET (EasyEdit's ``mlp_module_tmp`` names the down projection, the
+adapter the MLP), KN (its ``batch_size`` is integration steps per pass, which EasyEdit's own ``edit``
+refuses unless it is 1; its ``weights_copy`` is a callable), MEND (a trained network from a pickle)
+and UltraEdit (no shipped hparams files of this shape).
 """
 
 from __future__ import annotations
