@@ -45,7 +45,7 @@ token accuracy (``ppl``, ``ood_ppl``), ``train_ds`` (IKE), ``metric_kwargs``, ``
 ``model_parallel: true``, ``generate_edit``/``normal_edit``/``deep_edit``, a (model, tokenizer) pair
 as ``model_name``. EasyEdit's chat template and LLM-judge paths belong to hparams keys its ROME,
 MEMIT and AlphaEdit classes do not have. ``summary_metrics`` prints EasyEdit's summary and returns
-it; it does not write ``./logs/results.json``.
+it (``edit`` calls it when ``verbose``); it does not write ``./logs/results.json``.
 
 Methods: ROME, MEMIT, AlphaEdit, EMMET and r-ROME, whose EasyEdit files map key for key onto
 editfast's hparams. Left out: PMET (EasyEdit's ``mlp_module_tmp`` names the down projection, the

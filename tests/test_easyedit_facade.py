@@ -245,7 +245,9 @@ def test_restore_after_each_edit_unless_sequential(rome):
     for p, t, s in zip(prompts, targets, subjects):  # each edit by itself
         alone.append(rome.edit(prompts=[p], target_new=[t], subject=[s], verbose=False)[0][0]["post"])
         assert same(weights(model), w0)
-    both, edited, _ = rome.edit(prompts=prompts, target_new=targets, subject=subjects, verbose=False)
+    with pytest.warns(UserWarning, match="keep_original_weight=False"):  # old EasyEdit kept the edits then
+        both, edited, _ = rome.edit(prompts=prompts, target_new=targets, subject=subjects, keep_original_weight=False,
+                                    verbose=False)
     assert same(weights(model), w0) and edited is model  # EasyEdit returns the restored model
     assert [m["post"]["rewrite_acc"] for m in both] == [a["rewrite_acc"] for a in alone]
     try:
@@ -304,6 +306,7 @@ def test_alphaedit_keys_do_not_leak_from_restored_edits(hparams_dir):
     (dict(subject=["Ray Charles", "Larry Bird"]), "subject 'Larry Bird' does not occur"),
     (dict(colour="red"), "unknown or unsupported argument.*colour"),
     (dict(test_generation=True), "test_generation"),
+    (dict(train_ds=[{"prompt": "x"}]), "IKE"),
     (dict(eval_metric="ppl"), "eval_metric='ppl'"),
     (dict(keep_original_weight=True, sequential_edit=True), "contradicts"),
     (dict(locality_inputs={"nb": {"prompt": ["a"], "ground_truth": ["b"]}}),
