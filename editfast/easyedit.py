@@ -59,6 +59,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
 
@@ -440,7 +441,9 @@ class BaseEditor:
         requests, opts = self._requests("edit", prompts, target_new, ground_truth, target_neg, rephrase_prompts,
                                         locality_inputs, portability_inputs, sequential_edit, kwargs)
         if opts["pre_edit"] is not None:
-            if not isinstance(opts["pre_edit"], list) or len(opts["pre_edit"]) != len(requests):
+            pre = opts["pre_edit"]
+            if not (isinstance(pre, list) and len(pre) == len(requests)
+                    and all(isinstance(m, dict) and "pre" in m for m in pre)):
                 raise RequestError(f"pre_edit must be a list of {len(requests)} metrics dicts (one per request)")
             all_metrics = opts["pre_edit"]
         else:
@@ -554,24 +557,34 @@ class BaseEditor:
             self._templates = self.method.templates(self.lm, self.hp, seed=42)  # EasyEdit seeds 42
             self._state = self.method.prepare(self.lm, self.hp, progress=verbose)
 
+    @contextmanager
     def _transaction(self, verbose: bool):
         """On any failure, the weights and the method's state as they were before the call."""
-        from contextlib import contextmanager
-
         from .update import guard
 
-        @contextmanager
-        def block():
-            self._prepare(verbose)
-            saved_state = dict(self._state.tensors)
-            try:
-                with guard(self.lm, self.sites):
-                    yield
-            except BaseException:
-                self._state.tensors.clear()
-                self._state.tensors.update(saved_state)
-                raise
-        return block()
+        self._sync()
+        self._prepare(verbose)
+        saved_state = dict(self._state.tensors)
+        try:
+            with guard(self.lm, self.sites):
+                yield
+        except BaseException:
+            self._state.tensors.clear()
+            self._state.tensors.update(saved_state)
+            raise
+
+    def _sync(self) -> None:
+        """Take hyper-parameters changed on ``self.hparams`` since the last call (EasyEdit reads them at
+        each call): checked against the model, and the method's state prepared again."""
+        from .hparams import check_layers
+
+        hp = self.hparams.editfast_hparams()
+        if hp.to_dict() == self.hp.to_dict():
+            return
+        hp.check_modules(self.lm.adapter)
+        check_layers(hp, self.lm.adapter.num_layers(self.model))
+        self.hp, self.sites = hp, self.method.sites(self.lm, hp)
+        self._state = self._templates = None
 
     def _apply(self, chunk: list[dict], start: int, sequential: bool, verbose: bool, metrics: list[dict],
                timed: bool) -> dict[str, torch.Tensor]:

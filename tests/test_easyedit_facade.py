@@ -261,6 +261,21 @@ def test_restore_after_each_edit_unless_sequential(rome):
         model.load_state_dict(w0)
 
 
+def test_hparams_changed_after_the_editor_was_made(rome):
+    """EasyEdit reads hparams at each call: a layer set on editor.hparams is the one edited next."""
+    args = dict(prompts="Ray Charles, the", target_new="violin", subject="Ray Charles", verbose=False)
+    rome.hparams.layers = [2]
+    try:
+        _, _, wcopy = rome.edit(**args)
+        assert list(wcopy) == ["model.layers.2.mlp.down_proj.weight"]
+        rome.hparams.layers = [9]
+        with pytest.raises(HParamsError, match="out of range"):
+            rome.edit(**args)
+    finally:
+        rome.hparams.layers = [1]
+    assert list(rome.edit(**args)[2]) == ["model.layers.1.mlp.down_proj.weight"]
+
+
 def test_batch_edit_memit(hparams_dir):
     memit = _editor(hparams_dir / "memit", "MEMITHyperParams")
     model = memit.model
