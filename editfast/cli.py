@@ -189,8 +189,9 @@ def preflight(model: str, method: str, hparams_file, overrides: dict):
               help="Model: HF directory, .gguf file, 'smollm2-135m' or 'random:<preset>'.")
 @click.option("--dataset", default="counterfact", show_default=True,
               help="counterfact (500 records, full ROME schema: 2 paraphrases, 10 neighbours each), counterfact-full "
-                   "(21,605 requests, EasyEdit schema: 1 paraphrase, 1 neighbour each), zsre, zsre-alt (zsRE toward "
-                   "each record's alt), or a JSON/JSONL file of requests.")
+                   "(21,605 requests, EasyEdit schema: 1 paraphrase, 1 neighbour each), zsre (toward answers[0], as "
+                   "MEMIT), zsre-alt (zsRE toward each record's alt), or a JSON/JSONL file of requests (zsRE "
+                   "records toward their alt, as EasyEdit).")
 @click.option("--offset", type=click.IntRange(0), default=0, show_default=True, help="Skip this many dataset records.")
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Edits per batch, applied one batch after another (default: the method's; MEMIT all at once, "

@@ -57,7 +57,8 @@ class Request:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Request:
-        """Build from a ROME CounterFact record, an EasyEdit/MEND zsRE record, an EasyEdit
+        """Build from a ROME CounterFact record, an EasyEdit/MEND zsRE record (toward its "alt", as
+        EasyEdit edits; answers[0] where "alt" is missing or empty), an EasyEdit
         CounterFact record, or the flat form written by `to_dict`. A filled prompt (no "{}")
         that contains the subject is turned into a template at the subject's first occurrence."""
         if not isinstance(d, Mapping):
@@ -90,17 +91,19 @@ class Request:
             )
 
         subject = _str(need(d, "subject"), where, "subject")
-        if "src" in d and "answers" in d:  # MEND / MEMIT zsRE schema
+        if "src" in d and "answers" in d:  # MEND zsRE schema (MEMIT's, EasyEdit's)
             answers = d["answers"]
             if isinstance(answers, str):
                 answers = [answers]
             if not isinstance(answers, list) or not answers:
                 raise RequestError(f"{where}: field 'answers' must be a non-empty list")
             loc = d.get("loc")
+            # EasyEdit edits toward the counterfactual "alt"; MEMIT toward answers[0] (load_dataset("zsre"))
+            new = ("alt", d["alt"]) if d.get("alt") else ("answers[0]", answers[0])
             return cls(
                 prompt=_template(_str(need(d, "src"), where, "src"), subject, where),
                 subject=subject,
-                target_new=_str(answers[0], where, "answers[0]"),
+                target_new=_str(new[1], where, new[0]),
                 paraphrase_prompts=_strs(d.get("rephrase"), where, "rephrase"),
                 neighborhood_prompts=(_str(loc, where, "loc") + "?",) if loc else (),
                 neighborhood_target=_text(d.get("loc_ans"), where, "loc_ans"),
@@ -195,13 +198,15 @@ def load_dataset(name_or_path: str | os.PathLike[str], n: int | None = None, *, 
     Shipped: "counterfact" (500 full ROME records, file order), "counterfact-full" (CounterFact
     in EasyEdit format sorted by case_id: 21,605 requests — of the 21,919 cases, 314 that rewrite
     the same subject and prompt as a lower case_id to a different target are skipped, see
-    _data/datasets/SOURCES.md), "zsre" (1,000 MEND records, case_id = index, toward answers[0]),
-    "zsre-alt" (the same records toward their counterfactual "alt", as the 2024 study edits),
+    _data/datasets/SOURCES.md), "zsre" (1,000 MEND records, case_id = index, toward answers[0], as
+    MEMIT's zsRE loader), "zsre-alt" (the same records toward their counterfactual "alt", as the 2024
+    study and EasyEdit edit),
     "counterfact-train" (EasyEdit's train split in file order, for training editor networks such as
     MEND's: the records whose case_id or subject is among the 500 of "counterfact" are removed, so
     it is disjoint from the evaluation records, then conflicts as for counterfact-full: 9,669).
     Files: .json (a list of records), .jsonl, optionally .gz; the schema is detected per record
-    (see `Request.from_dict`); records without case_id get their index in the file.
+    (see `Request.from_dict`; zsRE records in a file edit toward their "alt", EasyEdit's convention,
+    or answers[0] where "alt" is empty); records without case_id get their index in the file.
     The selected requests are checked with `validate_requests`.
     """
     if n is not None and n <= 0:
@@ -214,8 +219,8 @@ def load_dataset(name_or_path: str | os.PathLike[str], n: int | None = None, *, 
         if name == "counterfact-full":
             records.sort(key=lambda rec: rec["case_id"])
         requests = _parse(records, DATA_DIR / _DATASETS[name][0])
-        if name == "zsre-alt":  # the 2024 study's zsRE edits: each record's "alt" is the new target
-            requests = [replace(r, target_new=rec["alt"]) for r, rec in zip(requests, records)]
+        if name == "zsre":  # MEMIT's zsRE convention: toward answers[0] (a file's records go toward "alt")
+            requests = [replace(r, target_new=rec["answers"][0]) for r, rec in zip(requests, records)]
         if name == "counterfact-full":
             requests = _drop_conflicts(requests)
         if name == "counterfact-train":
