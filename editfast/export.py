@@ -77,7 +77,8 @@ def module_factors(updates: Sequence[Update]) -> tuple[torch.Tensor, torch.Tenso
 
 
 def balanced(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """B diag(c), diag(c)⁻¹ A with cⱼ = sqrt(‖Aⱼ‖ / ‖Bⱼ‖): the same product, each pair's norms equal."""
+    """B diag(c), diag(c)⁻¹ A with cⱼ = sqrt(‖Aⱼ‖ / ‖Bⱼ‖): the same product, each pair's norms
+    equal."""
     nb, na = B.norm(dim=0), A.norm(dim=1)
     c = torch.where((nb > 0) & (na > 0), (na / nb.clamp_min(1e-300)).sqrt(), torch.ones_like(nb))
     return B * c, A / c[:, None]
@@ -257,11 +258,12 @@ def model_card(config: dict[str, Any], hparams: dict[str, Any] | None, edits: Se
              "- editfast", "- knowledge-editing", f"- {q(method)}", "---", ""]
     what = "A PEFT LoRA adapter of" if adapter else "The model"
     n, bs, ds = len(edits), config.get("batch_size"), (config.get("dataset") or {}).get("name")
+    dtype = str(config.get("dtype", "float32")).replace("torch.", "")
     body = [f"# {method} edits of {base}", "",
             f"{what} `{base}` with {n} knowledge edit{'s' * (n != 1)} made by editfast {__version__}: method "
             f"**{method}**, {bs} edit{'s' * (bs != 1)} per batch, seed {config.get('seed')}"
             + (f", dataset {_cell(ds)}" if ds else "") + f". The base model's fingerprint is "
-            f"`{str(config.get('model_fingerprint'))[:12]}` ({str(config.get('dtype', 'float32')).replace('torch.', '')}).",
+            f"`{str(config.get('model_fingerprint'))[:12]}` ({dtype}).",
             ""]
     if adapter:
         body += [f"LoRA rank {adapter['r']} on {len(adapter['target_modules'])} module(s) "
@@ -277,8 +279,8 @@ def model_card(config: dict[str, Any], hparams: dict[str, Any] | None, edits: Se
         prompt = e.get("prompt")
         if prompt and e.get("subject") is not None:
             prompt = prompt.replace("{}", str(e["subject"]))
-        old = e.get("target_true")
-        change = f"{_cell(old) if old is not None else '?'} -> {_cell(e.get('target_new'))}" if "target_new" in e else ""
+        old = "?" if e.get("target_true") is None else _cell(e["target_true"])
+        change = f"{old} -> {_cell(e['target_new'])}" if "target_new" in e else ""
         body.append(f"| {i} | {_cell(e.get('case_id'))} | {_cell(e.get('subject'))} | {_cell(prompt)} | {change} |")
     return "\n".join(front + body) + "\n"
 

@@ -157,6 +157,16 @@ def test_export_the_first_k_edits(runs, tmp_path, capsys):
     merged = PeftModel.from_pretrained(load_model(spec).model, str(tmp_path / "k1")).merge_and_unload()
     assert json.loads((tmp_path / "k1" / "adapter_config.json").read_text())["r"] == 1
     assert_merged_equals(merged, lm.model.state_dict())
+    # --dtype bfloat16: the same products within bfloat16's rounding of the (balanced) factors
+    for d in ("float32", "bfloat16"):
+        assert run_cli(["export", str(run), "--lora", str(tmp_path / d), "--dtype", d], capsys)[0] == 0
+    with safe_open(str(tmp_path / "float32" / "adapter_model.safetensors"), "pt") as f32, \
+            safe_open(str(tmp_path / "bfloat16" / "adapter_model.safetensors"), "pt") as bf:
+        for k in [k for k in f32.keys() if ".lora_A." in k]:
+            kb = k.replace(".lora_A.", ".lora_B.")
+            assert bf.get_tensor(k).dtype == torch.bfloat16
+            want = f32.get_tensor(kb) @ f32.get_tensor(k)
+            assert rel(bf.get_tensor(kb).float() @ bf.get_tensor(k).float(), want) < 1e-2
 
 
 def test_bad_exports(runs, tmp_path, capsys):
