@@ -1,4 +1,4 @@
-"""Command line: ``editfast edit | eval | undo | study | train-mend``.
+"""Command line: ``editfast edit | eval | undo | export | study | train-mend``.
 
 Errors a user can cause print one line on stderr and exit with code 2 (an interruption: 130 for
 SIGINT, 143 for SIGTERM). Options, hyper-parameters and data are checked before the model loads.
@@ -133,16 +133,19 @@ def method_help() -> str:
     return "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
 
 
-def save_model_to(lm, out: Path) -> None:
-    """The model's safetensors and tokenizer into OUT/model (a hidden folder, then renamed; files 0644)."""
+def save_model_to(lm, out: Path, card: str | None = None) -> None:
+    """The model's safetensors and tokenizer, and its model card ``card`` as README.md, into OUT/model
+    (a hidden folder, then renamed; the permissions a plain mkdir/open gives, not mkdtemp's 0700)."""
+    from .paths import normal_permissions
+
     target = out / "model"
     tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=out))
     try:
         lm.model.save_pretrained(tmp, safe_serialization=True)
         lm.tokenizer.save_pretrained(tmp)
-        tmp.chmod(0o755)
-        for f in tmp.rglob("*"):
-            f.chmod(0o755 if f.is_dir() else 0o644)
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
+        normal_permissions(tmp, recursive=True)
         raise_if_terminated()  # SIGTERM during the save may have been swallowed (a __del__ ran it)
         if target.exists():
             shutil.rmtree(target)
@@ -285,7 +288,9 @@ def edit_cmd(method, n, model, dataset, offset, batch_size, seed, out, save_mode
                                                    "tasks": p["tasks"]}) for p in (pts[0], pts[-1]))
             write_report(out / "eval", before, after, lm.device)
         if save_model:
-            save_model_to(lm, out)
+            from .export import model_card
+
+            save_model_to(lm, out, model_card(session.config, session.hp.to_dict(), result.per_request))
     click.echo(summary_table(result))
     if after is not None:
         from .eval.runner import markdown_table
@@ -444,8 +449,39 @@ def undo_cmd(run, to, out, save_model, model, force, quiet):
         write_json(od.path / "session.json", {"config": {**cfg, "undone_from": str(run), "edits": to},
                                               "hparams": config.get("_hparams"), "templates": config.get("_templates")})
         if lm is not None:
-            save_model_to(lm, od.path)
+            from .export import model_card, run_edits
+
+            save_model_to(lm, od.path, model_card(config, config.get("_hparams"), run_edits(run, config, to)))
     click.echo(f"{len(keep)} batches ({to} edits) of {run} -> {out}")
+
+
+@cli.command("export")
+@click.argument("run", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--lora", "lora", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Directory for a PEFT LoRA adapter of the run's edits (adapter_config.json, "
+                   "adapter_model.safetensors, README.md).")
+@click.option("--model", default=None, help="The run's base model, if it was loaded from another path.")
+@click.option("--to", "to", type=int, default=None, help="Export the first K edits (a batch boundary; default all).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="dtype of the adapter's tensors.")
+@click.option("--force", is_flag=True, help="Replace what --lora holds (only once every check passed).")
+@click.option("--quiet", is_flag=True, help="No progress bars, logs or warnings.")
+def export_cmd(run, lora, model, to, dtype, force, quiet):
+    """A PEFT LoRA adapter of the run's edits: loaded with peft on the base model it is the edited
+    model (servable by vLLM's multi-LoRA where the rank is at most 512)."""
+    import warnings
+
+    from .export import lora_from_run
+
+    if not str(lora).strip():
+        raise click.UsageError("--lora must name a directory, got an empty path")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the summary's warnings are said below, once
+        s = lora_from_run(run, lora, model=model, to=to, dtype=dtype, force=force)
+    for w in s["warnings"]:
+        click.echo(f"editfast: warning: {w}", err=True)
+    click.echo(f"{s['edits']} edits ({s['batches']} batches, {s['method']}) of {run} -> {lora}: LoRA rank {s['r']} "
+               f"on {len(s['target_modules'])} module(s) ({', '.join(s['target_modules'])})")
 
 
 @cli.command("study")

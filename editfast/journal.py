@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import EditfastError
+from .paths import normal_permissions
 from .update import Update, dumps_index, from_tensors, to_tensors, validate_updates
 
 FORMAT = "editfast-journal-1"
@@ -76,6 +77,7 @@ class Journal:
         save_file(tensors, str(tmp), metadata=meta)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        normal_permissions(tmp)  # safetensors writes 0600
         os.replace(tmp, final)
         _fsync_dir(self.dir)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import EditfastError, Terminated, terminated
+from .paths import normal_permissions
 
 try:
     import fcntl
@@ -176,6 +177,7 @@ class OutputDir:
         if self.out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.editfast-tmp-old-", dir=self.out.parent))
             os.replace(self.out, old / "out")
+        normal_permissions(self.path)  # mkdtemp made it 0700
         os.replace(self.path, self.out)
         self.path = self.out
         if old is not None:

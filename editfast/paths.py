@@ -21,15 +21,40 @@ def cache_dir() -> Path:
     return Path(base) / "editfast"
 
 
+def umask() -> int:
+    """The process's file-creation mask, read without changing it where /proc tells it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def normal_permissions(path: str | Path, recursive: bool = False) -> None:
+    """Give ``path`` (and with ``recursive`` all below it) the permissions a plain mkdir or open
+    would: 0o777 / 0o666 less the umask. tempfile.mkdtemp and mkstemp make 0o700 / 0o600."""
+    mask = umask()
+    path = Path(path)
+    for p in [path, *(path.rglob("*") if recursive and path.is_dir() else ())]:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds (with
+    the permissions a plain open gives)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        normal_permissions(tmp)  # mkstemp made it 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -39,7 +64,6 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
-        tmp.chmod(0o644)
 
 
 def write_json(path: str | Path, obj) -> None:
@@ -70,7 +94,6 @@ def write_cache(path: str | Path, data: str | bytes | Callable[[Path], None]) ->
                 tmp.write_bytes(data)
             else:
                 tmp.write_text(data)
-            tmp.chmod(0o644)
         return True
     except Exception as e:
         if not io_error(e):
