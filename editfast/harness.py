@@ -87,6 +87,19 @@ class EditfastLM(LM):
                              progress=_bool(progress))
         self._device = lm.device
 
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "EditfastLM":
+        """lm-eval's constructor path: its --device/--batch_size fill in what model_args do not give
+        (lm-eval passes both, so ``device=`` in model_args would otherwise be given twice)."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "EditfastLM":
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
     # -- lm-eval's interface ----------------------------------------------------------------------
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         out = self.engine.loglikelihood([LogLik(*r.args) for r in requests])
@@ -132,13 +145,18 @@ if "editfast" not in model_registry:  # once, also when this file also runs as _
 
 
 def main(argv: list[str] | None = None) -> None:
-    """lm-eval's command line with the ``editfast`` model registered."""
+    """lm-eval's command line with the ``editfast`` model registered; editfast's errors (a bad run
+    directory, an unknown model) are one line on stderr and exit code 2."""
     from lm_eval.__main__ import cli_evaluate
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     sys.argv[0] = "lm-eval"
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except EditfastError as e:
+        print(f"editfast: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -144,8 +144,9 @@ def test_editfast_lm_with_edits_equals_hf_on_saved_model(tmp_path, capsys, task_
                             "--no-eval", "--save-model", "--out", str(run)], capsys)
     assert code == 0, err
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    edited = get_model("editfast").create_from_arg_string(f"model=random:tiny-llama,edits={run}",
-                                                          {"batch_size": 1, "device": None})
+    # as lm-eval's command line builds it: its --device and --batch_size beside model_args' own device
+    edited = get_model("editfast").create_from_arg_string(f"model=random:tiny-llama,device=cpu,edits={run}",
+                                                          {"batch_size": 1, "device": "cpu"})
     ours = run_lmeval(edited, task_dir)
     assert_same(ours, run_lmeval(HFLM(pretrained=str(run / "model"), device="cpu", batch_size=4), task_dir))
     moved = max(abs(a[0][0] - b[0][0]) for a, b in zip(responses(ours)["ef_mc"], responses(base_results)["ef_mc"]))
@@ -161,6 +162,17 @@ def test_python_m_entry_point_registers(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         h.main(["run", "--help"])
     assert e.value.code == 0 and "--model_args" in capsys.readouterr().out
+
+
+def test_bad_edits_dir_is_one_line(tmp_path, capsys, task_dir):
+    """A run directory that is not one: one line, exit 2, before any model loads."""
+    import editfast.harness as h
+
+    with pytest.raises(SystemExit) as e:
+        h.main(["run", "--model", "editfast", "--model_args", f"model=random:tiny-llama,edits={tmp_path}",
+                "--tasks", "ef_mc", "--include_path", str(task_dir), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "editfast: error:" in err and "not an edit run directory" in err
 
 
 # ---- eval.json in lm-eval's layout, its standard errors, --log-samples --------------------------------
