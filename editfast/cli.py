@@ -531,10 +531,12 @@ def study_cmd(config, out, profile, resume, force, quiet):
 @out_option("Directory for eval.json, report.md, tasks/ (and change.png with --edits).")
 @dtype_option
 @device_option
+@click.option("--log-samples", is_flag=True, help="Also write every example's prompt, target, responses and "
+              "metrics as lm-evaluation-harness does: samples_<task>_<date>.jsonl (with --edits in before/, after/).")
 @force_option
 @click.option("--quiet", is_flag=True, help="No progress bars, logs or warnings.")
-def eval_cmd(model, edits, tasks, protocol, limit, seed, batch_tokens, old_batch_size, out, dtype, device, force,
-             quiet):
+def eval_cmd(model, edits, tasks, protocol, limit, seed, batch_tokens, old_batch_size, out, dtype, device, log_samples,
+             force, quiet):
     """Measure general abilities (eight task categories + WikiText perplexity)."""
     from .api import load_journal
     from .eval.runner import evaluate, markdown_table, write_report
@@ -558,13 +560,14 @@ def eval_cmd(model, edits, tasks, protocol, limit, seed, batch_tokens, old_batch
     with OutputDir(out, staged=True, force=force) as od:
         lm = load_model(model, dtype=dtype, device=device)
         journal = load_journal(edits, lm)[1] if edits else None  # names, shapes, fingerprint: before evaluating
-        before = evaluate(lm, tasks, protocol, limit, seed, batch_tokens, progress=not quiet)
+        before = evaluate(lm, tasks, protocol, limit, seed, batch_tokens, progress=not quiet, log_samples=log_samples)
         after = None
         if journal is not None:
             for ups in journal:
                 for u in ups:
                     apply_update(lm, u)
-            after = evaluate(lm, tasks, protocol, limit, seed, batch_tokens, progress=not quiet)
+            after = evaluate(lm, tasks, protocol, limit, seed, batch_tokens, progress=not quiet,
+                             log_samples=log_samples)
         write_report(od.path, before, after, lm.device)
     click.echo(markdown_table(before, after))
     click.echo(f"results: {out / 'eval.json'}")

@@ -326,8 +326,12 @@ def test_eval_cli_before_after(tmp_path, capsys):
     assert code == 0, err
     assert "| rte |" in stdout
     doc = json.loads((out / "eval.json").read_text())
-    assert set(doc) == {"before", "after", "change", "versions"}
-    assert set(doc["before"]["tasks"]) == {"rte", "sst2", "nq", "wikitext"}
+    # lm-evaluation-harness's layout: the edited model's results, the unedited one's under "before"
+    assert {"results", "n-samples", "configs", "versions", "before", "change", "editfast"} <= set(doc)
+    assert set(doc["results"]) == set(doc["before"]["results"]) == {"rte", "sst2", "nq", "wikitext"}
+    assert doc["before"]["n-samples"]["rte"] == {"original": 277, "effective": 3}
+    assert doc["change"]["rte"]["acc,none"] == doc["results"]["rte"]["acc,none"] - doc["before"]["results"]["rte"]["acc,none"]
+    assert set(doc["before"]["editfast"]["tasks"]) == {"rte", "sst2", "nq", "wikitext"}
     rte = json.loads((out / "tasks" / "rte.json").read_text())
     assert rte["before"]["n"] == 3 and rte["before"]["protocol"] == "standard" and "accuracy" in rte["after"]["metrics"]
     assert (out / "change.png").stat().st_size > 1000 and "| rte |" in (out / "report.md").read_text()

@@ -67,6 +67,11 @@ class Task:
     data_file: str = ""  # path relative to editfast/_data/tasks/
     primary: dict[str, str] = {}  # protocol -> name of the headline metric
     higher_is_better: bool = True  # of the headline metric (False for perplexity)
+    # how lm-evaluation-harness's files name things (eval.json, --log-samples; ``lmeval.py``)
+    version: float = 1.0  # of the task's definition
+    lm_eval_names: dict[str, str] = {"accuracy": "acc"}  # editfast metric -> lm-eval's name for it
+    num_fewshot: dict[str, int] = {}  # protocol -> exemplars in the prompt (0 if absent)
+    target_key: str = "label"  # the example's field holding its gold answer
 
     def load(self) -> list[dict[str, Any]]:
         """All examples of the shipped data file, in file order. Raise DataError if missing/malformed."""

@@ -47,6 +47,7 @@ def parse_entities(text: str) -> list[tuple[str, str]]:
 class CoNLL03(BaseTask):
     name, category, data_file = "conll03", "NER", "conll2003/test.txt"
     primary = {"standard": "f1", "paper": "score"}
+    target_key = "entities"
 
     def load(self) -> list[dict[str, Any]]:
         out, toks, tags = [], [], []

@@ -32,6 +32,7 @@ N_SHOT = 8
 class GSM8K(BaseTask):
     name, category, data_file = "gsm8k", "reasoning", "gsm8k/test.jsonl"
     primary = {"standard": "accuracy", "paper": "accuracy"}
+    lm_eval_names, num_fewshot, target_key = {"accuracy": "exact_match"}, {"standard": N_SHOT}, "target"
 
     def load(self) -> list[dict[str, Any]]:
         out = []

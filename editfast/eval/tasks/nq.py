@@ -23,6 +23,7 @@ from ._common import BaseTask, read_jsonl
 class NQ(BaseTask):
     name, category, data_file = "nq", "open-domain QA", "nq_open/NQ-open.dev.jsonl"
     primary = {"standard": "exact_match", "paper": "exact_match"}
+    target_key = "answers"
 
     def load(self) -> list[dict[str, Any]]:
         out = []

@@ -20,6 +20,7 @@ from ._common import BaseTask, read_jsonl
 class SAMSum(BaseTask):
     name, category, data_file = "samsum", "summarization", "samsum/test.jsonl"
     primary = {"standard": "rougeL", "paper": "rougeL"}
+    target_key = "summary"
 
     def load(self) -> list[dict[str, Any]]:
         rows = read_jsonl(self.data_file, ("id", "dialogue", "summary"))
