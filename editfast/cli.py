@@ -112,6 +112,10 @@ def summary_table(result) -> str:
     rows.append(f"edits {s['n']} · {result.config['batch_size']} per batch · edit {t['edit_s']:.1f}s "
                 f"({t['edits_per_s']:.2f} edits/s) · targets {t['targets_s']:.1f}s · statistics {t['statistics_s']:.1f}s "
                 f"· total {t['total_s']:.1f}s")
+    if t.get("statistics"):  # the texts and tokens the statistics really used (the deepest layer's)
+        st = list(t["statistics"].values())[-1]
+        rows.append(f"statistics: {st['corpus']} · {st['n_samples']:,} texts (asked {st['n_samples_requested']:,}) "
+                    f"· {st['tokens']:,} tokens{' · cached' if st['cached'] else ''}")
     return "\n".join(rows)
 
 
@@ -168,20 +172,49 @@ def post_processes(method: str, rect: float | None, norm_anchor: bool) -> dict:
     return asked
 
 
-def preflight(model: str, method: str, hparams_file, overrides: dict):
-    """The hyper-parameters, resolved and checked against the model's config before its weights load."""
+def preflight(model: str, method: str, hparams_file, overrides: dict, options: dict | None = None,
+              dtype: str = "float32"):
+    """The hyper-parameters, resolved and checked against the model's config before its weights load
+    (the corpus too, when the method needs statistics: ``stats.check_corpus``). ``options`` receives
+    the hparams file's bookkeeping keys (``hparams.split_options``)."""
     from .hparams import check_layers, resolve_hparams
+    from .methods import get_method
     from .models import adapter_for, model_config
-    from .stats import corpus_path
+    from .stats import check_corpus
 
     config = model_config(model)
     adapter = adapter_for(config)
-    hp = resolve_hparams(method, model, config, overrides, hparams_file)
+    hp = resolve_hparams(method, model, config, overrides, hparams_file, options={} if options is None else options)
     hp.check_modules(adapter)
     check_layers(hp, int(getattr(config, adapter.n_layers_attr)))
-    if getattr(hp, "mom2_dataset", None) is not None:
-        corpus_path(hp.mom2_dataset)
+    if getattr(hp, "mom2_dataset", None) is not None and get_method(method).needs_statistics(hp):
+        check_corpus(hp, dtype)
     return hp
+
+
+def file_options(hparams_file, params: dict) -> dict:
+    """An EasyEdit/original hparams file's bookkeeping keys (``hparams.split_options``) as the values of
+    the options the user left at their defaults: method (alg_name), model (model_name), dtype (fp16),
+    device (device; cuda:N falls back to cpu, with a warning, where no GPU is). Returns the options."""
+    import warnings
+
+    from .hparams import read_hparams_file, split_options
+
+    if hparams_file is None:
+        return {}
+    opts = split_options(read_hparams_file(hparams_file))[1]
+    ctx = click.get_current_context()
+    given = lambda name: ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None)
+    for name, key in (("method", "method"), ("model", "model"), ("dtype", "dtype"), ("device", "device")):
+        if key in opts and name in params and not given(name):
+            params[name] = opts[key]
+    if "device" in opts and not given("device") and str(params.get("device", "")).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            warnings.warn(f"{hparams_file}: device {opts['device']} but no CUDA device here; using cpu", UserWarning)
+            params["device"] = "cpu"
+    return opts
 
 
 @cli.command("edit")
@@ -243,6 +276,9 @@ def edit_cmd(method, n, model, dataset, offset, batch_size, seed, out, save_mode
 
     if n < 1:
         raise click.UsageError(f"--n must be >= 1, got {n}")
+    params = dict(method=method, model=model, dtype=dtype, device=device)
+    file_opts = file_options(hparams_file, params)  # EasyEdit's alg_name, model_name, fp16, device
+    method, model, dtype, device = params["method"], params["model"], params["dtype"], params["device"]
     if resume and force:
         raise click.UsageError("--resume and --force exclude each other")
     overrides = parse_overrides(sets)
@@ -263,9 +299,12 @@ def edit_cmd(method, n, model, dataset, offset, batch_size, seed, out, save_mode
         parse_checkpoints(eval_at, n, get_method(method).batch_size(batch_size, n))  # before the model loads
     if resume and not (out / "session.json").is_file():
         raise click.UsageError(f"--resume: {str(out)!r} holds no editfast run to continue")
-    hp = preflight(model, method, hparams_file, overrides)
+    hp = preflight(model, method, hparams_file, overrides, dtype=dtype)
     check_trained_network(hp)
-    with OutputDir(out, resume=resume, force=force, keep=lambda d: Journal(d).exists()) as od:
+    from .stats import stats_location
+
+    with stats_location(file_opts.get("stats_dir")), \
+            OutputDir(out, resume=resume, force=force, keep=lambda d: Journal(d).exists()) as od:
         lm = load_model(model, dtype=dtype, device=device)
         session = EditSession(lm, method, requests, hparams=hp, batch_size=batch_size, seed=seed, templates=templates,
                               evaluate=not no_eval, eval_tasks=eval_tasks, eval_limit=eval_limit, protocol=protocol,
@@ -571,6 +610,87 @@ def eval_cmd(model, edits, tasks, protocol, limit, seed, batch_tokens, old_batch
         write_report(od.path, before, after, lm.device)
     click.echo(markdown_table(before, after))
     click.echo(f"results: {out / 'eval.json'}")
+
+
+# ---------------------------------------------------------------------------------------------- stats
+# The original ROME/MEMIT/EasyEdit statistics files (.npz) into and out of editfast's cache.
+
+
+@cli.group("stats")
+def stats_group() -> None:
+    """Import the originals' statistics files (.npz) into editfast's cache, or export them."""
+
+
+def stats_options(f):
+    for opt in reversed([
+        click.option("--model", default="smollm2-135m", show_default=True,
+                     help="Model: HF directory, .gguf file, 'smollm2-135m' or 'random:<preset>'."),
+        click.option("--layer", type=click.IntRange(0), default=None, help="The layer (import: read from the file "
+                     "name where it names the module)."),
+        click.option("--method", type=click.Choice(method_names(), case_sensitive=False), default="memit",
+                     show_default=True, help="Whose preset gives the statistics' hyper-parameters (corpus, texts, "
+                     "token cut) not set otherwise."),
+        click.option("--hparams", "hparams_file", type=click.Path(path_type=Path), default=None,
+                     help="YAML/JSON hyper-parameters, as for 'edit' (its stats_dir is the cache location)."),
+        click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override one hyper-parameter."),
+        click.option("--dtype", default="float32", show_default=True, help="The model dtype the edits will use."),
+        click.option("--quiet", is_flag=True, help="No progress bars, logs or warnings."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def stats_setup(model, layer, method, hparams_file, sets, dtype, from_file: dict):
+    """The statistics' hyper-parameters (checked before the model loads) and the cache location."""
+    from .hparams import parse_overrides, resolve_hparams
+    from .models import model_config
+
+    params = dict(method=method, model=model, dtype=dtype)
+    opts = file_options(hparams_file, params)
+    overrides = {"layers": [layer if layer is not None else 0], **from_file, **parse_overrides(sets)}
+    hp = resolve_hparams(params["method"], params["model"], model_config(params["model"]), overrides, hparams_file,
+                         options={})
+    return hp, params, opts.get("stats_dir")
+
+
+@stats_group.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@stats_options
+def stats_import_cmd(file, model, layer, method, hparams_file, sets, dtype, quiet):
+    """Read an original statistics FILE.npz into editfast's cache, for later edits of MODEL with the same
+    corpus, number of texts, token cut and dtypes (taken from the file's name where it says them)."""
+    from .models import load_model
+    from .stats import stats_location
+    from .stats_files import file_hparams, import_npz, read_npz
+
+    read_npz(file)  # a bad file fails before the model loads
+    hp, params, stats_dir = stats_setup(model, layer, method, hparams_file, sets, dtype, file_hparams(file))
+    with stats_location(stats_dir):
+        lm = load_model(params["model"], dtype=params["dtype"])
+        l, target = import_npz(file, lm, layer, hp)
+    click.echo(f"layer {l} of {params['model']}: {file} -> {target} ({hp.mom2_dataset}, {hp.mom2_n_samples} texts, "
+               f"mom2_max_tokens {hp.mom2_max_tokens}, {hp.mom2_dtype})")
+
+
+@stats_group.command("export")
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The .npz file to write (the originals name it <model>/<dataset>_stats/<module>_<dtype>_mom2_<n>.npz).")
+@stats_options
+def stats_export_cmd(out, model, layer, method, hparams_file, sets, dtype, quiet):
+    """Write editfast's statistics of one layer (cached, else computed now) as an original .npz file."""
+    from .models import load_model
+    from .stats import stats_location
+    from .stats_files import export_npz
+
+    if layer is None:
+        raise click.UsageError("--layer is required for export")
+    if out.suffix != ".npz":
+        raise click.UsageError(f"--out must name a .npz file, got {out}")
+    hp, params, stats_dir = stats_setup(model, layer, method, hparams_file, sets, dtype, {})
+    with stats_location(stats_dir):
+        lm = load_model(params["model"], dtype=params["dtype"])
+        export_npz(lm, layer, hp, out, progress=not quiet)
+    click.echo(f"layer {layer} of {params['model']} -> {out}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,6 +15,7 @@ import operator
 import re
 import types
 import typing
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,9 @@ def check_layers(hp: HParams, n_layers: int) -> None:
         raise HParamsError(f"hparams: v_loss_layer {hp.v_loss_layer} out of range for a model with {n_layers} layers")
 
 
+_FLOAT = (r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+          r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)")
+_NUMBER = re.compile(rf"^(?:{_FLOAT})$")  # YAML 1.2's numbers: a quoted "5e-1" is a number where one is due
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list"}
 
 
@@ -152,6 +156,8 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, bool):
             raise bad
         return value
+    if hint in (int, float) and isinstance(value, str) and _NUMBER.match(value.strip()):
+        value = _load_yaml(value.strip())  # JSON's quoted "5e-1" or "100000"
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
@@ -223,12 +229,7 @@ class _Loader(yaml.SafeLoader):
     """YAML with the 1.2 core schema's floats: ``1e4``, ``5e-1``, ``.5`` are floats (YAML 1.1 reads strings)."""
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
-               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
-    list("-+0123456789."),
-)
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _NUMBER, list("-+0123456789."))
 
 
 def _load_yaml(text: str) -> Any:
@@ -274,9 +275,126 @@ def read_hparams_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# ------------------------------------------------------------------ EasyEdit's and the originals' bookkeeping keys
+# Keys of EasyEdit's files (and the original repositories') that describe the run, not the method.
+OPTION_KEYS = ("alg_name", "model_name", "device", "fp16", "model_parallel", "stats_dir", "max_length", "P_loc")
+# Accepted, named in one warning, and otherwise without effect on an editfast edit (why, for the warning).
+IGNORED_WHY = {
+    "max_length": "the generation length of EasyEdit's own evaluation",
+    "P_loc": "editfast computes AlphaEdit's projection from the cached statistics",
+    "model_parallel": "editfast loads the model on one device (--device)",
+}
+
+
+def _alg(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", str(name).lower())
+
+
+def split_options(values: dict[str, Any], method: str | None = None) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """Split an EasyEdit / original hparams mapping into ``(hparams_values, options, ignored)``.
+
+    ``values`` is the mapping as read from the file (``read_hparams_file``); it is not changed.
+
+    hparams_values  every key that is not a bookkeeping key (``OPTION_KEYS``), unchanged: give it to
+                    ``make_hparams``, which rejects unknown keys and checks types and ranges.
+    options         the bookkeeping keys as editfast options, each present only if its key was:
+                      method      the registry's name for ``alg_name`` ("ROME" -> "rome")
+                      model       ``model_name`` as written (a directory or a model name)
+                      device      ``device``: an int N -> "cuda:N", a string as given
+                      dtype       ``fp16``: true -> "float16", false -> "float32"
+                      device_map  ``model_parallel``: true -> "auto", false -> None
+                      stats_dir   ``stats_dir`` as a Path: where the statistics cache lives
+                      max_length  ``max_length`` (an int); P_loc: ``P_loc`` (a string)
+    ignored         the keys whose value editfast does not use (``IGNORED_WHY``: ``max_length``,
+                    ``P_loc``, ``model_parallel: true``); the caller warns once naming them (or, if
+                    it applies one of them itself, e.g. ``device_map``, leaves it out).
+
+    Raises HParamsError (one line naming the key) for a value editfast cannot honour: an
+    ``alg_name`` that is not ``method`` (when given) or no method of editfast's, or a value of the
+    wrong type. A method whose hparams class has a field of the same name (AlphaEdit's
+    ``model_name``) also keeps the key in ``hparams_values``.
+    """
+    from .methods import METHODS
+
+    hp_values = {k: v for k, v in values.items() if k not in OPTION_KEYS}
+    options: dict[str, Any] = {}
+    ignored: list[str] = []
+
+    def bad(key: str, must: str) -> HParamsError:
+        return HParamsError(f"hparams: {key}={values[key]!r} is not allowed; {key} must be {must}")
+
+    if "alg_name" in values:
+        by_alg = {_alg(n): n for n in METHODS}
+        name = by_alg.get(_alg(values["alg_name"]))
+        if name is None:
+            raise HParamsError(f"hparams: alg_name={values['alg_name']!r} is not a method of editfast "
+                               f"({', '.join(METHODS)})")
+        if method is not None and _alg(method) != _alg(name):
+            raise HParamsError(f"hparams: alg_name={values['alg_name']!r} does not match the method {method!r}; "
+                               f"edit with --method {name} or use a {method} file")
+        options["method"] = name
+    if "model_name" in values:
+        if not isinstance(values["model_name"], str) or not values["model_name"].strip():
+            raise bad("model_name", "a model directory or name")
+        options["model"] = values["model_name"]
+    if "device" in values:
+        d = values["device"]
+        if isinstance(d, int) and not isinstance(d, bool) and d >= 0:
+            options["device"] = f"cuda:{d}"
+        elif isinstance(d, str) and d.strip():
+            options["device"] = d.strip()
+        else:
+            raise bad("device", "a GPU number or a device name (cpu, cuda:1)")
+    for key, opt, yes, no in (("fp16", "dtype", "float16", "float32"), ("model_parallel", "device_map", "auto", None)):
+        if key in values:
+            if not isinstance(values[key], bool):
+                raise bad(key, "true or false")
+            options[opt] = yes if values[key] else no
+    if options.get("device_map"):
+        ignored.append("model_parallel")
+    if "stats_dir" in values:
+        if not isinstance(values["stats_dir"], str) or not values["stats_dir"].strip():
+            raise bad("stats_dir", "a directory")
+        options["stats_dir"] = Path(values["stats_dir"]).expanduser()
+    if "max_length" in values:
+        if isinstance(values["max_length"], bool) or not isinstance(values["max_length"], int) or values["max_length"] < 1:
+            raise bad("max_length", "a positive integer")
+        options["max_length"] = values["max_length"]
+        ignored.append("max_length")
+    if "P_loc" in values:
+        if not isinstance(values["P_loc"], str):
+            raise bad("P_loc", "a file name")
+        options["P_loc"] = values["P_loc"]
+        ignored.append("P_loc")
+    if method is not None and str(method).lower() in METHODS:
+        fields = {f.name for f in dataclasses.fields(METHODS[str(method).lower()].hparams_class)}
+        hp_values.update({k: values[k] for k in OPTION_KEYS if k in values and k in fields})
+    return hp_values, options, ignored
+
+
+def warn_ignored(ignored: Sequence[str], where: str = "hparams") -> None:
+    """One warning naming the accepted keys that have no effect (and why)."""
+    if ignored:
+        why = "; ".join(f"{k}: {IGNORED_WHY.get(k, 'not applied here')}" for k in ignored)
+        warnings.warn(f"{where}: accepted without effect: {', '.join(ignored)} ({why})", UserWarning, stacklevel=3)
+
+
+def model_differs(given: str, model_name: str) -> bool:
+    """Whether a file's ``model_name`` names another model than ``given`` (compared by last path part)."""
+    last = lambda s: re.split(r"[/:\\]", str(s).rstrip("/"))[-1].lower()
+    return last(given) != last(model_name)
+
+
 def resolve_hparams(method: str, spec: str, config: Any, overrides: dict[str, Any] | None = None,
-                    file: str | Path | None = None) -> HParams:
-    """Preset for the model, then the file's values, then explicit overrides."""
+                    file: str | Path | None = None, options: dict[str, Any] | None = None) -> HParams:
+    """Preset for the model, then the file's values, then explicit overrides.
+
+    The file may be EasyEdit's or the original repositories' (``split_options``): its bookkeeping
+    keys are checked (``alg_name`` must be ``method``). With ``options`` (a dict), they are put
+    there for the caller to apply (the CLI does: model, device, dtype, statistics location) and
+    only ``ignored`` ones are warned about; without, one warning names every bookkeeping key that
+    this call cannot apply. A ``model_name`` that differs from ``spec`` is warned about.
+    """
     from .methods import get_method
 
     try:
@@ -288,7 +406,17 @@ def resolve_hparams(method: str, spec: str, config: Any, overrides: dict[str, An
     if preset is not None and preset in m.presets:
         values.update(m.presets[preset])
     if file is not None:
-        values.update(read_hparams_file(file))
+        raw = read_hparams_file(file)
+        file_values, opts, ignored = split_options(raw, m.name)
+        values.update(file_values)
+        if "model" in opts and spec and model_differs(spec, opts["model"]):
+            warnings.warn(f"{file}: model_name={opts['model']!r} differs from the model edited ({spec}); "
+                          f"its hyper-parameters are used for {spec}", UserWarning, stacklevel=2)
+        if options is not None:
+            options.update(opts)
+        else:  # nothing but alg_name is applied by this call
+            ignored = [k for k in OPTION_KEYS if k in raw and k != "alg_name"]
+        warn_ignored(ignored, str(file))
     values.update(overrides or {})
     if "layers" not in values:
         raise HParamsError(

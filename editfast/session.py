@@ -311,6 +311,8 @@ class EditSession:
         t = time.perf_counter()
         self.state = self.method.prepare(self.lm, self.hp, progress=self.progress)
         self.timings["statistics_s"] = time.perf_counter() - t
+        if self.state.statistics:  # the corpus, texts and tokens each layer's statistics used
+            self.timings["statistics"] = {str(l): v for l, v in self.state.statistics.items()}
 
     def session_doc(self) -> dict[str, Any]:
         return {"config": self.config, "hparams": self.hp.to_dict(), "templates": self.templates}

@@ -8,11 +8,11 @@ multiplies this mean-normalised matrix.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import re
 import time
+import contextvars
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -23,12 +23,12 @@ from tqdm.auto import tqdm
 
 from editfast.kernels.second_moment import mirror_upper_, second_moment_accumulate_
 
-from .errors import DataError, HParamsError, ModelError
+from .corpus import BUNDLED as CORPORA, HUB, Corpus, detokenize_wikitext, open_corpus  # noqa: F401 (re-exported)
+from .errors import HParamsError, ModelError
 from .locate import right_pad
 from .paths import PACKAGE_DATA, cache_dir, write_cache
 from .trace import Trace
 
-CORPORA = {"wikitext": PACKAGE_DATA / "corpus" / "wiki.train.tokens.head2.75MiB.gz"}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -41,40 +41,16 @@ class SecondMoment:
         return self.total / self.count
 
 
-def detokenize_wikitext(line: str) -> str:
-    line = line.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
-    return re.sub(r" ([.,;:!?')])", r"\1", line).replace("( ", "(").strip()
-
-
 def corpus_path(name: str) -> Path:
-    """The file of a known corpus or a path; HParamsError (before any work) if neither."""
-    path = CORPORA.get(name) or Path(name)
-    if not path.is_file():
-        raise HParamsError(f"mom2_dataset {name!r} is neither a known corpus ({', '.join(CORPORA)}) nor a file")
-    return path
+    """The first file of the corpus ``mom2_dataset`` names; HParamsError (before any work) if it cannot be read."""
+    return open_corpus(name).files[0]
 
 
 def corpus_texts(name: str, n_samples: int) -> list[str]:
-    """The first ``n_samples`` paragraphs of a corpus (headings and blank lines skipped)."""
-    if not isinstance(n_samples, int) or n_samples < 1:
+    """The first ``n_samples`` texts of a corpus (``corpus.open_corpus``; fewer if it has fewer)."""
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
         raise HParamsError(f"mom2_n_samples must be a positive number of paragraphs, got {n_samples!r}")
-    path = corpus_path(name)
-    opener = gzip.open if str(path).endswith(".gz") else open
-    texts = []
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for line in f:
-                s = line.strip()
-                if not s or (s.startswith("=") and s.endswith("=")):
-                    continue
-                texts.append(detokenize_wikitext(s))
-                if len(texts) >= n_samples:
-                    break
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read corpus {path}: {e}") from None
-    if not texts:
-        raise DataError(f"corpus {path} holds no text")
-    return texts
+    return open_corpus(name).texts(n_samples)
 
 
 def token_batches(tok, texts: Sequence[str], max_tokens: int, batch_tokens: int = 4096):
@@ -153,9 +129,35 @@ def _one_pass(lm, layers, batches, dtype, progress, total_tokens, upper: bool, r
     return {l: SecondMoment(totals[l], count) for l in layers}
 
 
+_ROOT: contextvars.ContextVar[Path | None] = contextvars.ContextVar("editfast_stats_root", default=None)
+
+
+def stats_root() -> Path:
+    """Where cached statistics live: the ``stats_location`` in effect, else ``cache_dir()/stats``."""
+    return _ROOT.get() or cache_dir() / "stats"
+
+
+@contextmanager
+def stats_location(path: str | Path | None):
+    """Within the block, cached statistics are read from and written under ``path`` (None: the default)."""
+    token = _ROOT.set(Path(path).expanduser() if path is not None else None)
+    try:
+        yield
+    finally:
+        _ROOT.reset(token)
+
+
+def cache_tag(corpus_key: str, n_samples: int, max_tokens: int, mom2_dtype: str, model_dtype) -> str:
+    """The statistics' cache key: the corpus content, the samples really used, the token cut, both dtypes."""
+    return hashlib.sha256(f"{corpus_key}|{n_samples}|{max_tokens}|{mom2_dtype}|{model_dtype}".encode()).hexdigest()[:16]
+
+
+def cache_file(fingerprint: str, layer: int, tag: str) -> Path:
+    return stats_root() / fingerprint[:24] / f"layer{layer}-{tag}.safetensors"
+
+
 def _cache_file(lm, layer: int, corpus: str, n_samples: int, max_tokens: int, dtype: str) -> Path:
-    tag = hashlib.sha256(f"{corpus}|{n_samples}|{max_tokens}|{dtype}|{lm.dtype}".encode()).hexdigest()[:16]
-    return cache_dir() / "stats" / lm.fingerprint[:24] / f"layer{layer}-{tag}.safetensors"
+    return cache_file(lm.fingerprint, layer, cache_tag(corpus, n_samples, max_tokens, dtype, lm.dtype))
 
 
 def _save_partial(path: Path, state: dict) -> bool:
@@ -203,12 +205,13 @@ def _load_partial(path: Path, layers: Sequence[int], d: int) -> dict | None:
     return {"totals": {l: tensors[f"total.layer{l}"] for l in layers}, "count": count, "batches": batches}
 
 
-def _load_moment(path: Path, d: int, dtype: torch.dtype) -> torch.Tensor | None:
-    """A cached C, or None: missing, or corrupt (truncated, wrong tensors, shape or dtype,
-    non-finite, no tokens), in which case it is removed with a warning and recomputed."""
+def _load_moment(path: Path, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, dict] | None:
+    """A cached C and its metadata (with its token count), or None: missing, or corrupt (truncated,
+    wrong tensors, shape or dtype, non-finite, no tokens), in which case it is removed with a warning
+    and recomputed."""
     if not path.is_file() or (read := _read_tensors(path)) is None:
         return None
-    tensors, _ = read
+    tensors, meta = read
     c, n = tensors.get("mom2"), tensors.get("count")
     if c is None or c.shape != (d, d) or c.dtype != dtype:
         return _corrupt(path, f"no {str(dtype).removeprefix('torch.')} 'mom2' of shape [{d}, {d}]")
@@ -216,34 +219,93 @@ def _load_moment(path: Path, d: int, dtype: torch.dtype) -> torch.Tensor | None:
         return _corrupt(path, "no positive token count")
     if not bool(c.isfinite().all()):
         return _corrupt(path, "non-finite statistics")
-    return c
+    return c, {**meta, "tokens": str(int(n))}
+
+
+def corpus_plan(hp) -> tuple[Corpus, int]:
+    """The corpus of ``hp.mom2_dataset`` and the number of its texts a pass uses: ``mom2_n_samples``,
+    or (with one warning) all of them when the corpus has fewer. A hub corpus (``wikipedia``,
+    millions of articles) is not counted: its size is checked when its texts are read."""
+    n = hp.mom2_n_samples
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise HParamsError(f"mom2_n_samples must be a positive number of paragraphs, got {n!r}")
+    if hp.mom2_dataset in HUB:
+        try:
+            corpus = open_corpus(hp.mom2_dataset)
+        except HParamsError:  # the statistics may be cached (imported): reading texts raises this error
+            corpus = Corpus(hp.mom2_dataset, "hub", hp.mom2_dataset, [])
+    else:
+        corpus = open_corpus(hp.mom2_dataset)
+    if corpus.kind != "hub":
+        have = corpus.size()
+        if have < n:
+            warnings.warn(f"mom2_n_samples={n} but the corpus {hp.mom2_dataset!r} has {have:,} texts; using "
+                          f"{have:,}", UserWarning, stacklevel=3)
+            n = have
+    return corpus, n
+
+
+def check_corpus(hp, model_dtype: str = "float32") -> None:
+    """Raise HParamsError (before the model loads) unless ``hp.mom2_dataset`` can be read, or, for a hub
+    corpus that is not in the local datasets cache, every layer's statistics for these hparams are
+    already in the statistics cache (``editfast stats import``)."""
+    try:
+        open_corpus(hp.mom2_dataset)
+    except HParamsError:
+        if hp.mom2_dataset in HUB:
+            dt = str(getattr(torch, str(model_dtype).removeprefix("torch."), model_dtype))
+            tag = cache_tag(hp.mom2_dataset, hp.mom2_n_samples, hp.mom2_max_tokens, hp.mom2_dtype, dt)
+            if all(any(stats_root().glob(f"*/layer{l}-{tag}.safetensors")) for l in hp.layers):
+                return
+        raise
 
 
 def second_moments(lm, layers: Sequence[int], hp, progress: bool = True, use_cache: bool = True,
-                   checkpoint_every: int = 50) -> dict[int, torch.Tensor]:
+                   checkpoint_every: int = 50, info: dict | None = None) -> dict[int, torch.Tensor]:
     """C for ``layers`` from the hparams' corpus, cached on disk per (model, layer, corpus, size, dtype).
 
-    Missing layers are computed together in one pass. Every ``checkpoint_every`` batches the
-    running sums are saved, so an interrupted run resumes where it stopped. A corrupt cached file
-    is recomputed (with a warning); an unwritable cache warns and the run goes on without it. A
-    statistic over no tokens or with non-finite entries is an error, never returned or cached.
+    The size in the cache key is the number of texts really used (``corpus_plan``); a cache file of
+    the bundled corpus written under the requested size, before sizes were capped, holds the same
+    texts and is still found. Missing layers are computed together in one pass. Every
+    ``checkpoint_every`` batches the running sums are saved, so an interrupted run resumes where it
+    stopped. A corrupt cached file is recomputed (with a warning); an unwritable cache warns and the
+    run goes on without it. A statistic over no tokens or with non-finite entries is an error, never
+    returned or cached. ``info`` (a dict) receives, per layer, the corpus, the texts requested and
+    used, the tokens counted and whether the cache gave it.
     """
     dtype = DTYPES[hp.mom2_dtype]
     if not isinstance(hp.mom2_max_tokens, int) or hp.mom2_max_tokens < 1:
         raise HParamsError(f"statistics of layer {layers[0]}: mom2_max_tokens={hp.mom2_max_tokens!r} counts no "
                            "tokens (C would be 0/0); it must be >= 1")
+    corpus, n = corpus_plan(hp)
     d = lm.adapter.d_mlp(lm.model)
-    files = {l: _cache_file(lm, l, hp.mom2_dataset, hp.mom2_n_samples, hp.mom2_max_tokens, hp.mom2_dtype) for l in layers}
+    key = lambda l, size: _cache_file(lm, l, corpus.key, size, hp.mom2_max_tokens, hp.mom2_dtype)
+    files = {l: key(l, n) for l in layers}
     out: dict[int, torch.Tensor] = {}
     missing = []
+    info = {} if info is None else info
+    record = lambda l, tokens, used, cached: info.__setitem__(l, {
+        "corpus": hp.mom2_dataset, "n_samples_requested": hp.mom2_n_samples, "n_samples": used,
+        "tokens": tokens, "cached": cached})
     for l in layers:
-        if use_cache and (c := _load_moment(files[l], d, dtype)) is not None:
-            out[l] = c
+        found = None
+        if use_cache:
+            found = _load_moment(files[l], d, dtype)
+            if found is None and n < hp.mom2_n_samples and corpus.kind == "bundled":
+                found = _load_moment(key(l, hp.mom2_n_samples), d, dtype)  # written before the cap
+        if found is not None:
+            out[l] = found[0]
+            record(l, int(found[1]["tokens"]), n, True)
         else:
             missing.append(l)
     if not missing:
         return out
-    texts = corpus_texts(hp.mom2_dataset, hp.mom2_n_samples)
+    texts = corpus.texts(n)
+    if len(texts) < n:  # a hub corpus smaller than asked
+        warnings.warn(f"mom2_n_samples={hp.mom2_n_samples} but the corpus {hp.mom2_dataset!r} has {len(texts):,} "
+                      f"texts; using {len(texts):,}", UserWarning, stacklevel=2)
+        n = len(texts)
+        files = {l: key(l, n) for l in layers}
     partial = files[missing[0]].with_name(f"partial-{'-'.join(map(str, missing))}-{files[missing[0]].name}")
     resume = _load_partial(partial, missing, d) if use_cache else None
     caching = [use_cache]  # False after the first failed write: the cache is unwritable
@@ -266,16 +328,24 @@ def second_moments(lm, layers: Sequence[int], hp, progress: bool = True, use_cac
             raise ModelError(f"statistics of layer {l}: C has {bad} non-finite entries: the model's activations "
                              f"overflow or are non-finite in {lm.dtype} (try a float32 model, mom2_dtype=float64, "
                              "or check the weights)")
+        record(l, s.count, n, False)
     for l in stats:
         if caching[0]:
             caching[0] = write_cache(files[l], lambda tmp, l=l: save_file(
                 {"mom2": out[l].contiguous(), "count": torch.tensor(stats[l].count)}, str(tmp),
-                metadata={"corpus": hp.mom2_dataset, "n_samples": str(hp.mom2_n_samples),
-                          "max_tokens": str(hp.mom2_max_tokens), "tokens": str(stats[l].count),
-                          "seconds": f"{time.perf_counter() - t0:.2f}"}))
+                metadata=stats_metadata(hp.mom2_dataset, corpus.key, hp.mom2_n_samples, n, hp.mom2_max_tokens,
+                                        stats[l].count, seconds=time.perf_counter() - t0)))
     if use_cache and partial.exists():
         try:
             partial.unlink()
         except OSError:
             pass
     return out
+
+
+def stats_metadata(corpus: str, corpus_key: str, requested: int, used: int, max_tokens: int, tokens: int,
+                   **extra) -> dict[str, str]:
+    """A cache file's metadata: the corpus, the texts asked for and really used, the token cut and count."""
+    meta = {"corpus": corpus, "corpus_key": corpus_key, "n_samples": str(used), "n_samples_requested": str(requested),
+            "max_tokens": str(max_tokens), "tokens": str(tokens)}
+    return {**meta, **{k: f"{v:.2f}" if isinstance(v, float) else str(v) for k, v in extra.items()}}

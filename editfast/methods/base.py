@@ -39,6 +39,7 @@ class State:
     moments: dict[int, Moment] = field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     changed: set[str] = field(default_factory=set)
+    statistics: dict[int, dict] = field(default_factory=dict)  # per layer: corpus, texts and tokens used
 
     def set(self, name: str, value: torch.Tensor) -> None:
         self.tensors[name] = value
@@ -110,8 +111,9 @@ class Method:
         return True
 
     def prepare(self, lm, hp, progress: bool = True) -> State:
-        stats = second_moments(lm, hp.layers, hp, progress=progress) if self.needs_statistics(hp) else {}
-        return State(moments={l: Moment(C) for l, C in stats.items()})
+        info: dict[int, dict] = {}
+        stats = second_moments(lm, hp.layers, hp, progress=progress, info=info) if self.needs_statistics(hp) else {}
+        return State(moments={l: Moment(C) for l, C in stats.items()}, statistics=info)
 
     def restore_state(self, state: State, journaled: dict[str, torch.Tensor]) -> None:
         """Take a journaled batch's state tensors back (resume, undo): by default they replace the

@@ -38,12 +38,13 @@ class ROME(LocateThenEdit):
     name = "rome"
     summary = "rank-one model editing: one fact at a time in one MLP layer (Meng et al., 2022)"
     hparams_class = ROMEHyperParams
-    # The ROME repository's values; Llama's from EasyEdit; SmolLM2's layer as MEMIT's middle.
+    # The ROME repository's values; Llama's from EasyEdit's hparams/ROME/llama-7b.yaml (no C⁻¹:
+    # mom2_adjustment false there); SmolLM2's layer as MEMIT's middle.
     presets = {
         "gpt2-xl": dict(layers=[17], v_loss_layer=47, clamp_norm_factor=4, v_weight_decay=0.5, mom2_n_samples=100000),
         "gpt-j-6b": dict(layers=[5], v_loss_layer=27, clamp_norm_factor=4, mom2_n_samples=100000),
         "llama-2-7b": dict(layers=[5], v_loss_layer=31, v_num_grad_steps=25, v_weight_decay=1e-3, clamp_norm_factor=4,
-                           mom2_n_samples=100000),
+                           mom2_adjustment=False, mom2_n_samples=100000),
         "smollm2-135m": dict(layers=[5], v_loss_layer=29, clamp_norm_factor=4, mom2_n_samples=1000),
         "tiny": dict(layers=[1], v_loss_layer=3, mom2_n_samples=128, mom2_max_tokens=64),
     }
