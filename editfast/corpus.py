@@ -116,13 +116,18 @@ class Corpus:
             raise DataError(f"corpus {self.name!r} holds no text")
         return out
 
-    def size(self) -> int:
-        """How many texts the corpus has (hub: rows of the cached split)."""
+    def size(self, limit: int | None = None) -> int:
+        """How many texts the corpus has, counted up to ``limit`` (hub: rows of the cached split)."""
         if self.kind == "hub":
             from datasets import Dataset
 
             return sum(len(Dataset.from_file(str(p))) for p in self.files)
-        return sum(1 for _ in self._iter())
+        n = 0
+        for _ in self._iter():
+            n += 1
+            if limit is not None and n >= limit:
+                break
+        return n
 
 
 def open_corpus(name: str) -> Corpus:

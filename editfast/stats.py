@@ -237,7 +237,7 @@ def corpus_plan(hp) -> tuple[Corpus, int]:
     else:
         corpus = open_corpus(hp.mom2_dataset)
     if corpus.kind != "hub":
-        have = corpus.size()
+        have = corpus.size(limit=n)
         if have < n:
             warnings.warn(f"mom2_n_samples={n} but the corpus {hp.mom2_dataset!r} has {have:,} texts; using "
                           f"{have:,}", UserWarning, stacklevel=3)

@@ -143,9 +143,3 @@ def export_npz(lm, layer: int, hp, out: str | Path, progress: bool = False) -> P
         tmp.chmod(0o644)
     return out
 
-
-def original_name(lm, layer: int, hp) -> str:
-    """The originals' file name for these statistics (relative to their stats_dir)."""
-    model = Path(str(lm.spec)).name.replace("random:", "")
-    return (f"{model}/{hp.mom2_dataset}_stats/{lm.adapter.rewrite_tmp.format(layer)}_{hp.mom2_dtype}_mom2_"
-            f"{hp.mom2_n_samples}.npz")

@@ -339,3 +339,24 @@ def test_bad_npz_files_exit_2_and_write_nothing(tmp_path, capsys):
     (tmp_path / "text.npz").write_text("not a zip")
     assert_refused(["stats", "import", str(tmp_path / "text.npz"), "--layer", "1", "--model", "random:tiny-llama"],
                    capsys, "cannot read", absent=[cache / "stats"])
+
+
+def test_a_cache_file_written_before_the_cap_is_still_found(tmp_path):
+    """Statistics of the bundled corpus cached under the requested size (before sizes were capped)
+    hold the same 4,736 paragraphs: they are read, not recomputed, and the run says what was used."""
+    from safetensors.torch import save_file
+
+    from editfast.stats import cache_file, cache_tag
+
+    lm = load_model("random:tiny-llama")
+    d = lm.adapter.d_mlp(lm.model)
+    hp = make_hparams("memit", {"layers": [1], "mom2_n_samples": 100000, "mom2_max_tokens": 16})
+    old = cache_file(lm.fingerprint, 1, cache_tag("wikitext", 100000, 16, "float32", lm.dtype))
+    old.parent.mkdir(parents=True)
+    C = torch.eye(d) * 3
+    save_file({"mom2": C, "count": torch.tensor(1234)}, str(old))
+    info = {}
+    with pytest.warns(UserWarning, match="has 4,736 texts; using 4,736"):
+        got = second_moments(lm, [1], hp, progress=False, info=info)[1]
+    assert torch.equal(got, C) and info[1] == {"corpus": "wikitext", "n_samples_requested": 100000,
+                                               "n_samples": 4736, "tokens": 1234, "cached": True}
