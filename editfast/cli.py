@@ -633,7 +633,8 @@ def stats_options(f):
         click.option("--hparams", "hparams_file", type=click.Path(path_type=Path), default=None,
                      help="YAML/JSON hyper-parameters, as for 'edit' (its stats_dir is the cache location)."),
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override one hyper-parameter."),
-        click.option("--dtype", default="float32", show_default=True, help="The model dtype the edits will use."),
+        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+                     show_default=True, help="The weights' dtype the edits will use (part of the cache key)."),
         click.option("--quiet", is_flag=True, help="No progress bars, logs or warnings."),
     ]):
         f = opt(f)
@@ -674,7 +675,8 @@ def stats_import_cmd(file, model, layer, method, hparams_file, sets, dtype, quie
 
 @stats_group.command("export")
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="The .npz file to write (the originals name it <model>/<dataset>_stats/<module>_<dtype>_mom2_<n>.npz).")
+              help="The .npz file to write (the originals name it "
+                   "<model>/<dataset>_stats/<module>_<dtype>_mom2_<n>.npz).")
 @stats_options
 def stats_export_cmd(out, model, layer, method, hparams_file, sets, dtype, quiet):
     """Write editfast's statistics of one layer (cached, else computed now) as an original .npz file."""

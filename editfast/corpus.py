@@ -96,7 +96,8 @@ class Corpus:
                     text = json.loads(s)["text"]
                     assert isinstance(text, str)
                 except (ValueError, KeyError, TypeError, AssertionError):
-                    raise DataError(f"corpus {self.files[0]} line {n}: not a JSON object with a 'text' string") from None
+                    raise DataError(f"corpus {self.files[0]} line {n}: not a JSON object with a 'text' "
+                                    "string") from None
                 if text.strip():
                     yield text
             elif wikitext:

@@ -290,7 +290,8 @@ def _alg(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", str(name).lower())
 
 
-def split_options(values: dict[str, Any], method: str | None = None) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+def split_options(values: dict[str, Any],
+                  method: str | None = None) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     """Split an EasyEdit / original hparams mapping into ``(hparams_values, options, ignored)``.
 
     ``values`` is the mapping as read from the file (``read_hparams_file``); it is not changed.
@@ -357,7 +358,8 @@ def split_options(values: dict[str, Any], method: str | None = None) -> tuple[di
             raise bad("stats_dir", "a directory")
         options["stats_dir"] = Path(values["stats_dir"]).expanduser()
     if "max_length" in values:
-        if isinstance(values["max_length"], bool) or not isinstance(values["max_length"], int) or values["max_length"] < 1:
+        ml = values["max_length"]
+        if isinstance(ml, bool) or not isinstance(ml, int) or ml < 1:
             raise bad("max_length", "a positive integer")
         options["max_length"] = values["max_length"]
         ignored.append("max_length")
