@@ -246,11 +246,14 @@ def corpus_plan(hp) -> tuple[Corpus, int]:
 
 
 def check_corpus(hp, model_dtype: str = "float32") -> None:
-    """Raise HParamsError (before the model loads) unless ``hp.mom2_dataset`` can be read, or, for a hub
-    corpus that is not in the local datasets cache, every layer's statistics for these hparams are
-    already in the statistics cache (``editfast stats import``)."""
+    """Raise (before the model loads) unless ``hp.mom2_dataset`` can be read, its first
+    ``mom2_n_samples`` texts included (DataError for a bad JSONL line), or, for a hub corpus that
+    is not in the local datasets cache, every layer's statistics for these hparams are already in
+    the statistics cache (``editfast stats import``)."""
     try:
-        open_corpus(hp.mom2_dataset)
+        corpus = open_corpus(hp.mom2_dataset)
+        if corpus.kind != "hub" and corpus.size(limit=hp.mom2_n_samples) == 0:  # reads what a pass would
+            raise HParamsError(f"mom2_dataset {hp.mom2_dataset!r} holds no text")
     except HParamsError:
         if hp.mom2_dataset in HUB:
             dt = str(getattr(torch, str(model_dtype).removeprefix("torch."), model_dtype))

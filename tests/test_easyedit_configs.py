@@ -360,3 +360,12 @@ def test_a_cache_file_written_before_the_cap_is_still_found(tmp_path):
         got = second_moments(lm, [1], hp, progress=False, info=info)[1]
     assert torch.equal(got, C) and info[1] == {"corpus": "wikitext", "n_samples_requested": 100000,
                                                "n_samples": 4736, "tokens": 1234, "cached": True}
+
+
+def test_a_bad_corpus_line_is_refused_before_the_weights_load(tmp_path, capsys, monkeypatch):
+    import editfast.models
+
+    monkeypatch.setattr(editfast.models, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    (tmp_path / "c.jsonl").write_text('{"text": "a"}\n{"text": 3}\n')
+    assert_refused(["edit", "--model", "random:tiny-llama", "--set", "mom2_dataset=c.jsonl", "--n", "1", "--out",
+                    str(tmp_path / "out"), "--quiet"], capsys, "c.jsonl line 2", absent=[tmp_path / "out"])
