@@ -369,3 +369,14 @@ def test_a_bad_corpus_line_is_refused_before_the_weights_load(tmp_path, capsys, 
     (tmp_path / "c.jsonl").write_text('{"text": "a"}\n{"text": 3}\n')
     assert_refused(["edit", "--model", "random:tiny-llama", "--set", "mom2_dataset=c.jsonl", "--n", "1", "--out",
                     str(tmp_path / "out"), "--quiet"], capsys, "c.jsonl line 2", absent=[tmp_path / "out"])
+
+
+def test_without_options_one_warning_names_the_keys_not_applied():
+    """resolve_hparams alone (the Python API's path) applies no bookkeeping key: one warning names them."""
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        hp = resolve_hparams("memit", "./hugging_cache/llama-2-7b", None, None, DATA / "MEMIT/llama-7b.yaml")
+    messages = [str(x.message) for x in w]
+    assert len(messages) == 1 and all(k in messages[0] for k in ("model_name", "device", "stats_dir",
+                                                                 "model_parallel")), messages
+    assert "alg_name" not in messages[0] and hp.mom2_update_weight == 15000.0
