@@ -38,6 +38,12 @@ edit. ``keep_original_weight``: EasyEdit since 2024 no longer has the parameter 
 ``sequential_edit=True``; ``False``, which made EasyEdit before mid-2024 keep the edits, is warned
 about: pass ``sequential_edit=True`` for that.
 
+The file's bookkeeping keys are read as ``editfast edit --hparams`` reads them (``hparams.split_options``,
+checked when the object is made and when an editor is): ``alg_name`` must be the class's, ``model_name``
+the model, ``device`` N is cuda:N (the CPU, with a warning, without CUDA), ``fp16`` loads float16,
+``stats_dir`` is where the statistics cache lives (relative to the working directory, as in EasyEdit);
+``max_length`` and ``P_loc`` are accepted with one warning. ``batch_size`` is the editor's own key.
+
 The edits themselves are editfast's (``methods/``): one ``prepare`` (statistics from the cache) and
 one set of context templates per editor, batched target optimisation, the factorise-once solve.
 Not supported, with an error naming them: ``test_generation=True``, ``eval_metric`` other than
@@ -66,13 +72,13 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 
 from .errors import EditfastError, HParamsError, RequestError
+from .hparams import OPTION_KEYS, make_hparams, read_hparams_file, split_options, warn_ignored
 
 LOG = logging.getLogger(__name__)
 
-# EasyEdit's keys that are not hyper-parameters of the method (see _split_bookkeeping).
-_OPTION_KEYS = ("alg_name", "model_name", "device", "model_parallel", "fp16", "max_length", "batch_size")
-_IGNORED_KEYS = {"stats_dir": "editfast keeps statistics in its own cache ($EDITFAST_CACHE)",
-                 "P_loc": "editfast computes AlphaEdit's projector from the statistics (it never loads pickles)"}
+# The editor's own key (EasyEdit's BaseEditor reads it), not one of the files' bookkeeping keys
+# (hparams.OPTION_KEYS, which split_options checks and maps).
+_EDITOR_KEYS = ("batch_size",)
 _TOKEN_METRICS = ("exact match", "token_em")  # EasyEdit's eval_metric values that mean token accuracy
 _LM_META = {"protocol": "decoder_only_teacher_forcing", "scorer": "token_accuracy",
             "comparable_group": "lm.decoder_only_teacher_forcing.token_accuracy"}
@@ -80,58 +86,43 @@ _LOCALITY_META = {"protocol": "pre_post_argmax_token_match", "scorer": "token_ma
                   "comparable_group": "locality.lm.pre_post_argmax_token_match"}
 
 
-def _split_bookkeeping(d: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """EasyEdit's hparams mapping -> (the method's hyper-parameters, options, ignored keys).
-
-    Options: ``alg_name``, ``model_name``, ``device``, ``model_parallel``, ``fp16``, ``max_length``,
-    ``batch_size`` (what the editor, not the method, uses); ignored: ``stats_dir``, ``P_loc``."""
-    values, options, ignored = {}, {}, {}
-    for k, v in d.items():
-        (options if k in _OPTION_KEYS else ignored if k in _IGNORED_KEYS else values)[k] = v
-    return values, options, ignored
-
-
-def _numbers(d: dict[str, Any]) -> dict[str, Any]:
-    """EasyEdit's ``construct_float_from_scientific_notation``: a string value that reads as a number is
-    that number (PyYAML reads ``5e-1`` as a string)."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, str) and k not in ("alg_name", "model_name"):
-            try:
-                v = float(v)
-            except ValueError:
-                pass
-        out[k] = v
-    return out
-
-
 class HyperParams:
     """An EasyEdit hyper-parameter object: attributes are the file's keys (``hparams.layers``,
-    ``hparams.model_name``, ``hparams.batch_size = 10`` ...). The method's keys are checked by
-    editfast's hparams class when the object is made and again when an editor uses it."""
+    ``hparams.model_name``, ``hparams.batch_size = 10`` ...). The bookkeeping keys are checked by
+    ``hparams.split_options``, the method's by editfast's hparams class, when the object is made and
+    again whenever an editor uses it."""
 
     alg_name: ClassVar[str] = ""
     method: ClassVar[str] = ""  # editfast's method name
     defaults: ClassVar[dict[str, Any]] = {"max_length": 40, "model_parallel": False, "fp16": False}
 
     def __init__(self, **config: Any):
-        values, options, ignored = _split_bookkeeping(_numbers(config))
-        alg = options.pop("alg_name", self.alg_name)
-        if alg != self.alg_name:
-            raise HParamsError(f"{type(self).__name__} cannot load alg_name {alg!r} (it takes {self.alg_name!r})")
-        if ignored:
-            warnings.warn("; ".join(f"hparams key {k} is ignored: {_IGNORED_KEYS[k]}" for k in ignored),
-                          stacklevel=3)
-        object.__setattr__(self, "_values", values)
-        object.__setattr__(self, "_options", {**self.defaults, **options, "alg_name": self.alg_name})
-        object.__setattr__(self, "_ignored", ignored)
-        self.editfast_hparams()
+        object.__setattr__(self, "_config", dict(config))
+        values, _, ignored = self._split()
+        # model_parallel: true is refused by BaseEditor, not merely without effect
+        warn_ignored([k for k in ignored if k != "model_parallel"], type(self).__name__)
+        hp = self.editfast_hparams()
+        self._config.update({k: getattr(hp, k) for k in values})  # typed as editfast reads them ("5e-1": 0.5)
+
+    def _split(self) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+        """``hparams.split_options`` on the keys as they are now: (the method's values, editfast options,
+        ignored keys); the bookkeeping keys checked (``alg_name`` must be this class's)."""
+        d = {"alg_name": self.alg_name,
+             **{k: v for k, v in self._config.items() if k not in _EDITOR_KEYS}}
+        for key in ("model_name", "device"):  # Python objects a file cannot hold
+            if isinstance(d.get(key), (Path, torch.device)):
+                d[key] = str(d[key])
+        if "model_name" in d and not isinstance(d["model_name"], str):
+            raise HParamsError("hparams model_name must be a model: a local Hugging Face directory, a .gguf file, "
+                               "smollm2-135m or random:<preset> (a (model, tokenizer) pair is not supported)")
+        try:
+            return split_options(d, self.method)
+        except HParamsError as e:
+            raise HParamsError(f"{type(self).__name__}: {e}") from None
 
     @classmethod
     def from_hparams(cls, hparams_name_or_path: str | Path) -> HyperParams:
         """Read an EasyEdit YAML (or JSON) file; ``path`` may leave out ``.yaml`` as EasyEdit's calls do."""
-        from .hparams import read_hparams_file
-
         path = Path(hparams_name_or_path)
         if path.suffix not in (".yaml", ".yml", ".json"):
             path = Path(f"{path}.yaml")
@@ -139,32 +130,30 @@ class HyperParams:
 
     def editfast_hparams(self):
         """The method's editfast hyper-parameters (types and ranges checked; unknown keys named)."""
-        from .hparams import make_hparams
-
         try:
-            return make_hparams(self.method, dict(self._values))
+            return make_hparams(self.method, self._split()[0])
         except HParamsError as e:
-            raise HParamsError(f"{type(self).__name__}: {e} (EasyEdit's {', '.join(_OPTION_KEYS)}, "
-                               f"{', '.join(_IGNORED_KEYS)} are read by the editor)") from None
+            raise HParamsError(f"{type(self).__name__}: {e} (EasyEdit's "
+                               f"{', '.join(OPTION_KEYS + _EDITOR_KEYS)} are read by the editor)") from None
 
     def __getattr__(self, name: str) -> Any:
-        for part in ("_options", "_values", "_ignored"):
-            d = self.__dict__.get(part, {})
-            if name in d:
-                return d[name]
         if name.startswith("_"):
             raise AttributeError(name)
+        config = self.__dict__.get("_config", {})
+        if name in config:
+            return config[name]
+        if name in self.defaults:
+            return self.defaults[name]
         hp = self.editfast_hparams()  # a key the file leaves out: editfast's default
         if name in getattr(hp, "__dataclass_fields__", {}):
             return getattr(hp, name)
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def __setattr__(self, name: str, value: Any) -> None:
-        target = self._options if name in _OPTION_KEYS else self._ignored if name in _IGNORED_KEYS else self._values
-        target[name] = value
+        self._config[name] = value
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self._values, **self._options, **self._ignored}
+        return {**self.defaults, **self._config, "alg_name": self.alg_name}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
@@ -379,17 +368,17 @@ def summary_metrics(all_metrics: dict | list[dict]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the editor
 
 
-def _device(value: Any) -> str:
-    """EasyEdit's ``device``: an integer N (or "N") is cuda:N; without CUDA, the CPU with a warning."""
-    if value is None or isinstance(value, torch.device):
-        return str(value or "cpu")
-    if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
-        if torch.cuda.is_available():
-            return f"cuda:{int(value)}"
-        warnings.warn(f"hparams device {value!r} means cuda:{int(value)}; CUDA is not available, using the CPU",
-                      stacklevel=4)
+def _device(value: str | None) -> str:
+    """``split_options``' device (the file's integer N is "cuda:N"; a string "N" reads the same); without
+    CUDA, the CPU with a warning."""
+    if value is None:
         return "cpu"
-    return str(value)
+    if value.isdigit():
+        value = f"cuda:{value}"
+    if value.startswith("cuda") and not torch.cuda.is_available():
+        warnings.warn(f"hparams device {value!r}: CUDA is not available, using the CPU", stacklevel=4)
+        return "cpu"
+    return value
 
 
 class BaseEditor:
@@ -403,29 +392,29 @@ class BaseEditor:
         from .hparams import check_layers
         from .methods import get_method
         from .models import adapter_for, load_model, model_config
-        from .stats import corpus_path
+        from .stats import check_corpus, stats_location
 
         if not isinstance(hparams, HyperParams):
             raise HParamsError("BaseEditor needs hyper-parameters from editfast.easyedit (e.g. "
                                f"ROMEHyperParams.from_hparams(path)), not {type(hparams).__name__}")
-        if hparams.model_parallel:
-            raise HParamsError("hparams model_parallel: true is not supported by editfast.easyedit (one device)")
         if getattr(hparams, "model_name", None) is None:
             raise HParamsError(f"{type(hparams).__name__} has no model_name: the model to edit")
-        if not isinstance(hparams.model_name, (str, Path)):
-            raise HParamsError("hparams model_name must be a model: a local Hugging Face directory, a .gguf file, "
-                               "smollm2-135m or random:<preset> (a (model, tokenizer) pair is not supported)")
-        self.hparams, self.alg_name, self.model_name = hparams, hparams.alg_name, str(hparams.model_name)
+        options = hparams._split()[1]  # the bookkeeping keys as they are now, checked
+        if options.get("device_map"):
+            raise HParamsError("hparams model_parallel: true is not supported by editfast.easyedit (one device)")
+        self.hparams, self.alg_name, self.model_name = hparams, hparams.alg_name, options["model"]
+        self.stats_dir = options.get("stats_dir")  # None: editfast's cache ($EDITFAST_CACHE)
         self.method = get_method(hparams.method)
         self.hp = hparams.editfast_hparams()
         config = model_config(self.model_name)  # everything checked before the weights load
         adapter = adapter_for(config)
         self.hp.check_modules(adapter)
         check_layers(self.hp, int(getattr(config, adapter.n_layers_attr)))
+        dtype = options.get("dtype", "float32")
         if self.method.needs_statistics(self.hp):
-            corpus_path(self.hp.mom2_dataset)
-        dtype = "float16" if hparams.fp16 else "float32"
-        self.lm = load_model(self.model_name, dtype=dtype, device=_device(getattr(hparams, "device", None)))
+            with stats_location(self.stats_dir):
+                check_corpus(self.hp, dtype)
+        self.lm = load_model(self.model_name, dtype=dtype, device=_device(options.get("device")))
         self.model, self.tok, self.device = self.lm.model, self.lm.tokenizer, self.lm.device
         self.sites = self.method.sites(self.lm, self.hp)
         self._state = self._templates = None
@@ -555,7 +544,10 @@ class BaseEditor:
     def _prepare(self, verbose: bool) -> None:
         if self._state is None:
             self._templates = self.method.templates(self.lm, self.hp, seed=42)  # EasyEdit seeds 42
-            self._state = self.method.prepare(self.lm, self.hp, progress=verbose)
+            from .stats import stats_location
+
+            with stats_location(self.stats_dir):  # the file's stats_dir, as the CLI's edit honours it
+                self._state = self.method.prepare(self.lm, self.hp, progress=verbose)
 
     @contextmanager
     def _transaction(self, verbose: bool):

@@ -8,6 +8,7 @@ against a direct computation with the HF model, not against the facade's own hel
 import json
 import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,8 +123,9 @@ metrics, edited_model, _ = editor.edit(
 @pytest.fixture(scope="module")
 def hparams_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("hparams")
-    (d / "rome.yaml").write_text(ROME_YAML)
-    (d / "memit.yaml").write_text(MEMIT_YAML)
+    stats = f'stats_dir: "{d / "stats"}"'  # the statistics these tests compute, kept out of the working directory
+    (d / "rome.yaml").write_text(ROME_YAML.replace('stats_dir: "./data/stats"', stats))
+    (d / "memit.yaml").write_text(MEMIT_YAML.replace('stats_dir: "./data/stats"', stats))
     return d
 
 
@@ -131,7 +133,7 @@ def _editor(path, cls_name):
     import editfast.easyedit as ee
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # stats_dir ignored, device 0 without CUDA
+        warnings.simplefilter("ignore")  # P_loc without effect, device 0 without CUDA
         return ee.BaseEditor.from_hparams(getattr(ee, cls_name).from_hparams(str(path)))
 
 
@@ -294,6 +296,7 @@ def test_batch_edit_memit(hparams_dir):
     assert len(metrics[0]["post"]["locality"]["nb_acc"]) == 2  # one agreement per locality prompt
     assert sorted(wcopy) == [f"model.layers.{l}.mlp.down_proj.weight" for l in (1, 2)]
     assert same(weights(model), w0)
+    assert list((hparams_dir / "stats").rglob("layer1-*.safetensors"))  # the file's stats_dir holds the statistics
     with pytest.raises(HParamsError, match="batch_size is 2"):
         memit.edit(prompts="Ray Charles, the", target_new="violin", subject="Ray Charles", verbose=False)
 
@@ -301,7 +304,7 @@ def test_batch_edit_memit(hparams_dir):
 def test_alphaedit_keys_do_not_leak_from_restored_edits(hparams_dir):
     """Restoring after an edit restores AlphaEdit's accumulated keys too: a later edit gives the weights it
     gives on a fresh editor (EasyEdit keeps them in a global across restored edits)."""
-    (hparams_dir / "alpha.yaml").write_text(MEMIT_YAML.replace('"MEMIT"', '"AlphaEdit"') +
+    (hparams_dir / "alpha.yaml").write_text((hparams_dir / "memit.yaml").read_text().replace('"MEMIT"', '"AlphaEdit"') +
                                             'nullspace_threshold: 2e-2\nL2: 10\nP_loc: "./null_space_project.pt"\n')
     first, fresh = (_editor(hparams_dir / "alpha", "AlphaEditHyperParams") for _ in range(2))
     w0 = weights(first.model)
@@ -338,23 +341,78 @@ def test_bad_input_is_refused_with_weights_untouched(rome, kwargs, match):
 
 
 def test_bad_hparams(hparams_dir, tmp_path, rome):
-    from editfast.easyedit import MEMITHyperParams, ROMEHyperParams
+    from editfast.easyedit import AlphaEditHyperParams, MEMITHyperParams, ROMEHyperParams
 
-    with pytest.raises(HParamsError, match="cannot load alg_name 'ROME'"):
+    with pytest.raises(HParamsError, match="alg_name='ROME' does not match the method 'memit'"):
         MEMITHyperParams.from_hparams(str(hparams_dir / "rome"))
     (tmp_path / "typo.yaml").write_text(ROME_YAML.replace("kl_factor", "kl_factr"))
-    with pytest.raises(HParamsError, match="kl_factr"), pytest.warns(UserWarning):
+    with pytest.raises(HParamsError, match="kl_factr"):
         ROMEHyperParams.from_hparams(str(tmp_path / "typo"))
     with pytest.raises(HParamsError, match="not found"):
         ROMEHyperParams.from_hparams(str(tmp_path / "missing"))
-    with pytest.warns(UserWarning, match="stats_dir is ignored"):
+    (tmp_path / "fp16.yaml").write_text(ROME_YAML + "fp16: 1\n")
+    with pytest.raises(HParamsError, match="fp16=1 is not allowed; fp16 must be true or false"):
+        ROMEHyperParams.from_hparams(str(tmp_path / "fp16"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # stats_dir is used, so nothing here is without effect
         hp = ROMEHyperParams.from_hparams(str(hparams_dir / "rome.yaml"))
     assert hp.v_lr == 0.5 and hp.layers == [1] and hp.max_length == 40  # "5e-1" read as a number
+    assert ROMEHyperParams(layers=[1], v_lr="1e-1").v_lr == 0.1  # quoted, as in a JSON file
+    (tmp_path / "alpha.yaml").write_text(MEMIT_YAML.replace('"MEMIT"', '"AlphaEdit"') + 'P_loc: "./P.pt"\n')
+    with pytest.warns(UserWarning, match="accepted without effect: P_loc"):
+        AlphaEditHyperParams.from_hparams(str(tmp_path / "alpha"))
     hp.model_parallel = True
     with pytest.raises(HParamsError, match="model_parallel"):
         rome.from_hparams(hp)
     with pytest.raises(EditfastError, match="can not batch edit"):
         rome.batch_edit(prompts=["Ray Charles, the"], target_new=["violin"], subject=["Ray Charles"])
+
+
+EASYEDIT_FILES = sorted((Path(__file__).parent / "data" / "easyedit_hparams").glob("*/*.yaml"))
+
+
+def test_every_easyedit_file_loads_through_the_facade():
+    """EasyEdit's 31 ROME/MEMIT/AlphaEdit files (tests/data/easyedit_hparams) through the classes' from_hparams:
+    every key an attribute of EasyEdit's name with the file's value, numbers as numbers; one warning naming
+    max_length/P_loc where the file has them (no model is loaded)."""
+    import yaml
+
+    import editfast.easyedit as ee
+
+    method = {"ROME": "rome", "MEMIT": "memit", "AlphaEdit": "alphaedit"}
+    assert len(EASYEDIT_FILES) == 31
+    for path in EASYEDIT_FILES:
+        raw = yaml.safe_load(path.read_text())  # YAML 1.1: "5e-1" is a string here
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            hp = getattr(ee, f"{path.parent.name}HyperParams").from_hparams(path)
+        assert (hp.alg_name, hp.method, hp.layers) == (raw["alg_name"], method[raw["alg_name"]], raw["layers"]), path
+        for key, value in raw.items():
+            if isinstance(value, str):
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
+            got = getattr(hp, key)
+            assert got == value and (type(got) is not str or isinstance(value, str)), (path, key, got)
+        warned = [k for k in ("max_length", "P_loc") if k in raw]
+        assert len(w) == (1 if warned else 0) and all(k in str(w[0].message) for k in warned), (path, w)
+        assert hp.editfast_hparams().layers == raw["layers"]
+
+
+def test_corpus_checked_in_stats_dir_before_the_model_loads(tmp_path, monkeypatch):
+    """EasyEdit's MEMIT files name mom2_dataset: wikipedia; neither in the datasets cache nor in the file's
+    stats_dir, it is refused before the weights load."""
+    import editfast.models
+    from editfast.easyedit import BaseEditor, MEMITHyperParams
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
+    monkeypatch.setattr(editfast.models, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    (tmp_path / "wiki.yaml").write_text(MEMIT_YAML.replace('"wikitext"', '"wikipedia"')
+                                        .replace("./data/stats", str(tmp_path / "stats")))
+    with pytest.raises(HParamsError, match="wikipedia"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        BaseEditor.from_hparams(MEMITHyperParams.from_hparams(tmp_path / "wiki.yaml"))
 
 
 def test_easyedit_zsre_file_edits_toward_alt(tmp_path):
