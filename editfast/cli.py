@@ -299,10 +299,11 @@ def edit_cmd(method, n, model, dataset, offset, batch_size, seed, out, save_mode
         parse_checkpoints(eval_at, n, get_method(method).batch_size(batch_size, n))  # before the model loads
     if resume and not (out / "session.json").is_file():
         raise click.UsageError(f"--resume: {str(out)!r} holds no editfast run to continue")
-    hp = preflight(model, method, hparams_file, overrides, dtype=dtype)
-    check_trained_network(hp)
     from .stats import stats_location
 
+    with stats_location(file_opts.get("stats_dir")):  # the corpus check may find imported statistics there
+        hp = preflight(model, method, hparams_file, overrides, dtype=dtype)
+    check_trained_network(hp)
     with stats_location(file_opts.get("stats_dir")), \
             OutputDir(out, resume=resume, force=force, keep=lambda d: Journal(d).exists()) as od:
         lm = load_model(model, dtype=dtype, device=device)
