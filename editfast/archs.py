@@ -73,18 +73,15 @@ def check_causal_lm(model_type: str, config: Any) -> None:
 def meta_model(config: Any) -> nn.Module:
     """The causal LM of `config` with every tensor on the meta device (module names and shapes only)."""
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
+    from .models import _hf_errors_only, _one_line
+
     try:
-        with torch.device("meta"):
+        with _hf_errors_only(), torch.device("meta"):
             return AutoModelForCausalLM.from_config(config)
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, AssertionError) as e:
         raise unsupported(getattr(config, "model_type", None),
-                          f"transformers cannot build it ({' '.join(str(e).split())[:200]})") from None
-    finally:
-        hf_logging.set_verbosity(level)
+                          f"transformers cannot build it ({_one_line(e, 200)})") from None
 
 
 def _widths(m: nn.Module) -> tuple[int, int, bool] | None:

@@ -15,7 +15,7 @@ import editfast
 from editfast.archs import find_adapter, meta_model
 from editfast.data import load_dataset
 from editfast.errors import ModelError
-from editfast.eval.base import LogLik
+from editfast.eval.base import Generate, LogLik
 from editfast.eval.engine import Engine
 from editfast.models import ADAPTERS, adapter_for, load_model, model_config
 
@@ -166,6 +166,17 @@ def test_engine_log_likelihoods_equal_the_models_forward(arch):
         uncapped = Engine(lm, progress=False).loglikelihood([LogLik(*pairs[0])])[0].logprob
         lm.model.config.final_logit_softcapping = cap
         assert abs(uncapped - got[0].logprob) > 0.1
+
+
+@pytest.mark.parametrize("arch", NEW)
+def test_engine_generation_equals_the_models_greedy_generate(arch):
+    lm = o1_weights(load_model(f"random:tiny-{arch}"), head_scale=3.0)
+    prompts = ["The capital of France is", "Danielle Darrieux's mother tongue is a language that"]
+    got = Engine(lm, progress=False).generate([Generate(p, max_new_tokens=8) for p in prompts])
+    for p, text in zip(prompts, got):
+        ids = lm.tokenizer(p, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+        assert text == lm.tokenizer.decode(out[0, ids.shape[1]:])
 
 
 def _save_moe(path):
