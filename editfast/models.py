@@ -57,10 +57,9 @@ class Adapter:
     mlp_in_tmp: str = ""
     # a norm applied to the MLP's output before the residual add (Gemma-2's and OLMo-2's
     # post_feedforward_layernorm), "" for none. Where there is one, the MLP output (ROME's value
-    # space) is not the residual stream's delta: ROME's target is still optimised at the MLP
-    # output itself (exact); MEMIT's residual, measured at the last edited layer's output, is
-    # spread over the layers' MLP outputs as everywhere else (the norm in between makes that an
-    # approximation, corrected layer by layer as MEMIT recomputes the residual; README)
+    # space) is not the residual stream's delta: ROME's target is optimised at the MLP output
+    # itself (exact); a residual-stream target (MEMIT's, at the last edited layer's output) is
+    # mapped through the norm layer by layer (`methods.base.post_norm_targets`; README)
     mlp_out_norm: str = ""
 
     def name(self, tmp: str, layer: int | None = None) -> str:
