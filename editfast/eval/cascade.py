@@ -33,7 +33,11 @@ _ACTIVE: dict[str, Sequence[tuple[torch.Tensor, torch.Tensor]] | None] = {"prefi
 
 
 def supported(model) -> bool:
-    """Whether the model's attention layers call transformers' attention interface."""
+    """Whether the model's attention layers call transformers' attention interface, with neither an
+    attention-score soft cap nor sliding-window layers (Gemma-2's; the prefix part applies neither)."""
+    cfg = model.config
+    if getattr(cfg, "attn_logit_softcapping", None) or "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
+        return False
     return "ALL_ATTENTION_FUNCTIONS" in vars(sys.modules[type(model).__module__])
 
 

@@ -37,6 +37,7 @@ from typing import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from editfast.archs import logit_softcap
 from editfast.compat import cache_kwargs, output_cache
 from editfast.kernels.logprob import token_logprobs
 from editfast.locate import growing, kv_cache, left_pad, right_pad
@@ -92,6 +93,7 @@ class Engine:
         self.cascade = cascade_attention and cascade.supported(self.model)
         self.continuous = continuous_batching
         self.head = self.model.get_output_embeddings()
+        self.softcap = logit_softcap(self.model.config)  # Gemma-2's final soft cap, applied in the kernel
         if self.head is None:
             from editfast.errors import ModelError
 
@@ -128,7 +130,7 @@ class Engine:
                 with torch.no_grad():
                     h = self.model.base_model(input_ids=ids, use_cache=False).last_hidden_state
                     token_logprobs(h[:, -64:].reshape(-1, h.shape[-1]), self.head.weight,
-                                   torch.zeros(rows * 64, dtype=torch.long, device=self.device))
+                                   torch.zeros(rows * 64, dtype=torch.long, device=self.device), softcap=self.softcap)
                 del h
                 torch.cuda.empty_cache()
                 return budget // 2  # headroom for the KV cache and generation
@@ -281,7 +283,7 @@ class Engine:
         """Sum the log-probabilities of ``targets`` given hidden states ``h`` (one row per target)
         per owner; a continuation is greedy when each of its tokens is the argmax."""
         dev = self.device
-        lp, top = token_logprobs(h, self.head.weight, targets, getattr(self.head, "bias", None))
+        lp, top = token_logprobs(h, self.head.weight, targets, getattr(self.head, "bias", None), softcap=self.softcap)
         total = torch.zeros(len(lengths), dtype=torch.float64, device=dev).index_add_(0, owner, lp.double())
         misses = torch.zeros(len(lengths), dtype=torch.long, device=dev).index_add_(0, owner, (~top.bool()).long())
         return [LogLikResult(total[k].item(), n, not bool(misses[k]), n - int(misses[k]))

@@ -16,12 +16,14 @@ session journals the ones a batch changed, so undo and resume restore them).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
 import torch
 
+from ..archs import through_post_norm
 from ..data import Request
 from ..hparams import HParams
 from ..locate import LayerwiseReader, word_activations
@@ -200,6 +202,8 @@ class LocateThenEdit(Method):
                             tpl[("out", rewrite)].float().reshape(n, len(flat), -1),
                             bare[("in", rewrite)].float().T, bare[("out", rewrite)].float().T,
                             bare[("out", z_site)].float().T, targets.to(raw.device))
+            if adapter.mlp_out_norm and z_site == adapter.layer_tmp.format(hp.layers[-1]):
+                x = post_norm_targets(lm, x, len(hp.layers) - i)
             up = self.postprocess(lm, self.solve(lm, x, hp, state, backend, trace), hp, state)
             check_finite([up])
             apply_update(lm, up)
@@ -218,6 +222,19 @@ class LocateThenEdit(Method):
             return lambda which, layer, **kw: readers[which].read(layer, **kw)
         texts = (ctx, ctx_subjects), (prompts, subjects)
         return lambda which, layer, **kw: word_activations(lm, *texts[which], **kw)
+
+
+def post_norm_targets(lm, x: LayerInputs, left: int) -> LayerInputs:
+    """``x`` with targets and current values moved into the MLP output space of layer ``x.layer``
+    where a norm sits between the MLP and the residual stream (Gemma-2, OLMo-2): this layer's share
+    (targets − cur) / ``left`` of the residual-stream change becomes the MLP-output change that
+    moves the norm's output that way (``archs.through_post_norm``), so that a solve's
+    (targets − cur) / left is that change. Without the mapping a residual-space delta added to the
+    MLP output is rescaled by the norm and barely moves the model."""
+    norm = lm.model.get_submodule(lm.adapter.mlp_out_norm.format(x.layer))
+    m = x.w_k_bare
+    moved = through_post_norm(norm, m, (x.targets.to(m.device) - x.cur) / left)
+    return dataclasses.replace(x, cur=m, targets=m + left * (moved - m))
 
 
 def group_mean_keys(keys: torch.Tensor, groups: Sequence[Sequence[str]]) -> torch.Tensor:

@@ -78,6 +78,7 @@ from typing import ClassVar, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..archs import output_logits
 from ..errors import EditfastError, HParamsError
 from ..hparams import HParams
 from ..locate import right_pad
@@ -304,7 +305,7 @@ class UltraEdit(Method):
         try:
             with torch.enable_grad():
                 h = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-                logits = model.get_output_embeddings()(h[lrow, lpos]).float()
+                logits = output_logits(model)(h[lrow, lpos]).float()
                 loss = (F.cross_entropy(logits, ltgt, reduction="none") * lw).sum()
                 grads = torch.autograd.grad(loss, [outs[n] for n in names])
         finally:
