@@ -10,6 +10,7 @@ for an edit run, its complete journal batches to resume.
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import signal
 import sys
@@ -119,10 +120,35 @@ def summary_table(result) -> str:
     return "\n".join(rows)
 
 
+TORCHRUN_COMMANDS = ("edit", "eval")  # data-parallel under torchrun (statistics, evaluation)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="editfast")
-def cli() -> None:
+@click.pass_context
+def cli(ctx) -> None:
     """Fast locate-then-edit knowledge editing and its side effects on general abilities."""
+    from .distributed import launched
+
+    if launched() and ctx.invoked_subcommand not in TORCHRUN_COMMANDS:
+        raise click.UsageError(f"torchrun runs {' and '.join(TORCHRUN_COMMANDS)} data-parallel; "
+                               f"run {ctx.invoked_subcommand} as one process")
+
+
+def join_ranks(device: str, quiet: bool, resolved: dict) -> tuple[str, bool]:
+    """Under torchrun: join the process group, check that every rank resolved the same options and
+    ``resolved`` configuration (else one line, exit 2), and return this rank's device (cuda:LOCAL_RANK)
+    and whether it is quiet (ranks other than 0 show nothing on stdout). Otherwise the identity."""
+    from . import distributed as dist
+
+    if not dist.init(device):
+        return device, quiet
+    params = {k: v for k, v in click.get_current_context().params.items()}
+    dist.agree({"command": click.get_current_context().info_name, "options": params, **resolved})
+    if not dist.is_main():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the rest of this rank's life)
+        quiet = True
+    return dist.local_device(device), quiet
 
 
 def method_names() -> list[str]:
@@ -268,6 +294,7 @@ def edit_cmd(method, n, model, dataset, offset, batch_size, seed, out, save_mode
     """Apply N edits from a dataset in sequential batches; report efficacy, paraphrase and neighbourhood
     scores, and with --eval-at the curve of abilities against the number of edits."""
     from .data import load_dataset
+    from .distributed import agree, rank_out
     from .hparams import parse_overrides
     from .journal import Journal
     from .models import load_model
@@ -304,9 +331,11 @@ def edit_cmd(method, n, model, dataset, offset, batch_size, seed, out, save_mode
     with stats_location(file_opts.get("stats_dir")):  # the corpus check may find imported statistics there
         hp = preflight(model, method, hparams_file, overrides, dtype=dtype)
     check_trained_network(hp)
-    with stats_location(file_opts.get("stats_dir")), \
+    device, quiet = join_ranks(device, quiet, {"hparams": hp.to_dict()})
+    with stats_location(file_opts.get("stats_dir")), rank_out(out, resume) as out, \
             OutputDir(out, resume=resume, force=force, keep=lambda d: Journal(d).exists()) as od:
         lm = load_model(model, dtype=dtype, device=device)
+        agree({"model_fingerprint": lm.fingerprint})
         session = EditSession(lm, method, requests, hparams=hp, batch_size=batch_size, seed=seed, templates=templates,
                               evaluate=not no_eval, eval_tasks=eval_tasks, eval_limit=eval_limit, protocol=protocol,
                               eval_at=eval_at, out=out, progress=not quiet,
@@ -579,6 +608,7 @@ def eval_cmd(model, edits, tasks, protocol, limit, seed, batch_tokens, old_batch
              force, quiet):
     """Measure general abilities (eight task categories + WikiText perplexity)."""
     from .api import load_journal
+    from .distributed import agree, rank_out
     from .eval.runner import evaluate, markdown_table, write_report
     from .eval.tasks import resolve_tasks
     from .models import load_model
@@ -594,11 +624,13 @@ def eval_cmd(model, edits, tasks, protocol, limit, seed, batch_tokens, old_batch
             assert batch_tokens > 0
         except (ValueError, AssertionError):
             raise click.UsageError(f"--batch-tokens must be 'auto' or a positive number, got {batch_tokens!r}")
-    resolve_tasks(tasks)
+    resolved = [t.name for t in resolve_tasks(tasks)]
     if edits is not None and not (edits / "journal.safetensors").is_file():  # (an old-format run needs the model)
         load_journal(edits)  # the run's files, whole, before the model loads
-    with OutputDir(out, staged=True, force=force) as od:
+    device, quiet = join_ranks(device, quiet, {"tasks": resolved})
+    with rank_out(out) as out, OutputDir(out, staged=True, force=force) as od:
         lm = load_model(model, dtype=dtype, device=device)
+        agree({"model_fingerprint": lm.fingerprint})
         journal = load_journal(edits, lm)[1] if edits else None  # names, shapes, fingerprint: before evaluating
         before = evaluate(lm, tasks, protocol, limit, seed, batch_tokens, progress=not quiet, log_samples=log_samples)
         after = None

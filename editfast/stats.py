@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from editfast.kernels.second_moment import mirror_upper_, second_moment_accumulate_
 
+from . import distributed as dist
 from .corpus import BUNDLED as CORPORA, HUB, Corpus, detokenize_wikitext, open_corpus  # noqa: F401 (re-exported)
 from .errors import HParamsError, ModelError
 from .locate import right_pad
@@ -301,6 +302,8 @@ def second_moments(lm, layers: Sequence[int], hp, progress: bool = True, use_cac
             record(l, int(found[1]["tokens"]), n, True)
         else:
             missing.append(l)
+    union = set().union(*dist.gather_objects(missing))  # torchrun: every rank runs the same pass
+    missing = [l for l in layers if l in union]
     if not missing:
         return out
     texts = corpus.texts(n)
@@ -309,7 +312,9 @@ def second_moments(lm, layers: Sequence[int], hp, progress: bool = True, use_cac
                       f"texts; using {len(texts):,}", UserWarning, stacklevel=2)
         n = len(texts)
         files = {l: key(l, n) for l in layers}
-    partial = files[missing[0]].with_name(f"partial-{'-'.join(map(str, missing))}-{files[missing[0]].name}")
+    texts = [texts[i] for i in dist.shard([len(t) for t in texts])]  # torchrun: this rank's texts
+    rank = f"rank{dist.rank()}of{dist.world_size()}-" if dist.active() else ""
+    partial = files[missing[0]].with_name(f"partial-{rank}{'-'.join(map(str, missing))}-{files[missing[0]].name}")
     resume = _load_partial(partial, missing, d) if use_cache else None
     caching = [use_cache]  # False after the first failed write: the cache is unwritable
 
@@ -318,8 +323,11 @@ def second_moments(lm, layers: Sequence[int], hp, progress: bool = True, use_cac
             caching[0] = _save_partial(partial, state)
 
     t0 = time.perf_counter()
-    stats = _one_pass(lm, missing, token_batches(lm.tokenizer, texts, hp.mom2_max_tokens), dtype, progress, None,
-                      upper=dtype == torch.float32, resume=resume, checkpoint=checkpoint, every=checkpoint_every)
+    stats = _one_pass(lm, missing, token_batches(lm.tokenizer, texts, hp.mom2_max_tokens), dtype,
+                      progress and dist.is_main(), None, upper=dtype == torch.float32, resume=resume,
+                      checkpoint=checkpoint, every=checkpoint_every)
+    stats = {l: SecondMoment(dist.all_reduce_sum(s.total), int(dist.all_reduce_sum(torch.tensor(s.count))))
+             for l, s in stats.items()}  # torchrun: the ranks' sums (float64), on every rank
     for l, s in stats.items():
         if s.count <= 0:
             raise HParamsError(f"statistics of layer {l}: the corpus {hp.mom2_dataset!r} gave no tokens "
@@ -333,7 +341,7 @@ def second_moments(lm, layers: Sequence[int], hp, progress: bool = True, use_cac
                              "or check the weights)")
         record(l, s.count, n, False)
     for l in stats:
-        if caching[0]:
+        if caching[0] and dist.is_main():
             caching[0] = write_cache(files[l], lambda tmp, l=l: save_file(
                 {"mom2": out[l].contiguous(), "count": torch.tensor(stats[l].count)}, str(tmp),
                 metadata=stats_metadata(hp.mom2_dataset, corpus.key, hp.mom2_n_samples, n, hp.mom2_max_tokens,
@@ -343,6 +351,7 @@ def second_moments(lm, layers: Sequence[int], hp, progress: bool = True, use_cac
             partial.unlink()
         except OSError:
             pass
+    dist.barrier()  # torchrun: rank 0 has written the cache
     return out
 
 

@@ -1,0 +1,114 @@
+"""torchrun data parallelism with two gloo ranks on the CPU (tests/dist_worker.py is one rank):
+statistics equal to one process, evaluation answers and metrics equal to one process, ranks that
+disagree on the configuration refused before anything is written."""
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from editfast import distributed as dist
+from editfast.eval.engine import Engine
+from editfast.eval.runner import EvalPlan
+from editfast.hparams import resolve_hparams
+from editfast.models import load_model
+from editfast.stats import second_moments
+
+HERE = Path(__file__).parent
+N_SAMPLES, TASKS, LIMIT = 40, "sst2,rte,nq", 6
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_ranks(argvs, tmp_path, timeout=120):
+    """Start one process per argv as ranks 0 and 1 of a gloo group; (exit code, stdout, stderr) of each."""
+    port = free_port()
+    procs = []
+    for r, argv in enumerate(argvs):
+        env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(len(argvs)),
+               "LOCAL_WORLD_SIZE": str(len(argvs)), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "EDITFAST_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+        procs.append(subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, cwd=tmp_path))
+    outs = []
+    for p in procs:
+        try:
+            o, e = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        outs.append((p.returncode, o, e))
+    return outs
+
+
+def test_shard_is_balanced_disjoint_and_complete():
+    weights = [5, 1, 1, 9, 3, 3, 2, 8, 1, 1]
+    parts = [dist.shard(weights, 3, r) for r in range(3)]
+    assert sorted(i for p in parts for i in p) == list(range(len(weights)))
+    loads = [sum(weights[i] for i in p) for p in parts]
+    assert max(loads) - min(loads) <= max(weights)  # greedy largest-first: within one item
+    assert dist.shard(weights) == list(range(len(weights)))  # one process: everything
+
+
+def test_two_gloo_ranks_equal_one_process(tmp_path, monkeypatch):
+    """Statistics within 1e-6 of one process; every request answered once, as one process answers
+    it; the same task metrics; rank 0 alone wrote the statistics cache."""
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = [str(HERE / "dist_worker.py"), str(out), str(N_SAMPLES), TASKS, str(LIMIT)]
+    results = two_ranks([argv, argv], tmp_path)
+    assert all(code == 0 for code, _, _ in results), results
+
+    monkeypatch.setenv("EDITFAST_CACHE", str(tmp_path / "one"))
+    lm = load_model("random:tiny-llama")
+    hp = resolve_hparams("memit", lm.spec, lm.model.config, {"mom2_n_samples": N_SAMPLES, "mom2_max_tokens": 64})
+    one = second_moments(lm, [1, 3], hp, progress=False, use_cache=False)
+    two = load_file(out / "stats.safetensors")
+    for layer, c in one.items():
+        d = two[f"layer{layer}"]
+        assert d.dtype == c.dtype and d.shape == c.shape
+        assert (d.double() - c.double()).abs().max() <= 1e-6 * c.double().abs().max()
+    cached = sorted(p.name for p in (tmp_path / "cache").rglob("*.safetensors"))
+    assert len(cached) == 2 and not any(n.startswith("partial") for n in cached)  # one file per layer
+
+    doc = json.loads((out / "eval.json").read_text())
+    plan = EvalPlan.build(TASKS, limit=LIMIT, seed=0)
+    single = [a if isinstance(a, str) else list(dataclasses.astuple(a)) for a in Engine(lm, progress=False).run(plan.pool)]
+    (idx0, ans0), (idx1, ans1) = doc["shards"]
+    assert idx0 and idx1 and not set(idx0) & set(idx1) and sorted(idx0 + idx1) == list(range(len(plan.pool)))
+    for i, a in zip(idx0 + idx1, ans0 + ans1):
+        if isinstance(a, str):
+            assert a == single[i]
+        else:  # (log-probability, tokens, greedy ...): the same, the sum to float rounding
+            assert a[1:] == single[i][1:] and a[0] == pytest.approx(single[i][0], rel=1e-6, abs=1e-5)
+    ref = plan.run(lm, Engine(lm, progress=False)).to_json()["tasks"]
+    got = doc["result"]["tasks"]
+    assert list(got) == list(ref)
+    for t in ref:
+        assert got[t]["n"] == ref[t]["n"] and got[t]["metrics"] == pytest.approx(ref[t]["metrics"], rel=1e-6)
+
+
+def test_ranks_that_disagree_exit_2_and_write_nothing(tmp_path):
+    out = tmp_path / "res"
+    base = ["-m", "editfast.cli", "eval", "--model", "random:tiny-llama", "--tasks", "sst2", "--out", str(out),
+            "--quiet"]
+    results = two_ranks([base + ["--limit", "4"], base + ["--limit", "5"]], tmp_path)
+    for code, stdout, err in results:
+        lines = err.strip().splitlines()
+        assert code == 2, err
+        assert len(lines) == 1 and "disagree" in lines[0] and "limit" in lines[0] and "Traceback" not in err, err
+        assert "rank 0=4" in lines[0] and "rank 1=5" in lines[0]
+    assert not out.exists() and not list(tmp_path.glob(".res*"))
