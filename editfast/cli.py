@@ -19,7 +19,7 @@ from pathlib import Path
 
 import click
 
-from .errors import Terminated, on_sigterm, raise_if_terminated, reset_terminated
+from .errors import EditfastError, Terminated, on_sigterm, raise_if_terminated, reset_terminated
 from .load import choose_wait_policy
 
 choose_wait_policy()  # before torch loads (the options below import it): see load.py
@@ -67,10 +67,10 @@ def out_option(help: str):
 
 
 class DeviceType(click.ParamType):
-    """--device: cpu, cuda, cuda:N or mps (checked here, so a typo never waits for the model)."""
+    """--device: cpu, cuda, cuda:N, mps or auto (checked here, so a typo never waits for the model)."""
 
     name = "device"
-    CHOICES = "cpu|cuda|cuda:N|mps"
+    CHOICES = "cpu|cuda|cuda:N|mps|auto"
 
     def get_metavar(self, param, ctx=None) -> str:
         return f"[{self.CHOICES}]"
@@ -79,7 +79,7 @@ class DeviceType(click.ParamType):
         import re
 
         text = str(value).strip().lower()
-        if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", text):
+        if not re.fullmatch(r"cpu|mps|auto|cuda(:\d+)?", text):
             self.fail(f"{value!r} is not a device; choose from {self.CHOICES.replace('|', ', ')}", param, ctx)
         return text
 
@@ -88,10 +88,25 @@ class DeviceType(click.ParamType):
 dtype_option = click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
                             show_default=True, help="Weights' dtype.")
 device_option = click.option("--device", type=DeviceType(), default="cpu", show_default=True,
-                             help="Where the model runs.")
+                             help="Where the model runs; auto: its layers over the GPUs, then the CPU, then disk "
+                                  "(accelerate's device_map='auto'; under torchrun, each rank its share of the GPUs).")
 
 
 force_option = click.option("--force", is_flag=True, help="Replace what --out holds (only once every check passed).")
+
+
+def _max_memory(ctx, param, value):
+    from .placement import parse_max_memory
+
+    try:
+        return parse_max_memory(value)
+    except EditfastError as e:
+        raise click.BadParameter(str(e).removeprefix("--max-memory ")) from None
+
+
+max_memory_option = click.option("--max-memory", "max_memory", default=None, callback=_max_memory,
+                                 metavar="DEV=SIZE,...",
+                                 help="With --device auto: the most memory per device, e.g. 0=20GiB,1=20GiB,cpu=60GiB.")
 
 
 def summary_table(result) -> str:
@@ -275,6 +290,7 @@ def file_options(hparams_file, params: dict) -> dict:
               help="Context templates: sampled from the model with --seed, or a fixed set.")
 @dtype_option
 @device_option
+@max_memory_option
 @click.option("--no-eval", is_flag=True, help="Skip the edit metrics.")
 @click.option("--eval", "eval_tasks", default=None, metavar="TASKS",
               help="Also evaluate general abilities (all, or e.g. gsm8k,rte): before and after editing, or at "
@@ -289,8 +305,8 @@ def file_options(hparams_file, params: dict) -> dict:
 @force_option
 @click.option("--quiet", is_flag=True, help="No progress bars, logs or warnings.")
 def edit_cmd(method, n, model, dataset, offset, batch_size, seed, out, save_model, hparams_file, sets, rect,
-             norm_anchor, mend_dir, templates, dtype, device, no_eval, eval_tasks, eval_limit, eval_at, protocol, resume,
-             force, quiet):
+             norm_anchor, mend_dir, templates, dtype, device, max_memory, no_eval, eval_tasks, eval_limit, eval_at,
+             protocol, resume, force, quiet):
     """Apply N edits from a dataset in sequential batches; report efficacy, paraphrase and neighbourhood
     scores, and with --eval-at the curve of abilities against the number of edits."""
     from .data import load_dataset
@@ -334,7 +350,7 @@ def edit_cmd(method, n, model, dataset, offset, batch_size, seed, out, save_mode
     device, quiet = join_ranks(device, quiet, {"hparams": hp.to_dict()})
     with stats_location(file_opts.get("stats_dir")), rank_out(out, resume) as out, \
             OutputDir(out, resume=resume, force=force, keep=lambda d: Journal(d).exists()) as od:
-        lm = load_model(model, dtype=dtype, device=device)
+        lm = load_model(model, dtype=dtype, device=device, max_memory=max_memory)
         agree({"model_fingerprint": lm.fingerprint})
         session = EditSession(lm, method, requests, hparams=hp, batch_size=batch_size, seed=seed, templates=templates,
                               evaluate=not no_eval, eval_tasks=eval_tasks, eval_limit=eval_limit, protocol=protocol,
@@ -600,12 +616,13 @@ def study_cmd(config, out, profile, resume, force, quiet):
 @out_option("Directory for eval.json, report.md, tasks/ (and change.png with --edits).")
 @dtype_option
 @device_option
+@max_memory_option
 @click.option("--log-samples", is_flag=True, help="Also write every example's prompt, target, responses and "
               "metrics as lm-evaluation-harness does: samples_<task>_<date>.jsonl (with --edits in before/, after/).")
 @force_option
 @click.option("--quiet", is_flag=True, help="No progress bars, logs or warnings.")
-def eval_cmd(model, edits, tasks, protocol, limit, seed, batch_tokens, old_batch_size, out, dtype, device, log_samples,
-             force, quiet):
+def eval_cmd(model, edits, tasks, protocol, limit, seed, batch_tokens, old_batch_size, out, dtype, device, max_memory,
+             log_samples, force, quiet):
     """Measure general abilities (eight task categories + WikiText perplexity)."""
     from .api import load_journal
     from .distributed import agree, rank_out
@@ -629,7 +646,7 @@ def eval_cmd(model, edits, tasks, protocol, limit, seed, batch_tokens, old_batch
         load_journal(edits)  # the run's files, whole, before the model loads
     device, quiet = join_ranks(device, quiet, {"tasks": resolved})
     with rank_out(out) as out, OutputDir(out, staged=True, force=force) as od:
-        lm = load_model(model, dtype=dtype, device=device)
+        lm = load_model(model, dtype=dtype, device=device, max_memory=max_memory)
         agree({"model_fingerprint": lm.fingerprint})
         journal = load_journal(edits, lm)[1] if edits else None  # names, shapes, fingerprint: before evaluating
         before = evaluate(lm, tasks, protocol, limit, seed, batch_tokens, progress=not quiet, log_samples=log_samples)

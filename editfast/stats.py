@@ -28,6 +28,7 @@ from .corpus import BUNDLED as CORPORA, HUB, Corpus, detokenize_wikitext, open_c
 from .errors import HParamsError, ModelError
 from .locate import right_pad
 from .paths import PACKAGE_DATA, cache_dir, write_cache
+from .placement import execution_device, input_device
 from .trace import Trace
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -95,13 +96,14 @@ def _one_pass(lm, layers, batches, dtype, progress, total_tokens, upper: bool, r
     checkpoint(state) is called every ``every`` batches with the same structure.
     """
     model, adapter = lm.model, lm.adapter
-    device = next(model.parameters()).device
+    device = input_device(model)
     names = {l: adapter.rewrite_tmp.format(l) for l in layers}
     d = adapter.d_mlp(model)
-    totals = {l: torch.zeros(d, d, dtype=dtype, device=device) for l in layers}
+    at = {l: execution_device(model.get_submodule(names[l])) for l in layers}  # a device map: each layer's own
+    totals = {l: torch.zeros(d, d, dtype=dtype, device=at[l]) for l in layers}
     count, done = 0, 0
     if resume:
-        totals = {l: resume["totals"][l].to(device=device, dtype=dtype).clone() for l in layers}
+        totals = {l: resume["totals"][l].to(device=at[l], dtype=dtype).clone() for l in layers}
         count, done = resume["count"], resume["batches"]
     bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="statistics", disable=not progress)
     bar.update(count)
@@ -114,9 +116,9 @@ def _one_pass(lm, layers, batches, dtype, progress, total_tokens, upper: bool, r
         keep = mask.bool()
         for l, n in names.items():
             if upper:
-                second_moment_accumulate_(totals[l], tr.inputs[n], rows=keep)
+                second_moment_accumulate_(totals[l], tr.inputs[n], rows=keep.to(at[l]))
             else:
-                x = tr.inputs[n][keep].to(dtype)
+                x = tr.inputs[n][keep.to(at[l])].to(dtype)
                 totals[l].addmm_(x.T, x)
         n_tok = int(keep.sum())
         count += n_tok

@@ -112,3 +112,83 @@ def test_ranks_that_disagree_exit_2_and_write_nothing(tmp_path):
         assert len(lines) == 1 and "disagree" in lines[0] and "limit" in lines[0] and "Traceback" not in err, err
         assert "rank 0=4" in lines[0] and "rank 1=5" in lines[0]
     assert not out.exists() and not list(tmp_path.glob(".res*"))
+
+
+# ------------------------------------------------------------------------------------ device maps
+# One CPU has one device, so layers cannot sit on two here. What can be run: accelerate's hooks
+# with layers "offloaded" (their parameters on the meta device, their values in a weights map in
+# CPU memory, copied in before each forward: what device_map="auto" does with the layers that do
+# not fit the GPUs) and layers on disk.
+
+OFFLOAD = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu", "model.layers.2": "keep",
+           "model.layers.3": "disk", "model.norm": "keep", "model.rotary_emb": "keep", "lm_head": "keep"}
+
+
+def offloaded(tmp_path):
+    from accelerate import dispatch_model
+
+    lm = load_model("random:tiny-llama")
+    # main device torch.device("cpu") (not the string): accelerate offloads the "cpu" entries to a
+    # weights map as it does beside a GPU, and executes everything on the CPU
+    where = {k: "cpu" if v == "keep" else v for k, v in OFFLOAD.items()}
+    lm.model = dispatch_model(lm.model, where, main_device=torch.device("cpu"), offload_dir=str(tmp_path / "off"))
+    assert lm.model.model.layers[1].mlp.down_proj.weight.is_meta and lm.model.model.embed_tokens.weight.is_meta
+    return lm
+
+
+def test_offloaded_layers_give_the_plain_models_statistics_edit_and_evaluation(tmp_path, monkeypatch):
+    from editfast import edit
+    from editfast.data import load_dataset
+    from editfast.eval.runner import evaluate
+    from editfast.update import snapshot
+
+    monkeypatch.setenv("EDITFAST_CACHE", str(tmp_path / "cache"))
+    plain, lm = load_model("random:tiny-llama"), offloaded(tmp_path)
+    ov = {"mom2_n_samples": 20, "mom2_max_tokens": 32, "layers": [1, 2], "v_num_grad_steps": 4}
+    hp = resolve_hparams("memit", lm.spec, lm.model.config, ov)
+    for a, b in zip(second_moments(plain, [1, 2], hp, False, False).values(),
+                    second_moments(lm, [1, 2], hp, False, False).values()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    names = [f"model.layers.{l}.mlp.down_proj.weight" for l in (1, 2)]
+    before = snapshot(plain, names)
+    reqs = load_dataset("counterfact", 2)
+    runs = [edit(m, reqs, "memit", overrides=ov, templates="fixed", progress=False) for m in (plain, lm)]
+    after_plain, after_lm = snapshot(plain, names), snapshot(lm, names)  # the offloaded copy is what was edited
+    for n in names:
+        assert not torch.equal(before[n], after_plain[n])
+        assert torch.allclose(after_plain[n], after_lm[n], rtol=1e-5, atol=1e-6)
+    assert runs[0].summary["post"] == pytest.approx(runs[1].summary["post"], rel=1e-4, abs=1e-6)
+    evals = [evaluate(m, "sst2,nq", limit=3, progress=False).to_json()["tasks"] for m in (plain, lm)]
+    for t in evals[0]:
+        assert evals[0][t]["metrics"] == pytest.approx(evals[1][t]["metrics"])
+
+
+def test_a_weight_on_disk_is_refused_unchanged(tmp_path):
+    from editfast.errors import EditfastError
+    from editfast.update import LowRank, apply_update
+
+    lm = offloaded(tmp_path)
+    name = "model.layers.3.mlp.down_proj.weight"
+    with pytest.raises(EditfastError, match="offloaded to disk.*--max-memory"):
+        apply_update(lm, LowRank(name, torch.ones(64, 1), torch.ones(256, 1)))
+
+
+def test_device_auto_within_max_memory(tmp_path, monkeypatch, capsys):
+    """--device auto: accelerate's device map (on a machine without GPUs it places everything on the
+    CPU, whatever the budget: observed with accelerate 1.15), the answers unchanged."""
+    from conftest import assert_refused, run_cli
+
+    monkeypatch.setenv("EDITFAST_CACHE", str(tmp_path / "cache"))
+    lm = load_model("random:tiny-llama", device="auto", max_memory="cpu=14MB")
+    assert lm.model.hf_device_map and lm.device == torch.device("cpu")
+    plain = load_model("random:tiny-llama")
+    pool = EvalPlan.build("sst2", limit=4).pool
+    got, ref = Engine(lm, progress=False).run(pool), Engine(plain, progress=False).run(pool)
+    assert [r.logprob for r in got] == pytest.approx([r.logprob for r in ref], rel=1e-6)
+    assert_refused(["eval", "--model", "random:tiny-llama", "--max-memory", "cpu=1GiB", "--out", str(tmp_path / "o")],
+                   capsys, "--device auto", absent=[tmp_path / "o"])
+    assert_refused(["eval", "--model", "random:tiny-llama", "--device", "auto", "--max-memory", "gpu=1", "--out",
+                    str(tmp_path / "o")], capsys, "max-memory", absent=[tmp_path / "o"])
+    code, out, _ = run_cli(["eval", "--model", "random:tiny-llama", "--device", "auto", "--max-memory", "cpu=14MB",
+                            "--tasks", "sst2", "--limit", "4", "--out", str(tmp_path / "o"), "--quiet"], capsys)
+    assert code == 0 and (tmp_path / "o" / "eval.json").is_file()
