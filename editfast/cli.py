@@ -619,10 +619,12 @@ def study_cmd(config, out, profile, resume, force, quiet):
 @max_memory_option
 @click.option("--log-samples", is_flag=True, help="Also write every example's prompt, target, responses and "
               "metrics as lm-evaluation-harness does: samples_<task>_<date>.jsonl (with --edits in before/, after/).")
+@click.option("--engine", type=click.Choice(["editfast", "vllm"]), default="editfast", show_default=True,
+              help="vllm: not available yet (see the README's Scale-out section).")
 @force_option
 @click.option("--quiet", is_flag=True, help="No progress bars, logs or warnings.")
 def eval_cmd(model, edits, tasks, protocol, limit, seed, batch_tokens, old_batch_size, out, dtype, device, max_memory,
-             log_samples, force, quiet):
+             log_samples, engine, force, quiet):
     """Measure general abilities (eight task categories + WikiText perplexity)."""
     from .api import load_journal
     from .distributed import agree, rank_out
@@ -641,6 +643,15 @@ def eval_cmd(model, edits, tasks, protocol, limit, seed, batch_tokens, old_batch
             assert batch_tokens > 0
         except (ValueError, AssertionError):
             raise click.UsageError(f"--batch-tokens must be 'auto' or a positive number, got {batch_tokens!r}")
+    if engine == "vllm":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise click.UsageError("--engine vllm needs vLLM, which is not installed (pip install vllm, on a CUDA "
+                                   "machine); the default engine runs everywhere")
+        raise click.UsageError("--engine vllm is not implemented in this version: evaluate with the default engine "
+                               "(under torchrun for several GPUs), or serve the base model with vLLM and the adapter "
+                               "of 'editfast export RUN --lora DIR' yourself")
     resolved = [t.name for t in resolve_tasks(tasks)]
     if edits is not None and not (edits / "journal.safetensors").is_file():  # (an old-format run needs the model)
         load_journal(edits)  # the run's files, whole, before the model loads

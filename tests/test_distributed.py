@@ -192,3 +192,10 @@ def test_device_auto_within_max_memory(tmp_path, monkeypatch, capsys):
     code, out, _ = run_cli(["eval", "--model", "random:tiny-llama", "--device", "auto", "--max-memory", "cpu=14MB",
                             "--tasks", "sst2", "--limit", "4", "--out", str(tmp_path / "o"), "--quiet"], capsys)
     assert code == 0 and (tmp_path / "o" / "eval.json").is_file()
+
+
+def test_vllm_engine_refused_with_a_clear_line(tmp_path, capsys):
+    from conftest import assert_refused
+
+    assert_refused(["eval", "--model", "random:tiny-llama", "--engine", "vllm", "--out", str(tmp_path / "o")], capsys,
+                   "vllm", absent=[tmp_path / "o"])
