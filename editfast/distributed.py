@@ -1,6 +1,6 @@
 """Data parallelism under ``torchrun``: each rank a shard of the work, results combined.
 
-    torchrun --nproc-per-node 8 -m editfast.cli eval --model DIR --device cuda --out OUT
+    torchrun --nproc-per-node 8 -m editfast.cli -- eval --model DIR --device cuda --out OUT
 
 Under torchrun (WORLD_SIZE > 1 in the environment) ``init`` joins the process group: NCCL when
 the rank runs on CUDA (each rank on ``cuda:LOCAL_RANK``), gloo on the CPU. Without torchrun every
