@@ -34,11 +34,12 @@ def free_port() -> int:
 def two_ranks(argvs, tmp_path, timeout=120):
     """Start one process per argv as ranks 0 and 1 of a gloo group; (exit code, stdout, stderr) of each."""
     port = free_port()
+    (tmp_path / "tmp").mkdir(exist_ok=True)
     procs = []
     for r, argv in enumerate(argvs):
         env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(len(argvs)),
                "LOCAL_WORLD_SIZE": str(len(argvs)), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "EDITFAST_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+               "EDITFAST_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path / "tmp"),
                "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
         procs.append(subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True, cwd=tmp_path))
@@ -199,3 +200,25 @@ def test_vllm_engine_refused_with_a_clear_line(tmp_path, capsys):
 
     assert_refused(["eval", "--model", "random:tiny-llama", "--engine", "vllm", "--out", str(tmp_path / "o")], capsys,
                    "vllm", absent=[tmp_path / "o"])
+
+
+def test_edit_under_two_ranks_writes_one_processs_journal_once(tmp_path, capsys, monkeypatch):
+    """``editfast edit`` under two ranks: rank 0 alone writes --out, and its journal (statistics
+    from both ranks' shards, an evaluation checkpoint sharded) is the one process's."""
+    from conftest import run_cli
+
+    args = ["edit", "--model", "random:tiny-llama", "--n", "2", "--set", "mom2_n_samples=30", "--set",
+            "v_num_grad_steps=2", "--templates", "fixed", "--eval", "sst2", "--eval-limit", "3", "--quiet"]
+    results = two_ranks([["-m", "editfast.cli", *args, "--out", str(tmp_path / "two")]] * 2, tmp_path)
+    assert [code for code, _, _ in results] == [0, 0], results
+    assert "results:" in results[0][1] and not results[1][1]  # rank 1 says nothing on stdout
+    monkeypatch.setenv("EDITFAST_CACHE", str(tmp_path / "one-cache"))
+    code, _, err = run_cli([*args, "--out", str(tmp_path / "one")], capsys)
+    assert code == 0, err
+    one, two = (load_file(next((tmp_path / d / "journal").glob("*.safetensors"))) for d in ("one", "two"))
+    assert one.keys() == two.keys()
+    for k in one:
+        assert torch.allclose(one[k], two[k], rtol=1e-5, atol=1e-6), k
+    pts = [json.loads((tmp_path / d / "curve.json").read_text())["points"] for d in ("one", "two")]
+    assert [p["tasks"]["sst2"]["metrics"] for p in pts[0]] == [p["tasks"]["sst2"]["metrics"] for p in pts[1]]
+    assert not list((tmp_path / "tmp").glob("editfast-rank*"))  # rank 1's private --out, removed
