@@ -195,9 +195,10 @@ def load_model(spec: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
 
     `device="auto"` spreads the layers over the GPUs, then the CPU, then disk (accelerate's
     ``device_map="auto"``), within `max_memory` ("0=20GiB,cpu=60GiB" or accelerate's dict); see
-    `editfast.placement`. `tokenizer`, a directory, overrides the tokenizer of any spec. Files are checked before they are
-    trusted: tensors missing from, unexpected in or shaped unlike the config, unreadable
-    safetensors, config.json or GGUF are a one-line `ModelError` (nothing is initialised at random).
+    `editfast.placement`. `tokenizer`, a directory, overrides the tokenizer of any spec. Files are
+    checked before they are trusted: tensors missing from, unexpected in or shaped unlike the
+    config, unreadable safetensors, config.json or GGUF are a one-line `ModelError` (nothing is
+    initialised at random).
     """
     spec, tok_dir = _spec_str(spec), _tok_dir(tokenizer)
     auto = str(device) == "auto"

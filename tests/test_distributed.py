@@ -87,7 +87,8 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, monkeypatch):
 
     doc = json.loads((out / "eval.json").read_text())
     plan = EvalPlan.build(TASKS, limit=LIMIT, seed=0)
-    single = [a if isinstance(a, str) else list(dataclasses.astuple(a)) for a in Engine(lm, progress=False).run(plan.pool)]
+    single = [a if isinstance(a, str) else list(dataclasses.astuple(a))
+              for a in Engine(lm, progress=False).run(plan.pool)]
     (idx0, ans0), (idx1, ans1) = doc["shards"]
     assert idx0 and idx1 and not set(idx0) & set(idx1) and sorted(idx0 + idx1) == list(range(len(plan.pool)))
     for i, a in zip(idx0 + idx1, ans0 + ans1):
@@ -186,6 +187,12 @@ def test_device_auto_within_max_memory(tmp_path, monkeypatch, capsys):
     pool = EvalPlan.build("sst2", limit=4).pool
     got, ref = Engine(lm, progress=False).run(pool), Engine(plain, progress=False).run(pool)
     assert [r.logprob for r in got] == pytest.approx([r.logprob for r in ref], rel=1e-6)
+    plain.model.save_pretrained(tmp_path / "hf")  # a directory: transformers' device_map="auto"
+    plain.tokenizer.save_pretrained(tmp_path / "hf")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    from_dir = load_model(tmp_path / "hf", device="auto", max_memory="cpu=1GiB")
+    assert torch.equal(from_dir.model(ids).logits, plain.model(ids).logits)
+    capsys.readouterr()  # (the save's and load's progress bars)
     assert_refused(["eval", "--model", "random:tiny-llama", "--max-memory", "cpu=1GiB", "--out", str(tmp_path / "o")],
                    capsys, "--device auto", absent=[tmp_path / "o"])
     assert_refused(["eval", "--model", "random:tiny-llama", "--device", "auto", "--max-memory", "gpu=1", "--out",
