@@ -86,7 +86,11 @@ def init(device: str = "cpu") -> bool:
         cuda = str(device).startswith("cuda") and torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
+        try:
+            dist.init_process_group("nccl" if cuda else "gloo")
+        except (ValueError, RuntimeError) as e:  # no MASTER_ADDR, an unreachable master ...
+            raise EditfastError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but this rank cannot join the process "
+                                f"group (start it with torchrun): {' '.join(str(e).split())[:200]}") from None
     return True
 
 
