@@ -10,6 +10,7 @@ for an edit run, its complete journal batches to resume.
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import signal
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import click
 
-from .errors import Terminated, on_sigterm, raise_if_terminated, reset_terminated
+from .errors import EditfastError, Terminated, on_sigterm, raise_if_terminated, reset_terminated
 from .load import choose_wait_policy
 
 choose_wait_policy()  # before torch loads (the options below import it): see load.py
@@ -66,10 +67,10 @@ def out_option(help: str):
 
 
 class DeviceType(click.ParamType):
-    """--device: cpu, cuda, cuda:N or mps (checked here, so a typo never waits for the model)."""
+    """--device: cpu, cuda, cuda:N, mps or auto (checked here, so a typo never waits for the model)."""
 
     name = "device"
-    CHOICES = "cpu|cuda|cuda:N|mps"
+    CHOICES = "cpu|cuda|cuda:N|mps|auto"
 
     def get_metavar(self, param, ctx=None) -> str:
         return f"[{self.CHOICES}]"
@@ -78,7 +79,7 @@ class DeviceType(click.ParamType):
         import re
 
         text = str(value).strip().lower()
-        if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", text):
+        if not re.fullmatch(r"cpu|mps|auto|cuda(:\d+)?", text):
             self.fail(f"{value!r} is not a device; choose from {self.CHOICES.replace('|', ', ')}", param, ctx)
         return text
 
@@ -87,10 +88,25 @@ class DeviceType(click.ParamType):
 dtype_option = click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
                             show_default=True, help="Weights' dtype.")
 device_option = click.option("--device", type=DeviceType(), default="cpu", show_default=True,
-                             help="Where the model runs.")
+                             help="Where the model runs; auto: its layers over the GPUs, then the CPU, then disk "
+                                  "(accelerate's device_map='auto'; under torchrun, each rank its share of the GPUs).")
 
 
 force_option = click.option("--force", is_flag=True, help="Replace what --out holds (only once every check passed).")
+
+
+def _max_memory(ctx, param, value):
+    from .placement import parse_max_memory
+
+    try:
+        return parse_max_memory(value)
+    except EditfastError as e:
+        raise click.BadParameter(str(e).removeprefix("--max-memory ")) from None
+
+
+max_memory_option = click.option("--max-memory", "max_memory", default=None, callback=_max_memory,
+                                 metavar="DEV=SIZE,...",
+                                 help="With --device auto: the most memory per device, e.g. 0=20GiB,1=20GiB,cpu=60GiB.")
 
 
 def summary_table(result) -> str:
@@ -119,10 +135,35 @@ def summary_table(result) -> str:
     return "\n".join(rows)
 
 
+TORCHRUN_COMMANDS = ("edit", "eval")  # data-parallel under torchrun (statistics, evaluation)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="editfast")
-def cli() -> None:
+@click.pass_context
+def cli(ctx) -> None:
     """Fast locate-then-edit knowledge editing and its side effects on general abilities."""
+    from .distributed import launched
+
+    if launched() and ctx.invoked_subcommand not in TORCHRUN_COMMANDS:
+        raise click.UsageError(f"torchrun runs {' and '.join(TORCHRUN_COMMANDS)} data-parallel; "
+                               f"run {ctx.invoked_subcommand} as one process")
+
+
+def join_ranks(device: str, quiet: bool, resolved: dict) -> tuple[str, bool]:
+    """Under torchrun: join the process group, check that every rank resolved the same options and
+    ``resolved`` configuration (else one line, exit 2), and return this rank's device (cuda:LOCAL_RANK)
+    and whether it is quiet (ranks other than 0 show nothing on stdout). Otherwise the identity."""
+    from . import distributed as dist
+
+    if not dist.init(device):
+        return device, quiet
+    params = {k: v for k, v in click.get_current_context().params.items()}
+    dist.agree({"command": click.get_current_context().info_name, "options": params, **resolved})
+    if not dist.is_main():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the rest of this rank's life)
+        quiet = True
+    return dist.local_device(device), quiet
 
 
 def method_names() -> list[str]:
@@ -249,6 +290,7 @@ def file_options(hparams_file, params: dict) -> dict:
               help="Context templates: sampled from the model with --seed, or a fixed set.")
 @dtype_option
 @device_option
+@max_memory_option
 @click.option("--no-eval", is_flag=True, help="Skip the edit metrics.")
 @click.option("--eval", "eval_tasks", default=None, metavar="TASKS",
               help="Also evaluate general abilities (all, or e.g. gsm8k,rte): before and after editing, or at "
@@ -263,11 +305,12 @@ def file_options(hparams_file, params: dict) -> dict:
 @force_option
 @click.option("--quiet", is_flag=True, help="No progress bars, logs or warnings.")
 def edit_cmd(method, n, model, dataset, offset, batch_size, seed, out, save_model, hparams_file, sets, rect,
-             norm_anchor, mend_dir, templates, dtype, device, no_eval, eval_tasks, eval_limit, eval_at, protocol, resume,
-             force, quiet):
+             norm_anchor, mend_dir, templates, dtype, device, max_memory, no_eval, eval_tasks, eval_limit, eval_at,
+             protocol, resume, force, quiet):
     """Apply N edits from a dataset in sequential batches; report efficacy, paraphrase and neighbourhood
     scores, and with --eval-at the curve of abilities against the number of edits."""
     from .data import load_dataset
+    from .distributed import agree, rank_out
     from .hparams import parse_overrides
     from .journal import Journal
     from .models import load_model
@@ -304,9 +347,11 @@ def edit_cmd(method, n, model, dataset, offset, batch_size, seed, out, save_mode
     with stats_location(file_opts.get("stats_dir")):  # the corpus check may find imported statistics there
         hp = preflight(model, method, hparams_file, overrides, dtype=dtype)
     check_trained_network(hp)
-    with stats_location(file_opts.get("stats_dir")), \
+    device, quiet = join_ranks(device, quiet, {"hparams": hp.to_dict()})
+    with stats_location(file_opts.get("stats_dir")), rank_out(out, resume) as out, \
             OutputDir(out, resume=resume, force=force, keep=lambda d: Journal(d).exists()) as od:
-        lm = load_model(model, dtype=dtype, device=device)
+        lm = load_model(model, dtype=dtype, device=device, max_memory=max_memory)
+        agree({"model_fingerprint": lm.fingerprint})
         session = EditSession(lm, method, requests, hparams=hp, batch_size=batch_size, seed=seed, templates=templates,
                               evaluate=not no_eval, eval_tasks=eval_tasks, eval_limit=eval_limit, protocol=protocol,
                               eval_at=eval_at, out=out, progress=not quiet,
@@ -571,14 +616,18 @@ def study_cmd(config, out, profile, resume, force, quiet):
 @out_option("Directory for eval.json, report.md, tasks/ (and change.png with --edits).")
 @dtype_option
 @device_option
+@max_memory_option
 @click.option("--log-samples", is_flag=True, help="Also write every example's prompt, target, responses and "
               "metrics as lm-evaluation-harness does: samples_<task>_<date>.jsonl (with --edits in before/, after/).")
+@click.option("--engine", type=click.Choice(["editfast", "vllm"]), default="editfast", show_default=True,
+              help="vllm: not available yet (see the README's Scale-out section).")
 @force_option
 @click.option("--quiet", is_flag=True, help="No progress bars, logs or warnings.")
-def eval_cmd(model, edits, tasks, protocol, limit, seed, batch_tokens, old_batch_size, out, dtype, device, log_samples,
-             force, quiet):
+def eval_cmd(model, edits, tasks, protocol, limit, seed, batch_tokens, old_batch_size, out, dtype, device, max_memory,
+             log_samples, engine, force, quiet):
     """Measure general abilities (eight task categories + WikiText perplexity)."""
     from .api import load_journal
+    from .distributed import agree, rank_out
     from .eval.runner import evaluate, markdown_table, write_report
     from .eval.tasks import resolve_tasks
     from .models import load_model
@@ -594,11 +643,22 @@ def eval_cmd(model, edits, tasks, protocol, limit, seed, batch_tokens, old_batch
             assert batch_tokens > 0
         except (ValueError, AssertionError):
             raise click.UsageError(f"--batch-tokens must be 'auto' or a positive number, got {batch_tokens!r}")
-    resolve_tasks(tasks)
+    if engine == "vllm":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise click.UsageError("--engine vllm needs vLLM, which is not installed (pip install vllm, on a CUDA "
+                                   "machine); the default engine runs everywhere")
+        raise click.UsageError("--engine vllm is not implemented in this version: evaluate with the default engine "
+                               "(under torchrun for several GPUs), or serve the base model with vLLM and the adapter "
+                               "of 'editfast export RUN --lora DIR' yourself")
+    resolved = [t.name for t in resolve_tasks(tasks)]
     if edits is not None and not (edits / "journal.safetensors").is_file():  # (an old-format run needs the model)
         load_journal(edits)  # the run's files, whole, before the model loads
-    with OutputDir(out, staged=True, force=force) as od:
-        lm = load_model(model, dtype=dtype, device=device)
+    device, quiet = join_ranks(device, quiet, {"tasks": resolved})
+    with rank_out(out) as out, OutputDir(out, staged=True, force=force) as od:
+        lm = load_model(model, dtype=dtype, device=device, max_memory=max_memory)
+        agree({"model_fingerprint": lm.fingerprint})
         journal = load_journal(edits, lm)[1] if edits else None  # names, shapes, fingerprint: before evaluating
         before = evaluate(lm, tasks, protocol, limit, seed, batch_tokens, progress=not quiet, log_samples=log_samples)
         after = None

@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 from .errors import RequestError
+from .placement import input_device
 from .trace import LayerRest, SkipBelow, Trace
 
 
@@ -181,7 +182,8 @@ def _at_positions(tr: Trace, pos: torch.Tensor, got: dict) -> None:
     """Append each recorded input/output of ``tr`` at one position per row to ``got``."""
     rows = torch.arange(pos.shape[0], device=pos.device)
     for (kind, name), parts in got.items():
-        parts.append((tr.inputs if kind == "in" else tr.outputs)[name][rows, pos])
+        t = (tr.inputs if kind == "in" else tr.outputs)[name]
+        parts.append(t[rows.to(t.device), pos.to(t.device)])  # a device map: t on its layer's device
 
 
 def _collector(inputs, outputs) -> dict[tuple[str, str], list[torch.Tensor]]:
@@ -195,7 +197,7 @@ def activations_at(lm, texts: Sequence[str], idxs: Sequence[int], *, inputs=(), 
 
     The forward stops as soon as all requested modules have fired.
     """
-    device = next(lm.model.parameters()).device
+    device = input_device(lm.model)
     got = _collector(inputs, outputs)
     for s in range(0, len(texts), batch_size):
         ids, mask = encode(lm.tokenizer, texts[s: s + batch_size], device)
@@ -229,7 +231,7 @@ class LayerwiseReader:
         self.lm = lm
         tok = lm.tokenizer
         texts, idxs = _sentences(tok, templates, subjects)
-        self.device = next(lm.model.parameters()).device
+        self.device = input_device(lm.model)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         cut = [tok(t, add_special_tokens=False)["input_ids"][: i + 1] for t, i in zip(texts, idxs)]
         self.batches = []

@@ -219,7 +219,7 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 
 def load_model(spec: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
                device: str | torch.device = "cpu", tokenizer: str | os.PathLike | None = None,
-               seed: int = 0) -> LoadedModel:
+               seed: int = 0, max_memory: str | dict | None = None) -> LoadedModel:
     """Load a causal LM with its tokenizer and adapter. `spec` is one of:
 
     - a local Hugging Face directory (config.json + *.safetensors; pickles are never loaded).
@@ -233,12 +233,19 @@ def load_model(spec: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
       `torch.manual_seed(seed)`, and the bundled tokenizer. The vocabulary is enlarged to
       max(preset vocab, len(tokenizer)) so that every token id is valid.
 
-    `tokenizer`, a directory, overrides the tokenizer of any spec. Files are checked before they are
-    trusted: tensors missing from, unexpected in or shaped unlike the config, unreadable
-    safetensors, config.json or GGUF are a one-line `ModelError` (nothing is initialised at random).
+    `device="auto"` spreads the layers over the GPUs, then the CPU, then disk (accelerate's
+    ``device_map="auto"``), within `max_memory` ("0=20GiB,cpu=60GiB" or accelerate's dict); see
+    `editfast.placement`. `tokenizer`, a directory, overrides the tokenizer of any spec. Files are
+    checked before they are trusted: tensors missing from, unexpected in or shaped unlike the
+    config, unreadable safetensors, config.json or GGUF are a one-line `ModelError` (nothing is
+    initialised at random).
     """
     spec, tok_dir = _spec_str(spec), _tok_dir(tokenizer)
-    torch_dtype, device = _resolve_dtype(dtype), _resolve_device(device)
+    auto = str(device) == "auto"
+    if max_memory and not auto:
+        raise ModelError("max_memory (--max-memory) places layers with device='auto' (--device auto); "
+                         f"the device is {str(device)!r}")
+    torch_dtype, device = _resolve_dtype(dtype), _Auto(max_memory) if auto else _resolve_device(device)
     path = _local_path(spec)
     if spec.startswith("random:"):
         tok = _load_tokenizer(tok_dir or BUNDLED_TOKENIZER)
@@ -263,7 +270,34 @@ def load_model(spec: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
     model.eval().requires_grad_(False)
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
+    if auto:
+        from .placement import input_device
+
+        device = input_device(model)
     return LoadedModel(model, tok, adapter, spec, fingerprint, torch_dtype, device)
+
+
+class _Auto:
+    """``device="auto"``: accelerate's device map within ``max_memory``, disk offload in a temporary folder."""
+
+    def __init__(self, max_memory):
+        from .placement import parse_max_memory, rank_max_memory
+
+        self.max_memory = rank_max_memory(parse_max_memory(max_memory))
+        # made only if layers go to disk
+        self.offload = os.path.join(tempfile.gettempdir(), f"editfast-offload-{os.getpid()}-{id(self):x}")
+
+    def from_pretrained(self) -> dict:
+        return {"device_map": "auto", "max_memory": self.max_memory, "offload_folder": self.offload}
+
+    def place(self, model: nn.Module) -> nn.Module:
+        from .placement import dispatch
+
+        return dispatch(model, self.max_memory, self.offload)
+
+
+def _place(model: nn.Module, device) -> nn.Module:
+    return device.place(model) if isinstance(device, _Auto) else model.to(device)
 
 
 def model_config(spec: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> Any:
@@ -505,9 +539,10 @@ def _from_dir(path: Path, dtype: torch.dtype, device: torch.device) -> nn.Module
         raise ModelError(f"no *.safetensors weights in {str(path)!r} (editfast never loads pickles)")
     try:
         with _hf_errors_only():
+            place = device.from_pretrained() if isinstance(device, _Auto) else {"device_map": device}
             model, info = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, device_map=device, use_safetensors=True, output_loading_info=True,
-                ignore_mismatched_sizes=True)  # reported by _check_loaded, naming the tensors
+                path, dtype=dtype, use_safetensors=True, output_loading_info=True,
+                ignore_mismatched_sizes=True, **place)  # reported by _check_loaded, naming the tensors
     except Exception as e:
         if not _load_error(e):
             raise
@@ -528,7 +563,7 @@ def _from_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> nn.Modul
             raise
         raise ModelError(f"cannot load GGUF {str(path)!r}: {_one_line(e)}") from None
     _check_loaded(path, info)
-    return model.to(device)
+    return _place(model, device)
 
 
 def _random_config(preset: str, n_tokens: int) -> tuple[str, dict]:
@@ -547,8 +582,10 @@ def _random_model(preset: str, dtype: torch.dtype, device: torch.device, seed: i
     model_type, kwargs = _random_config(preset, n_tokens)
     config = AutoConfig.for_model(model_type, **kwargs)
     torch.manual_seed(seed)
-    with torch.device(device):  # weights are created and initialised in place, in `dtype`
+    with torch.device("cpu" if isinstance(device, _Auto) else device):  # created and initialised in place
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if isinstance(device, _Auto):
+        model = device.place(model)
     key = json.dumps({"preset": preset, "seed": seed, "config": [model_type, kwargs]}, sort_keys=True)
     return model, hashlib.sha256(key.encode()).hexdigest()
 
@@ -643,7 +680,7 @@ def _smollm2(dtype: torch.dtype, device: torch.device, tok_dir: Path | None) -> 
         del model.config.quantization_config
     if _convert_gguf(model, tok, gguf, out, sha):
         return _from_dir(out, dtype, device), _load_tokenizer(tok_dir or out), sha
-    return model.to(device=device, dtype=dtype), _load_tokenizer(tok_dir) if tok_dir else tok, sha
+    return _place(model.to(dtype=dtype), device), _load_tokenizer(tok_dir) if tok_dir else tok, sha
 
 
 def _convert_gguf(model: nn.Module, tok: Any, gguf: Path, out: Path, sha: str) -> bool:

@@ -23,10 +23,12 @@ from tqdm.auto import tqdm
 
 from editfast.kernels.second_moment import mirror_upper_, second_moment_accumulate_
 
+from . import distributed as dist
 from .corpus import BUNDLED as CORPORA, HUB, Corpus, detokenize_wikitext, open_corpus  # noqa: F401 (re-exported)
 from .errors import HParamsError, ModelError
 from .locate import right_pad
 from .paths import PACKAGE_DATA, cache_dir, write_cache
+from .placement import execution_device, input_device
 from .trace import Trace
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -94,13 +96,14 @@ def _one_pass(lm, layers, batches, dtype, progress, total_tokens, upper: bool, r
     checkpoint(state) is called every ``every`` batches with the same structure.
     """
     model, adapter = lm.model, lm.adapter
-    device = next(model.parameters()).device
+    device = input_device(model)
     names = {l: adapter.rewrite_tmp.format(l) for l in layers}
     d = adapter.d_mlp(model)
-    totals = {l: torch.zeros(d, d, dtype=dtype, device=device) for l in layers}
+    at = {l: execution_device(model.get_submodule(names[l])) for l in layers}  # a device map: each layer's own
+    totals = {l: torch.zeros(d, d, dtype=dtype, device=at[l]) for l in layers}
     count, done = 0, 0
     if resume:
-        totals = {l: resume["totals"][l].to(device=device, dtype=dtype).clone() for l in layers}
+        totals = {l: resume["totals"][l].to(device=at[l], dtype=dtype).clone() for l in layers}
         count, done = resume["count"], resume["batches"]
     bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="statistics", disable=not progress)
     bar.update(count)
@@ -113,9 +116,9 @@ def _one_pass(lm, layers, batches, dtype, progress, total_tokens, upper: bool, r
         keep = mask.bool()
         for l, n in names.items():
             if upper:
-                second_moment_accumulate_(totals[l], tr.inputs[n], rows=keep)
+                second_moment_accumulate_(totals[l], tr.inputs[n], rows=keep.to(at[l]))
             else:
-                x = tr.inputs[n][keep].to(dtype)
+                x = tr.inputs[n][keep.to(at[l])].to(dtype)
                 totals[l].addmm_(x.T, x)
         n_tok = int(keep.sum())
         count += n_tok
@@ -301,6 +304,8 @@ def second_moments(lm, layers: Sequence[int], hp, progress: bool = True, use_cac
             record(l, int(found[1]["tokens"]), n, True)
         else:
             missing.append(l)
+    union = set().union(*dist.gather_objects(missing))  # torchrun: every rank runs the same pass
+    missing = [l for l in layers if l in union]
     if not missing:
         return out
     texts = corpus.texts(n)
@@ -309,7 +314,9 @@ def second_moments(lm, layers: Sequence[int], hp, progress: bool = True, use_cac
                       f"texts; using {len(texts):,}", UserWarning, stacklevel=2)
         n = len(texts)
         files = {l: key(l, n) for l in layers}
-    partial = files[missing[0]].with_name(f"partial-{'-'.join(map(str, missing))}-{files[missing[0]].name}")
+    texts = [texts[i] for i in dist.shard([len(t) for t in texts])]  # torchrun: this rank's texts
+    rank = f"rank{dist.rank()}of{dist.world_size()}-" if dist.active() else ""
+    partial = files[missing[0]].with_name(f"partial-{rank}{'-'.join(map(str, missing))}-{files[missing[0]].name}")
     resume = _load_partial(partial, missing, d) if use_cache else None
     caching = [use_cache]  # False after the first failed write: the cache is unwritable
 
@@ -318,8 +325,11 @@ def second_moments(lm, layers: Sequence[int], hp, progress: bool = True, use_cac
             caching[0] = _save_partial(partial, state)
 
     t0 = time.perf_counter()
-    stats = _one_pass(lm, missing, token_batches(lm.tokenizer, texts, hp.mom2_max_tokens), dtype, progress, None,
-                      upper=dtype == torch.float32, resume=resume, checkpoint=checkpoint, every=checkpoint_every)
+    stats = _one_pass(lm, missing, token_batches(lm.tokenizer, texts, hp.mom2_max_tokens), dtype,
+                      progress and dist.is_main(), None, upper=dtype == torch.float32, resume=resume,
+                      checkpoint=checkpoint, every=checkpoint_every)
+    stats = {l: SecondMoment(dist.all_reduce_sum(s.total), int(dist.all_reduce_sum(torch.tensor(s.count))))
+             for l, s in stats.items()}  # torchrun: the ranks' sums (float64), on every rank
     for l, s in stats.items():
         if s.count <= 0:
             raise HParamsError(f"statistics of layer {l}: the corpus {hp.mom2_dataset!r} gave no tokens "
@@ -333,7 +343,7 @@ def second_moments(lm, layers: Sequence[int], hp, progress: bool = True, use_cac
                              "or check the weights)")
         record(l, s.count, n, False)
     for l in stats:
-        if caching[0]:
+        if caching[0] and dist.is_main():
             caching[0] = write_cache(files[l], lambda tmp, l=l: save_file(
                 {"mom2": out[l].contiguous(), "count": torch.tensor(stats[l].count)}, str(tmp),
                 metadata=stats_metadata(hp.mom2_dataset, corpus.key, hp.mom2_n_samples, n, hp.mom2_max_tokens,
@@ -343,6 +353,7 @@ def second_moments(lm, layers: Sequence[int], hp, progress: bool = True, use_cac
             partial.unlink()
         except OSError:
             pass
+    dist.barrier()  # torchrun: rank 0 has written the cache
     return out
 
 

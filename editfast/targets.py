@@ -29,6 +29,7 @@ from .archs import output_logits
 from .compat import cache_kwargs, output_cache
 from .data import Request
 from .locate import encode, kv_cache, left_pad, right_pad, subject_last_index
+from .placement import input_device
 from .trace import LayerRest, SkipBelow, Trace
 
 KL_PROMPT = "{} is a"
@@ -91,7 +92,7 @@ class _Batch:
         self.target_ids = tok(target_text(request.target_new), add_special_tokens=False)["input_ids"]
         stem = tok.decode(self.target_ids[:-1])
         prompts = [t.replace("{}", request.prompt, 1) + stem for t in templates] + [KL_PROMPT]
-        device = next(lm.model.parameters()).device
+        device = input_device(lm.model)
         self.ids, self.mask = encode(tok, [p.replace("{}", request.subject, 1) for p in prompts], device)
         self.lookup = torch.tensor([subject_last_index(tok, p, request.subject) for p in prompts], device=device)
         self.n_rewrite = len(templates)
@@ -142,10 +143,12 @@ def optimize_target(lm, request: Request, hp, templates: list[str], site: str | 
     nll_factor = objective.nll_factor
 
     def adder(j: int):
-        def add_delta(h: torch.Tensor) -> torch.Tensor:
+        def add_delta(h: torch.Tensor) -> torch.Tensor:  # (a device map: h on its layer's device)
+            rows, look = rows_all.to(h.device), b.lookup.to(h.device)
             if ("init", j) not in state:
-                state[("init", j)] = h[0, b.lookup[0]].detach().to(acc).clone()
-            return h.index_put((rows_all, b.lookup), deltas[j].to(h.dtype).expand(len(rows_all), -1), accumulate=True)
+                state[("init", j)] = h[0, look[0]].detach().to(device=deltas[j].device, dtype=acc).clone()
+            return h.index_put((rows, look), deltas[j].to(device=h.device, dtype=h.dtype).expand(len(rows), -1),
+                               accumulate=True)
         return add_delta
 
     result = TargetResult(target_init=torch.empty(0), delta=torch.empty(0))
@@ -180,7 +183,7 @@ def optimize_target(lm, request: Request, hp, templates: list[str], site: str | 
         for d, z0 in zip(deltas[1:], inits[1:]):
             decay = decay + d.norm() / z0.norm() ** 2
         wd = hp.v_weight_decay * decay
-        loss = nll_factor * nll + kl + wd
+        loss = nll_factor * nll + kl + wd.to(nll.device)
         record = {"loss": loss.item(), "nll": nll.item(), "kl": kl.item(), "wd": wd.item(),
                   "avg_prob": torch.exp(-nll_each).mean().item()}
         stop = loss.item() < EARLY_STOP_LOSS or it == hp.v_num_grad_steps - 1
@@ -294,7 +297,7 @@ def optimize_targets(lm, requests: list[Request], hp, templates: list[str], site
             return out
         batches = [_Batch(lm, r, templates) for r in requests]
         model, adapter = lm.model, lm.adapter
-        device = next(model.parameters()).device
+        device = input_device(model)
         max_tokens = max_tokens or default_max_tokens(device, adapter.d_model(model), adapter.num_layers(model))
         out = [None] * len(requests)
         for chunk in plan_chunks(batches, max_tokens):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .errors import EditfastError
+from .placement import input_device
 
 STARTERS = ["The", "Therefore", "Because", "I", "You"]
 # Five fixed prefixes written the way generated ones look (the golden reference set uses these).
@@ -27,7 +28,7 @@ def sample_prefixes(lm, n_per_starter: int, length: int, seed: int, bar=None) ->
     from .compat import cache_kwargs, output_cache
 
     model, tok = lm.model, lm.tokenizer
-    device = next(model.parameters()).device
+    device = input_device(model)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     out = []
     for word in STARTERS:

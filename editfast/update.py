@@ -159,8 +159,10 @@ def validate_updates(lm, updates: Sequence[Update]) -> None:
 
 def weight_param(model: torch.nn.Module, name: str) -> tuple[torch.nn.Parameter, bool]:
     """The parameter ``name`` and whether it is stored [in, out] (GPT-2's Conv1D)."""
+    from editfast.placement import param_tensor
+
     try:
-        param = model.get_parameter(name)
+        param = param_tensor(model, name)  # a layer offloaded by a device map: its copy in memory
     except AttributeError:
         raise EditfastError(f"the model has no weight {name!r}") from None
     owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model

@@ -41,6 +41,7 @@ from editfast.archs import logit_softcap
 from editfast.compat import cache_kwargs, output_cache
 from editfast.kernels.logprob import token_logprobs
 from editfast.locate import growing, kv_cache, left_pad, right_pad
+from editfast.placement import input_device, resident_weight
 
 from . import cascade
 from .base import Generate, LogLik, LogLikResult, Output, Request, Rolling, RollingResult
@@ -98,7 +99,7 @@ class Engine:
             from editfast.errors import ModelError
 
             raise ModelError(f"model {lm.spec!r} has no LM head; evaluation needs a causal LM")
-        self.device = next(self.model.parameters()).device
+        self.device = input_device(self.model)
         cfg = self.model.config
         self.max_length = max_length or min(
             getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048, 2048)
@@ -282,8 +283,10 @@ class Engine:
                  lengths: list[int]) -> list[LogLikResult]:
         """Sum the log-probabilities of ``targets`` given hidden states ``h`` (one row per target)
         per owner; a continuation is greedy when each of its tokens is the argmax."""
-        dev = self.device
-        lp, top = token_logprobs(h, self.head.weight, targets, getattr(self.head, "bias", None), softcap=self.softcap)
+        W = resident_weight(self.head)  # a device map: the head's device (its copy if offloaded)
+        dev = W.device
+        h, targets, owner = h.to(dev), targets.to(dev), owner.to(dev)
+        lp, top = token_logprobs(h, W, targets, getattr(self.head, "bias", None), softcap=self.softcap)
         total = torch.zeros(len(lengths), dtype=torch.float64, device=dev).index_add_(0, owner, lp.double())
         misses = torch.zeros(len(lengths), dtype=torch.long, device=dev).index_add_(0, owner, (~top.bool()).long())
         return [LogLikResult(total[k].item(), n, not bool(misses[k]), n - int(misses[k]))

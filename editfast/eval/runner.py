@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from editfast import distributed as dist
 from editfast.errors import EditfastError
 
 from .base import PROTOCOLS, Generate, LogLik, Task
@@ -166,7 +167,8 @@ class EvalPlan:
 
         t0 = time.perf_counter()
         engine = engine or Engine(lm, batch_tokens=batch_tokens, progress=progress)
-        outputs = engine.run(self.pool)
+        examples = [range(a, b) for _, _, slices in self.entries for a, b in slices]  # kept on one rank
+        outputs = dist.sharded_map(engine.run, self.pool, examples, _cost)  # torchrun: a shard per rank
         total = time.perf_counter() - t0
         cost_all = sum(_cost(r) for r in self.pool) or 1
         p = self.protocol

@@ -201,7 +201,7 @@ class LocateThenEdit(Method):
             x = LayerInputs(layer, i, raw, group_mean_keys(raw, templates).T,
                             tpl[("out", rewrite)].float().reshape(n, len(flat), -1),
                             bare[("in", rewrite)].float().T, bare[("out", rewrite)].float().T,
-                            bare[("out", z_site)].float().T, targets.to(raw.device))
+                            bare[("out", z_site)].float().T.to(raw.device), targets.to(raw.device))
             if adapter.mlp_out_norm and z_site == adapter.layer_tmp.format(hp.layers[-1]):
                 x = post_norm_targets(lm, x, len(hp.layers) - i)
             up = self.postprocess(lm, self.solve(lm, x, hp, state, backend, trace), hp, state)
