@@ -236,7 +236,8 @@ def preflight(model: str, method: str, hparams_file, overrides: dict, options: d
 def file_options(hparams_file, params: dict) -> dict:
     """An EasyEdit/original hparams file's bookkeeping keys (``hparams.split_options``) as the values of
     the options the user left at their defaults: method (alg_name), model (model_name), dtype (fp16),
-    device (device; cuda:N falls back to cpu, with a warning, where no GPU is). Returns the options."""
+    device (device; cuda:N falls back to cpu, with a warning, where no GPU is; model_parallel: true ->
+    auto). Returns the options."""
     import warnings
 
     from .hparams import read_hparams_file, split_options
@@ -249,7 +250,9 @@ def file_options(hparams_file, params: dict) -> dict:
     for name, key in (("method", "method"), ("model", "model"), ("dtype", "dtype"), ("device", "device")):
         if key in opts and name in params and not given(name):
             params[name] = opts[key]
-    if "device" in opts and not given("device") and str(params.get("device", "")).startswith("cuda"):
+    if opts.get("device_map") == "auto" and "device" in params and not given("device"):
+        params["device"] = "auto"  # model_parallel: true -> the layers spread over the devices
+    elif "device" in opts and not given("device") and str(params.get("device", "")).startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
@@ -791,6 +794,9 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        ranks = sys.modules.get("editfast.distributed")  # imported only where a command may run under torchrun
+        if ranks is not None:
+            ranks.leave()
 
 
 if __name__ == "__main__":

@@ -192,6 +192,15 @@ def agree(config: dict[str, Any]) -> None:
                          "start every rank with the same options, hyper-parameters and model")
 
 
+def leave() -> None:
+    """Leave the process group (at exit, on success or error): a gloo group still open when the
+    interpreter exits can abort the process (its threads outlive it) instead of exiting 2."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @contextmanager
 def rank_out(out: Path, resume: bool = False) -> Iterator[Path]:
     """Where this rank writes: OUT on rank 0; on the others a private temporary folder (a copy of

@@ -48,8 +48,9 @@ The edits themselves are editfast's (``methods/``): one ``prepare`` (statistics 
 one set of context templates per editor, batched target optimisation, the factorise-once solve.
 Not supported, with an error naming them: ``test_generation=True``, ``eval_metric`` other than
 token accuracy (``ppl``, ``ood_ppl``), ``train_ds`` (IKE), ``metric_kwargs``, ``loc_prompts``,
-``model_parallel: true``, ``generate_edit``/``normal_edit``/``deep_edit``, a (model, tokenizer) pair
-as ``model_name``. EasyEdit's chat template and LLM-judge paths belong to hparams keys its ROME,
+``generate_edit``/``normal_edit``/``deep_edit``, a (model, tokenizer) pair
+as ``model_name``. ``model_parallel: true`` loads with ``device="auto"`` (accelerate's device map; tested
+on the CPU only). EasyEdit's chat template and LLM-judge paths belong to hparams keys its ROME,
 MEMIT and AlphaEdit classes do not have. ``summary_metrics`` prints EasyEdit's summary and returns
 it (``edit`` calls it when ``verbose``); it does not write ``./logs/results.json``.
 
@@ -99,8 +100,7 @@ class HyperParams:
     def __init__(self, **config: Any):
         object.__setattr__(self, "_config", dict(config))
         values, _, ignored = self._split()
-        # model_parallel: true is refused by BaseEditor, not merely without effect
-        warn_ignored([k for k in ignored if k != "model_parallel"], type(self).__name__)
+        warn_ignored(ignored, type(self).__name__)
         hp = self.editfast_hparams()
         self._config.update({k: getattr(hp, k) for k in values})  # typed as editfast reads them ("5e-1": 0.5)
 
@@ -400,8 +400,6 @@ class BaseEditor:
         if getattr(hparams, "model_name", None) is None:
             raise HParamsError(f"{type(hparams).__name__} has no model_name: the model to edit")
         options = hparams._split()[1]  # the bookkeeping keys as they are now, checked
-        if options.get("device_map"):
-            raise HParamsError("hparams model_parallel: true is not supported by editfast.easyedit (one device)")
         self.hparams, self.alg_name, self.model_name = hparams, hparams.alg_name, options["model"]
         self.stats_dir = options.get("stats_dir")  # None: editfast's cache ($EDITFAST_CACHE)
         self.method = get_method(hparams.method)
@@ -414,7 +412,8 @@ class BaseEditor:
         if self.method.needs_statistics(self.hp):
             with stats_location(self.stats_dir):
                 check_corpus(self.hp, dtype)
-        self.lm = load_model(self.model_name, dtype=dtype, device=_device(options.get("device")))
+        device = "auto" if options.get("device_map") else _device(options.get("device"))  # model_parallel: true
+        self.lm = load_model(self.model_name, dtype=dtype, device=device)
         self.model, self.tok, self.device = self.lm.model, self.lm.tokenizer, self.lm.device
         self.sites = self.method.sites(self.lm, self.hp)
         self._state = self._templates = None

@@ -282,7 +282,6 @@ OPTION_KEYS = ("alg_name", "model_name", "device", "fp16", "model_parallel", "st
 IGNORED_WHY = {
     "max_length": "the generation length of EasyEdit's own evaluation",
     "P_loc": "editfast computes AlphaEdit's projection from the cached statistics",
-    "model_parallel": "editfast loads the model on one device (--device)",
 }
 
 
@@ -303,12 +302,12 @@ def split_options(values: dict[str, Any],
                       model       ``model_name`` as written (a directory or a model name)
                       device      ``device``: an int N -> "cuda:N", a string as given
                       dtype       ``fp16``: true -> "float16", false -> "float32"
-                      device_map  ``model_parallel``: true -> "auto", false -> None
+                      device_map  ``model_parallel``: true -> "auto" (load with device="auto",
+                                  accelerate's device_map), false -> None
                       stats_dir   ``stats_dir`` as a Path: where the statistics cache lives
                       max_length  ``max_length`` (an int); P_loc: ``P_loc`` (a string)
     ignored         the keys whose value editfast does not use (``IGNORED_WHY``: ``max_length``,
-                    ``P_loc``, ``model_parallel: true``); the caller warns once naming them (or, if
-                    it applies one of them itself, e.g. ``device_map``, leaves it out).
+                    ``P_loc``); the caller warns once naming them.
 
     Raises HParamsError (one line naming the key) for a value editfast cannot honour: an
     ``alg_name`` that is not ``method`` (when given) or no method of editfast's, or a value of the
@@ -351,8 +350,6 @@ def split_options(values: dict[str, Any],
             if not isinstance(values[key], bool):
                 raise bad(key, "true or false")
             options[opt] = yes if values[key] else no
-    if options.get("device_map"):
-        ignored.append("model_parallel")
     if "stats_dir" in values:
         if not isinstance(values["stats_dir"], str) or not values["stats_dir"].strip():
             raise bad("stats_dir", "a directory")

@@ -49,9 +49,7 @@ def expected_options(raw: dict) -> tuple[dict, set]:
     if "fp16" in raw:
         opts["dtype"] = "float16" if raw["fp16"] else "float32"
     if "model_parallel" in raw:
-        opts["device_map"] = "auto" if raw["model_parallel"] else None
-        if raw["model_parallel"]:
-            warned.add("model_parallel")
+        opts["device_map"] = "auto" if raw["model_parallel"] else None  # applied: --device auto
     opts["stats_dir"] = Path(raw["stats_dir"])
     for k in ("max_length", "P_loc"):
         if k in raw:

@@ -361,9 +361,8 @@ def test_bad_hparams(hparams_dir, tmp_path, rome):
     (tmp_path / "alpha.yaml").write_text(MEMIT_YAML.replace('"MEMIT"', '"AlphaEdit"') + 'P_loc: "./P.pt"\n')
     with pytest.warns(UserWarning, match="accepted without effect: P_loc"):
         AlphaEditHyperParams.from_hparams(str(tmp_path / "alpha"))
-    hp.model_parallel = True
-    with pytest.raises(HParamsError, match="model_parallel"):
-        rome.from_hparams(hp)
+    hp.model_parallel = True  # accelerate's device_map="auto" (here: every layer on the CPU)
+    assert rome.from_hparams(hp).lm.device.type == "cpu"
     with pytest.raises(EditfastError, match="can not batch edit"):
         rome.batch_edit(prompts=["Ray Charles, the"], target_new=["violin"], subject=["Ray Charles"])
 
