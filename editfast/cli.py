@@ -19,7 +19,8 @@ from pathlib import Path
 
 import click
 
-from .errors import EditfastError, Terminated, on_sigterm, raise_if_terminated, reset_terminated
+from .errors import (EditfastError, Terminated, on_sigint, on_sigterm, raise_if_terminated, reset_terminated,
+                     unraisable_hook)
 from .load import choose_wait_policy
 
 choose_wait_policy()  # before torch loads (the options below import it): see load.py
@@ -191,7 +192,7 @@ def save_model_to(lm, out: Path, card: str | None = None) -> None:
         if card is not None:
             (tmp / "README.md").write_text(card, encoding="utf-8")
         normal_permissions(tmp, recursive=True)
-        raise_if_terminated()  # SIGTERM during the save may have been swallowed (a __del__ ran it)
+        raise_if_terminated()  # SIGTERM/SIGINT during the save may have been swallowed (a __del__ ran it)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
@@ -770,9 +771,11 @@ def main(argv: list[str] | None = None) -> None:
     NOTES.clear()
     reset_terminated()
     try:
-        previous = signal.signal(signal.SIGTERM, on_sigterm)
-    except ValueError:  # not the main thread: leave SIGTERM alone
-        previous = None
+        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm),
+                    signal.SIGINT: signal.signal(signal.SIGINT, on_sigint)}
+    except ValueError:  # not the main thread: leave the signals alone
+        previous = {}
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable_hook(sys.unraisablehook)
     try:
         cli.main(args=argv, standalone_mode=False, prog_name="editfast")
         raise_if_terminated()
@@ -792,8 +795,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sys.unraisablehook = hook
         ranks = sys.modules.get("editfast.distributed")  # imported only where a command may run under torchrun
         if ranks is not None:
             ranks.leave()

@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from .errors import EditfastError, Terminated, terminated
+from .errors import EditfastError, raise_if_terminated, terminated
 from .paths import normal_permissions
 
 try:
@@ -83,7 +83,7 @@ class OutputDir:
         return self
 
     def __exit__(self, kind, value, tb) -> None:
-        swallowed = kind is None and terminated()  # SIGTERM whose exception Python dropped (in a __del__)
+        swallowed = kind is None and terminated()  # SIGTERM/SIGINT whose exception Python dropped (in a __del__)
         try:
             if kind is None and self.staged and not swallowed:
                 self._publish()
@@ -92,7 +92,7 @@ class OutputDir:
         finally:
             self._release()
         if swallowed:
-            raise Terminated()
+            raise_if_terminated()
 
     def start(self) -> None:
         """The work begins: with ``force``, an appending run empties OUT now."""

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .compat import versions
 from .curves import HEADLINE_EDIT_METRICS, sum_weight_changes, weight_change
 from .data import Request, validate_requests
-from .errors import EditfastError, RequestError
+from .errors import EditfastError, RequestError, raise_if_terminated
 from .hparams import HParams, check_layers, resolve_hparams
 from .journal import RESULTS_FILE, SESSION_FILE, Entry, Journal, write_entries
 from .methods import get_method
@@ -435,6 +435,7 @@ class EditSession:
                    disable=not self.progress)
         t_edit = time.perf_counter()
         while self.edits_done < n:
+            raise_if_terminated()  # an interruption Python dropped (raised in a __del__) stops at a batch boundary
             start = self.edits_done
             chunk = self.requests[start: start + self.batch_size]
             t = time.perf_counter()

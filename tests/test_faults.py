@@ -423,6 +423,31 @@ def test_interrupted_edit_cleans_up_and_resumes_exactly(sig, code, when, uninter
     assert all(torch.equal(got[k], uninterrupted[k]) for k in uninterrupted)
 
 
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interruption_python_drops_in_a_del_still_stops_the_run(sig, code, tmp_path, capsys, monkeypatch):
+    """A signal whose exception is raised inside a ``__del__`` (Python prints "Exception ignored" and
+    goes on) still stops the run at the next batch, exit 130/143, one line, no traceback, resumable."""
+    append = Journal.append
+
+    class Dropped:
+        def __del__(self):
+            os.kill(os.getpid(), sig)  # the handler runs here, inside __del__: its exception is dropped
+
+    def append_then_signal(self, entry):
+        append(self, entry)
+        if entry.batch == 1:
+            Dropped()  # collected at once
+    monkeypatch.setattr(Journal, "append", append_then_signal)
+    out = tmp_path / "r"
+    code_, _, err = run_cli([*SEQ, "--out", str(out)], capsys)
+    assert code_ == code and "Traceback" not in err and "Exception ignored" not in err
+    assert len(err.strip().splitlines()) == 1 and err.strip().startswith("editfast: "), err
+    assert [e.end for e in Journal(out).read()] == [1, 2]  # stopped at the batch boundary after it arrived
+    monkeypatch.setattr(Journal, "append", append)
+    assert run_cli([*SEQ, "--resume", "--out", str(out)], capsys)[0] == 0
+    assert [e.end for e in Journal(out).read()] == [1, 2, 3, 4, 5, 6]
+
+
 @pytest.mark.slow
 def test_quiet_is_quiet(tmp_path):
     """--quiet: nothing on stderr from editfast or transformers on a model loaded from a directory."""
