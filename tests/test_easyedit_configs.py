@@ -269,7 +269,7 @@ def original_npz(path: Path, C: torch.Tensor, count: int, n: int):
                       "mom2.mom2": (C.double() * count).float().numpy(), "sample_size": np.array(n)})
 
 
-def test_stats_import_export_round_trip_and_edit_equality(tmp_path, capsys):
+def test_stats_import_export_round_trip_and_edit_equality(tmp_path, capsys, monkeypatch):
     lm = load_model("random:tiny-llama")
     sets = {"mom2_dataset": "wikitext", "mom2_n_samples": 64, "mom2_max_tokens": 16}
     hp = resolve_hparams("rome", lm.spec, lm.model.config, {"layers": [1], **sets})
@@ -280,9 +280,7 @@ def test_stats_import_export_round_trip_and_edit_equality(tmp_path, capsys):
     npz = tmp_path / "stats" / "tiny-llama" / "wikitext_stats" / "model.layers.1.mlp.down_proj_float32_mom2_64.npz"
     original_npz(npz, C, count, 64)
     fresh = ["--set", "mom2_max_tokens=16", "--model", "random:tiny-llama", "--quiet"]
-    import os
-
-    os.environ["EDITFAST_CACHE"] = str(tmp_path / "cache2")
+    monkeypatch.setenv("EDITFAST_CACHE", str(tmp_path / "cache2"))
     code, stdout, err = run_cli(["stats", "import", str(npz), "--method", "rome", *fresh], capsys)
     assert code == 0, err
     assert "layer 1" in stdout
@@ -304,7 +302,7 @@ def test_stats_import_export_round_trip_and_edit_equality(tmp_path, capsys):
     req = [Request(prompt="{} is located in", subject="The Eiffel Tower", target_new="Rome", case_id=0)]
     results = []
     for cache in ("cache", "cache2"):
-        os.environ["EDITFAST_CACHE"] = str(tmp_path / cache)
+        monkeypatch.setenv("EDITFAST_CACHE", str(tmp_path / cache))
         m = load_model("random:tiny-llama")
         r = edit(m, req, "rome", hparams=hp, templates=[["{}"]], evaluate=False, progress=False)
         results.append((m.adapter.rewrite_weight(m.model, 1).detach().clone(), r.timings["statistics"]["1"]))

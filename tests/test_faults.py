@@ -155,11 +155,12 @@ def test_edit_refuses(case, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, cache_root):
     """A finished 4-edit run (batches of 2) on tiny-llama."""
-    os.environ["EDITFAST_CACHE"] = str(cache_root)
     out = tmp_path_factory.mktemp("run") / "r"
-    lm = load_model("random:tiny-llama")
-    EditSession(lm, "memit", load_dataset("counterfact", 4), batch_size=2, templates="fixed", evaluate=False,
-                progress=False, out=out).run()
+    with pytest.MonkeyPatch.context() as mp:  # set before the tests' own monkeypatch: it must not outlive the module
+        mp.setenv("EDITFAST_CACHE", str(cache_root))
+        lm = load_model("random:tiny-llama")
+        EditSession(lm, "memit", load_dataset("counterfact", 4), batch_size=2, templates="fixed", evaluate=False,
+                    progress=False, out=out).run()
     return out
 
 
