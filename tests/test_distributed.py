@@ -165,6 +165,32 @@ def test_offloaded_layers_give_the_plain_models_statistics_edit_and_evaluation(t
         assert evals[0][t]["metrics"] == pytest.approx(evals[1][t]["metrics"])
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.sh)")
+def test_layers_on_the_gpu_and_offloaded_to_the_cpu_edit_like_the_cpu(tmp_path, monkeypatch):
+    """What --device auto gives a model larger than its GPU: some layers on cuda:0, the rest offloaded
+    to CPU memory. A MEMIT edit across both (layer 1 offloaded, layer 2 on the GPU) equals the CPU's."""
+    from accelerate import dispatch_model
+
+    from editfast import edit
+    from editfast.data import load_dataset
+    from editfast.update import snapshot
+
+    monkeypatch.setenv("EDITFAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    plain, lm = load_model("random:tiny-llama"), load_model("random:tiny-llama")
+    where = {k: "cpu" if k == "model.layers.1" else 0 for k in OFFLOAD}
+    lm.model = dispatch_model(lm.model, where, main_device=0)
+    ov = {"mom2_n_samples": 20, "mom2_max_tokens": 32, "layers": [1, 2], "v_num_grad_steps": 4}
+    reqs = load_dataset("counterfact", 2)
+    runs = [edit(m, reqs, "memit", overrides=ov, templates="fixed", progress=False) for m in (plain, lm)]
+    names = [f"model.layers.{l}.mlp.down_proj.weight" for l in (1, 2)]
+    got, want = snapshot(lm, names), snapshot(plain, names)
+    for n in names:
+        assert torch.allclose(got[n].cpu(), want[n], rtol=1e-4, atol=1e-5), n
+    assert runs[1].summary["post"] == pytest.approx(runs[0].summary["post"], rel=1e-3, abs=1e-4)
+
+
 def test_a_weight_on_disk_is_refused_unchanged(tmp_path):
     from editfast.errors import EditfastError
     from editfast.update import LowRank, apply_update
