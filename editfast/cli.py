@@ -86,7 +86,8 @@ class DeviceType(click.ParamType):
 
 
 # One option, one meaning and one unit wherever it appears.
-dtype_option = click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+DTYPES = click.Choice(["float32", "bfloat16", "float16"])
+dtype_option = click.option("--dtype", type=DTYPES, default="float32",
                             show_default=True, help="Weights' dtype.")
 device_option = click.option("--device", type=DeviceType(), default="cpu", show_default=True,
                              help="Where the model runs; auto: its layers over the GPUs, then the CPU, then disk "
@@ -159,7 +160,7 @@ def join_ranks(device: str, quiet: bool, resolved: dict) -> tuple[str, bool]:
 
     if not dist.init(device):
         return device, quiet
-    params = {k: v for k, v in click.get_current_context().params.items()}
+    params = dict(click.get_current_context().params)
     dist.agree({"command": click.get_current_context().info_name, "options": params, **resolved})
     if not dist.is_main():
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the rest of this rank's life)
@@ -551,7 +552,7 @@ def undo_cmd(run, to, out, save_model, model, force, quiet):
                    "adapter_model.safetensors, README.md).")
 @click.option("--model", default=None, help="The run's base model, if it was loaded from another path.")
 @click.option("--to", "to", type=int, default=None, help="Export the first K edits (a batch boundary; default all).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+@click.option("--dtype", type=DTYPES, default="float32", show_default=True,
               help="dtype of the adapter's tensors.")
 @click.option("--force", is_flag=True, help="Replace what --lora holds (only once every check passed).")
 @click.option("--quiet", is_flag=True, help="No progress bars, logs or warnings.")
@@ -698,7 +699,7 @@ def stats_options(f):
         click.option("--hparams", "hparams_file", type=click.Path(path_type=Path), default=None,
                      help="YAML/JSON hyper-parameters, as for 'edit' (its stats_dir is the cache location)."),
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override one hyper-parameter."),
-        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+        click.option("--dtype", type=DTYPES, default="float32",
                      show_default=True, help="The weights' dtype the edits will use (part of the cache key)."),
         click.option("--quiet", is_flag=True, help="No progress bars, logs or warnings."),
     ]):

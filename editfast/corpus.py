@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DataError, HParamsError
-from .paths import PACKAGE_DATA
+from .paths import PACKAGE_DATA, hf_cache
 
 BUNDLED = {"wikitext": PACKAGE_DATA / "corpus" / "wiki.train.tokens.head2.75MiB.gz"}
 HUB = {"wikipedia": (("wikimedia/wikipedia", "20231101.en"), ("wikipedia", "20200501.en"))}  # EasyEdit's, original's
@@ -37,12 +36,7 @@ def detokenize_wikitext(line: str) -> str:
 def hf_datasets_cache() -> Path:
     """Where ``datasets`` keeps its cache: $HF_DATASETS_CACHE, else $HF_HOME/datasets, else
     $XDG_CACHE_HOME/huggingface/datasets, else ~/.cache/huggingface/datasets."""
-    if os.environ.get("HF_DATASETS_CACHE"):
-        return Path(os.environ["HF_DATASETS_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "datasets"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "huggingface" / "datasets"
+    return hf_cache("datasets", "HF_DATASETS_CACHE")
 
 
 def _hub_files(name: str) -> tuple[list[Path], str] | None:

@@ -9,24 +9,17 @@ own constant is fixed at import). `id@revision` picks a branch, tag or commit ca
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 from .errors import ModelError
+from .paths import hf_cache
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?$")
 
 
 def hub_cache_dir() -> Path:
-    env = os.environ
-    for key in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if env.get(key):
-            return Path(env[key]).expanduser()
-    if env.get("HF_HOME"):
-        return Path(env["HF_HOME"]).expanduser() / "hub"
-    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "huggingface" / "hub"
+    return hf_cache("hub", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")
 
 
 def is_hub_id(spec: str) -> bool:

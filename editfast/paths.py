@@ -13,12 +13,27 @@ from typing import Callable, Iterator
 PACKAGE_DATA = Path(__file__).parent / "_data"
 
 
+def user_cache_home() -> Path:
+    """$XDG_CACHE_HOME, else ~/.cache (read when called)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"))
+
+
 def cache_dir() -> Path:
     """$EDITFAST_CACHE, else $XDG_CACHE_HOME/editfast, else ~/.cache/editfast."""
     if os.environ.get("EDITFAST_CACHE"):
         return Path(os.environ["EDITFAST_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "editfast"
+    return user_cache_home() / "editfast"
+
+
+def hf_cache(sub: str, *env_keys: str) -> Path:
+    """A Hugging Face cache folder as its libraries find it: the first of ``env_keys`` set, else
+    $HF_HOME/<sub>, else <user cache home>/huggingface/<sub>."""
+    for key in env_keys:
+        if os.environ.get(key):
+            return Path(os.environ[key]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / sub
+    return user_cache_home() / "huggingface" / sub
 
 
 def umask() -> int:
