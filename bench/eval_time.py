@@ -13,10 +13,10 @@ import json
 import time
 from pathlib import Path
 
+from editfast.core.paths import write_json
 from editfast.eval.runner import evaluate
 from editfast.eval.tasks import resolve_tasks
-from editfast.models import load_model
-from editfast.paths import write_json
+from editfast.models.load import load_model
 
 CHEAP_FIRST = ["rte", "sst2", "mutual", "wikitext", "boolq", "samsum", "nq", "conll03", "gsm8k"]
 

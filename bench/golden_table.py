@@ -14,9 +14,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from safetensors.torch import load_file  # noqa: E402
-
 import test_golden as tg  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 
 def main() -> None:

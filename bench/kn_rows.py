@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.kernel_rows import device_name, row  # noqa: E402
-from editfast.data import load_dataset  # noqa: E402
-from editfast.hparams import resolve_hparams  # noqa: E402
+from editfast.data.requests import load_dataset  # noqa: E402
 from editfast.methods import kn  # noqa: E402
-from editfast.models import load_model  # noqa: E402
-from editfast.session import EditSession  # noqa: E402
-from editfast.update import restore  # noqa: E402
+from editfast.methods.registry import resolve_hparams  # noqa: E402
+from editfast.models.load import load_model  # noqa: E402
+from editfast.models.update import restore  # noqa: E402
+from editfast.session.session import EditSession  # noqa: E402
 
 
 def _sync():

@@ -28,15 +28,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def one(model: str, n: int, backend: str) -> dict:
     """Time one MEMIT batch of n edits in this process (OpenMP's wait policy chosen as the CLI does)."""
-    from editfast.load import choose_wait_policy
+    from editfast.core.threads import choose_wait_policy
 
     choose_wait_policy()
     import torch
 
-    from editfast.data import load_dataset
-    from editfast.hparams import resolve_hparams
-    from editfast.methods import METHODS
-    from editfast.models import load_model
+    from editfast.data.requests import load_dataset
+    from editfast.methods.registry import METHODS, resolve_hparams
+    from editfast.models.load import load_model
 
     lm = load_model(model)
     memit = METHODS["memit"]

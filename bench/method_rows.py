@@ -13,19 +13,17 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from bench.kernel_rows import device_name, median_time, row
-from editfast.data import load_dataset
-from editfast.hparams import make_hparams, resolve_hparams
-from editfast.methods import METHODS, State
-from editfast.methods.base import LayerInputs
-from editfast.models import load_model
-from editfast.session import EditSession
-from editfast.solve import Moment
-from editfast.update import restore
+from editfast.data.requests import load_dataset
+from editfast.methods.base import State
+from editfast.methods.locate_then_edit.base import LayerInputs
+from editfast.methods.locate_then_edit.solve import Moment
+from editfast.methods.registry import METHODS, make_hparams, resolve_hparams
+from editfast.models.load import load_model
+from editfast.models.update import restore
+from editfast.session.session import EditSession
 
 
 def session_pair(lm, method: str, reqs, bs: int) -> tuple[float, float, float]:

@@ -27,13 +27,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.kernel_rows import device_name, row  # noqa: E402
-from editfast.data import load_dataset  # noqa: E402
-from editfast.hparams import resolve_hparams  # noqa: E402
-from editfast.methods import METHODS, State  # noqa: E402
-from editfast.models import load_model  # noqa: E402
-from editfast.solve import Moment  # noqa: E402
-from editfast.stats import second_moments  # noqa: E402
-from editfast.update import restore, snapshot  # noqa: E402
+from editfast.data.requests import load_dataset  # noqa: E402
+from editfast.methods.base import State  # noqa: E402
+from editfast.methods.locate_then_edit.solve import Moment  # noqa: E402
+from editfast.methods.locate_then_edit.stats import second_moments  # noqa: E402
+from editfast.methods.registry import (
+    METHODS,
+    resolve_hparams,  # noqa: E402
+)
+from editfast.models.load import load_model  # noqa: E402
+from editfast.models.update import restore, snapshot  # noqa: E402
 
 
 def pmet_rows(model: str, n: int, device: str = "cpu", dtype: str = "float32") -> list[dict]:

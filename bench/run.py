@@ -27,13 +27,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.kernel_rows import device_name, kernel_rows, median_time, row  # noqa: E402
-from editfast.data import load_dataset  # noqa: E402
-from editfast.hparams import resolve_hparams  # noqa: E402
-from editfast.methods import METHODS, State  # noqa: E402
-from editfast.models import load_model  # noqa: E402
-from editfast.solve import Moment  # noqa: E402
-from editfast.stats import accumulate_second_moments, corpus_texts, second_moments, token_batches  # noqa: E402
-from editfast.targets import optimize_targets  # noqa: E402
+from editfast.data.corpus import corpus_texts  # noqa: E402
+from editfast.data.requests import load_dataset  # noqa: E402
+from editfast.methods.base import State  # noqa: E402
+from editfast.methods.locate_then_edit.solve import Moment  # noqa: E402
+from editfast.methods.locate_then_edit.stats import (
+    accumulate_second_moments,
+    second_moments,
+    token_batches,
+)
+from editfast.methods.locate_then_edit.targets import optimize_targets  # noqa: E402
+from editfast.methods.registry import (
+    METHODS,
+    resolve_hparams,  # noqa: E402
+)
+from editfast.models.load import load_model  # noqa: E402
 
 
 def timed(fn) -> float:
@@ -120,8 +128,8 @@ def engine_rows(model: str, quick: bool, device: str, dtype: str) -> list[dict]:
         from lm_eval.models.huggingface import HFLM
     except ImportError:
         return []
-    from editfast.eval.base import Generate, LogLik
-    from editfast.eval.engine import Engine
+    from editfast.engine.engine import Engine
+    from editfast.engine.requests import Generate, LogLik
     from editfast.eval.runner import select
     from editfast.eval.tasks import resolve_tasks
 
@@ -189,7 +197,7 @@ def attention_rows(lm, dev: str) -> list[dict]:
     the causal flag (what the engine runs, no mask) vs an explicit causal mask."""
     if lm.model.device.type != "cpu":
         return []
-    from editfast.eval import cascade
+    from editfast.engine import cascade
 
     cfg = lm.model.config
     H, kvh = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)

@@ -16,11 +16,11 @@ import time
 import torch
 
 from bench.kernel_rows import device_name, row
-from editfast.data import load_dataset
+from editfast.data.requests import load_dataset
 from editfast.eval.runner import evaluate
-from editfast.models import load_model
-from editfast.session import EditSession
-from editfast.update import restore
+from editfast.models.load import load_model
+from editfast.models.update import restore
+from editfast.session.session import EditSession
 
 
 def session_rows(model: str, quick: bool, device: str, dtype: str) -> list[dict]:

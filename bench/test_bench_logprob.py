@@ -15,7 +15,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.kernel_rows import INTERP, device_name, median_time, row  # sets TRITON_INTERPRET first without CUDA
+from bench.kernel_rows import (  # sets TRITON_INTERPRET first without CUDA
+    INTERP,
+    device_name,
+    median_time,
+    row,
+)
 from bench.test_bench_kernels import CUDA, DEVICE, cpu, gpu, synced
 from editfast.kernels import logprob as lp
 from editfast.kernels.logprob import token_logprobs

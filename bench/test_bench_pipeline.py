@@ -12,12 +12,16 @@ import os
 
 import pytest
 
-from editfast.data import load_dataset
-from editfast.hparams import resolve_hparams
-from editfast.models import load_model
-from editfast.stats import accumulate_second_moments, corpus_texts, token_batches
-from editfast.targets import optimize_targets
-from editfast.templates import context_templates
+from editfast.data.corpus import corpus_texts
+from editfast.data.requests import load_dataset
+from editfast.methods.locate_then_edit.stats import (
+    accumulate_second_moments,
+    token_batches,
+)
+from editfast.methods.locate_then_edit.targets import optimize_targets
+from editfast.methods.locate_then_edit.templates import context_templates
+from editfast.methods.registry import resolve_hparams
+from editfast.models.load import load_model
 
 MODEL = os.environ.get("EDITFAST_BENCH_MODEL", "random:tiny-llama")
 

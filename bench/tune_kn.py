@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.tune_preset import known_facts  # noqa: E402
-from editfast.data import load_dataset  # noqa: E402
-from editfast.metrics import summarize  # noqa: E402
-from editfast.models import load_model  # noqa: E402
-from editfast.session import EditSession  # noqa: E402
-from editfast.update import restore  # noqa: E402
+from editfast.data.requests import load_dataset  # noqa: E402
+from editfast.eval.edit_metrics import summarize  # noqa: E402
+from editfast.models.load import load_model  # noqa: E402
+from editfast.models.update import restore  # noqa: E402
+from editfast.session.session import EditSession  # noqa: E402
 
 GRIDS = {
     "wide": [dict(target_prefix=p, adaptive_threshold=t, steps=s, batch_size=s)

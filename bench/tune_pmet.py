@@ -18,17 +18,19 @@ import argparse
 import time
 
 import torch
+from tune_preset import (  # bench/ is the script's directory
+    known_facts,
+    report,
+    write_rows,
+)
 
-from tune_preset import known_facts, report, write_rows  # bench/ is the script's directory
-
-from editfast.data import load_dataset
-from editfast.hparams import resolve_hparams
-from editfast.methods import METHODS, State
-from editfast.metrics import summarize
-from editfast.models import load_model
-from editfast.session import edit_metrics
-from editfast.solve import Moment
-from editfast.stats import second_moments
+from editfast.data.requests import load_dataset
+from editfast.eval.edit_metrics import edit_metrics, summarize
+from editfast.methods.base import State
+from editfast.methods.locate_then_edit.solve import Moment
+from editfast.methods.locate_then_edit.stats import second_moments
+from editfast.methods.registry import METHODS, resolve_hparams
+from editfast.models.load import load_model
 
 
 def main() -> None:

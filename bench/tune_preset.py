@@ -20,16 +20,15 @@ import time
 
 import torch
 
-from editfast.data import load_dataset
-from editfast.hparams import resolve_hparams
-from editfast.locate import encode
-from editfast.methods import METHODS, State
-from editfast.metrics import summarize
-from editfast.models import load_model
-from editfast.session import edit_metrics
-from editfast.solve import Moment
-from editfast.stats import second_moments
-from editfast.targets import optimize_targets
+from editfast.data.requests import load_dataset
+from editfast.engine.kv import encode
+from editfast.eval.edit_metrics import edit_metrics, summarize
+from editfast.methods.base import State
+from editfast.methods.locate_then_edit.solve import Moment
+from editfast.methods.locate_then_edit.stats import second_moments
+from editfast.methods.locate_then_edit.targets import optimize_targets
+from editfast.methods.registry import METHODS, resolve_hparams
+from editfast.models.load import load_model
 
 
 @torch.no_grad()

@@ -36,11 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.kernel_rows import device_name, row  # noqa: E402
-from editfast.data import load_dataset  # noqa: E402
-from editfast.metrics import summarize  # noqa: E402
-from editfast.models import load_model  # noqa: E402
-from editfast.session import EditSession, edit_metrics  # noqa: E402
-from editfast.update import restore  # noqa: E402
+from editfast.data.requests import load_dataset  # noqa: E402
+from editfast.eval.edit_metrics import (
+    edit_metrics,  # noqa: E402
+    summarize,  # noqa: E402
+)
+from editfast.models.load import load_model  # noqa: E402
+from editfast.models.update import restore  # noqa: E402
+from editfast.session.session import EditSession
 
 
 def ultraedit_rows(model: str, quick: bool, device: str, dtype: str, n: int | None = None) -> list[dict]:
@@ -122,8 +125,8 @@ def eval_run(run: str, sample: int, seed: int, out: str | None, pre_file: str | 
     runs), into ``pre_file``; a later call with ``pre_file`` reuses it if its sample is the same."""
     import random
 
-    from editfast.journal import load_run
-    from editfast.update import apply_update
+    from editfast.models.update import apply_update
+    from editfast.session.journal import load_run
 
     doc = json.loads((Path(run) / "session.json").read_text())["config"]
     ds = doc["dataset"]

@@ -1,4 +1,5 @@
-"""editfast: fast locate-then-edit knowledge editing (ROME, MEMIT) and its side effects.
+"""editfast: fast knowledge editing of causal LMs (ROME, MEMIT, AlphaEdit, EMMET, PMET, KN, MEND,
+UltraEdit ...) and measurement of what the edits cost the model.
 
     import editfast
     lm = editfast.load_model("smollm2-135m")
@@ -10,21 +11,24 @@ Names are imported lazily, so ``import editfast`` (and the CLI's --help) stays f
 
 from importlib import import_module
 
-__version__ = "0.1.0"
+from editfast.core.compat import VERSION as __version__  # noqa: F401
 
 _EXPORTS = {
-    "load_model": "models", "LoadedModel": "models", "supported_architectures": "models",
-    "random_presets": "models",
-    "Request": "data", "load_dataset": "data", "validate_requests": "data", "dataset_names": "data",
-    "ROMEHyperParams": "methods.rome", "MEMITHyperParams": "methods.memit", "resolve_hparams": "hparams",
-    "make_hparams": "hparams",
-    "LowRank": "update", "Dense": "update", "Sparse": "update", "apply_update": "update", "snapshot": "update",
-    "restore": "update", "validate_updates": "update", "load_journal": "api",
-    "EditSession": "session", "METHODS": "methods", "get_method": "methods",
-    "second_moments": "stats", "accumulate_second_moments": "stats",
-    "counterfact_metrics": "metrics", "zsre_metrics": "metrics", "score_continuations": "metrics",
-    "edit": "api", "EditResult": "session", "context_templates": "templates",
-    "EditfastError": "errors",
+    "load_model": "models.load", "LoadedModel": "models.load", "supported_architectures": "models.adapters",
+    "random_presets": "models.load",
+    "Request": "data.requests", "load_dataset": "data.requests", "validate_requests": "data.requests",
+    "dataset_names": "data.requests",
+    "ROMEHyperParams": "methods.rome", "MEMITHyperParams": "methods.memit", "resolve_hparams": "methods.registry",
+    "make_hparams": "methods.registry",
+    "LowRank": "models.update", "Dense": "models.update", "Sparse": "models.update", "apply_update": "models.update",
+    "snapshot": "models.update", "restore": "models.update", "validate_updates": "models.update",
+    "load_journal": "api",
+    "EditSession": "session.session", "METHODS": "methods.registry", "get_method": "methods.registry",
+    "second_moments": "methods.locate_then_edit.stats", "accumulate_second_moments": "methods.locate_then_edit.stats",
+    "counterfact_metrics": "eval.edit_metrics", "zsre_metrics": "eval.edit_metrics",
+    "score_continuations": "eval.edit_metrics",
+    "edit": "api", "EditResult": "session.session", "context_templates": "methods.locate_then_edit.templates",
+    "EditfastError": "core.errors",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -20,11 +20,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from .data import Request
-from .hparams import HParams
-from .journal import load_run
-from .session import EditResult, EditSession
-from .update import Update
+from editfast.data.requests import Request
+from editfast.methods.hparams import HParams
+from editfast.models.update import Update
+from editfast.session.journal import load_run
+from editfast.session.session import EditResult, EditSession
 
 
 def edit(lm, requests: Sequence[Request], method: str = "memit", *, hparams: HParams | None = None,

@@ -72,8 +72,21 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 
-from .errors import EditfastError, HParamsError, RequestError
-from .hparams import OPTION_KEYS, make_hparams, read_hparams_file, split_options, warn_ignored
+from editfast.core.errors import EditfastError, HParamsError, RequestError
+from editfast.core.paths import write_json
+from editfast.data.requests import Request, validate_requests
+from editfast.methods.hparams import (
+    OPTION_KEYS,
+    check_layers,
+    read_hparams_file,
+    warn_ignored,
+)
+from editfast.methods.locate_then_edit.stats import check_corpus, stats_location
+from editfast.methods.registry import get_method, make_hparams, split_options
+from editfast.models.archs import adapter_for
+from editfast.models.load import load_model, model_config
+from editfast.models.update import guard, restore, snapshot
+from editfast.session.session import check_lengths
 
 LOG = logging.getLogger(__name__)
 
@@ -278,7 +291,6 @@ def _check_request_dicts(requests: Any) -> list[dict[str, Any]]:
 
 
 def _editfast_request(r: dict[str, Any], case_id: int):
-    from .data import Request
 
     return Request.from_dict({"prompt": r["prompt"], "subject": r["subject"], "target_new": r["target_new"],
                               "case_id": case_id})
@@ -389,10 +401,6 @@ class BaseEditor:
         return cls(hparams)
 
     def __init__(self, hparams: HyperParams):
-        from .hparams import check_layers
-        from .methods import get_method
-        from .models import adapter_for, load_model, model_config
-        from .stats import check_corpus, stats_location
 
         if not isinstance(hparams, HyperParams):
             raise HParamsError("BaseEditor needs hyper-parameters from editfast.easyedit (e.g. "
@@ -437,7 +445,6 @@ class BaseEditor:
         else:
             all_metrics = [{"pre": edit_quality(self.lm, r)} for r in requests]
             if opts["pre_file"] is not None:
-                from .paths import write_json
 
                 write_json(opts["pre_file"], all_metrics)
         weights_copy = None
@@ -532,8 +539,6 @@ class BaseEditor:
         return requests, opts
 
     def _check_lengths(self, requests: list[dict]) -> None:
-        from .data import validate_requests
-        from .session import check_lengths
 
         reqs = [_editfast_request(r, i) for i, r in enumerate(requests)]
         for r in reqs:
@@ -543,7 +548,6 @@ class BaseEditor:
     def _prepare(self, verbose: bool) -> None:
         if self._state is None:
             self._templates = self.method.templates(self.lm, self.hp, seed=42)  # EasyEdit seeds 42
-            from .stats import stats_location
 
             with stats_location(self.stats_dir):  # the file's stats_dir, as the CLI's edit honours it
                 self._state = self.method.prepare(self.lm, self.hp, progress=verbose)
@@ -551,7 +555,6 @@ class BaseEditor:
     @contextmanager
     def _transaction(self, verbose: bool):
         """On any failure, the weights and the method's state as they were before the call."""
-        from .update import guard
 
         self._sync()
         self._prepare(verbose)
@@ -567,7 +570,6 @@ class BaseEditor:
     def _sync(self) -> None:
         """Take hyper-parameters changed on ``self.hparams`` since the last call (EasyEdit reads them at
         each call): checked against the model, and the method's state prepared again."""
-        from .hparams import check_layers
 
         hp = self.hparams.editfast_hparams()
         if hp.to_dict() == self.hp.to_dict():
@@ -582,7 +584,6 @@ class BaseEditor:
         """Edit ``chunk`` as one batch, put each request's ``post`` (and with ``timed`` the batch's editing
         seconds as ``time``) into ``metrics``, then restore the weights and the method's state unless
         ``sequential``. Returns EasyEdit's weights_copy: the changed weights as they were before."""
-        from .update import restore, snapshot
 
         reqs = [_editfast_request(r, start + i) for i, r in enumerate(chunk)]
         before = snapshot(self.lm, self.sites)

@@ -5,7 +5,7 @@
                             tasks=["hellaswag"])
     python -m editfast.harness run --model editfast --model_args model=smollm2-135m --tasks hellaswag
 
-``EditfastLM`` answers lm-eval's three request kinds with ``editfast.eval.engine.Engine``:
+``EditfastLM`` answers lm-eval's three request kinds with ``editfast.engine.engine.Engine``:
 ``loglikelihood`` (contexts run once and KV-cached, their continuations scored against the cache),
 ``loglikelihood_rolling`` (lm-eval's rolling windows) and ``generate_until`` (batched greedy
 decoding; lm-eval's stop handling: the EOS text joins ``until`` and the text is cut at the first
@@ -24,17 +24,27 @@ from pathlib import Path
 
 try:
     import lm_eval.models  # noqa: F401  (registers lm-eval's own models first: get_model() skips its
+
     #                                     lazy registration once the registry holds any model)
     from lm_eval.api.model import LM
     from lm_eval.api.registry import model_registry, register_model
-    from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+    from lm_eval.models.utils import (
+        handle_stop_sequences,
+        normalize_gen_kwargs,
+        postprocess_generated_text,
+    )
 except ImportError:  # pragma: no cover - depends on the environment
-    from .errors import EditfastError
+    from editfast.core.errors import EditfastError
 
     raise EditfastError("editfast.harness needs lm-evaluation-harness: pip install 'editfast[harness]'") from None
 
-from .errors import EditfastError
-from .eval.base import Generate, LogLik, Rolling
+from editfast.api import load_journal
+from editfast.core.errors import EditfastError
+from editfast.engine.engine import Engine
+from editfast.engine.requests import Generate, LogLik, Rolling
+from editfast.models.load import load_model
+from editfast.models.update import apply_update
+from editfast.session.journal import load_run
 
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's default for generate_until
 
@@ -63,14 +73,9 @@ class EditfastLM(LM):
         if unknown:
             raise EditfastError(f"editfast model: unknown model_args {', '.join(sorted(unknown))} (valid: model, "
                                 "dtype, device, edits, batch_tokens, max_length, progress)")
-        from .api import load_journal
-        from .eval.engine import Engine
-        from .models import load_model
-        from .update import apply_update
 
         config = None
         if edits is not None:
-            from .journal import load_run
 
             config = load_run(edits)[0]  # the run's files, whole, before the model loads
         if lm is None:

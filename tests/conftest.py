@@ -25,7 +25,6 @@ GOLDEN = Path(os.environ.get("EDITFAST_GOLDEN_DIR", Path(__file__).resolve().par
 def run_cli(argv, capsys):
     """Run the CLI's entry point in-process: (exit code, stdout, stderr)."""
     import pytest
-
     from editfast.cli import main
 
     with pytest.raises(SystemExit) as e:

@@ -9,12 +9,12 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from editfast import distributed as dist
-from editfast.eval.engine import Engine
+from editfast.core import distributed as dist
+from editfast.engine.engine import Engine
 from editfast.eval.runner import EvalPlan
-from editfast.hparams import resolve_hparams
-from editfast.models import load_model
-from editfast.stats import second_moments
+from editfast.methods.locate_then_edit.stats import second_moments
+from editfast.methods.registry import resolve_hparams
+from editfast.models.load import load_model
 
 torch.set_num_threads(1)
 out, layers, n_samples, tasks, limit = sys.argv[1], [1, 3], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])

@@ -12,12 +12,12 @@ from conftest import assert_refused, run_cli
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import editfast
-from editfast.archs import find_adapter, meta_model
-from editfast.data import load_dataset
-from editfast.errors import ModelError
-from editfast.eval.base import Generate, LogLik
-from editfast.eval.engine import Engine
-from editfast.models import ADAPTERS, adapter_for, load_model, model_config
+from editfast.core.errors import ModelError
+from editfast.data.requests import load_dataset
+from editfast.engine.engine import Engine
+from editfast.engine.requests import Generate, LogLik
+from editfast.models.archs import adapter_for, find_adapter, meta_model
+from editfast.models.load import load_model, model_config
 
 NEW = ["qwen3", "gemma2", "phi3", "olmo2"]
 TINY_CONFIG = dict(num_hidden_layers=4, hidden_size=64, intermediate_size=256, num_attention_heads=4,
@@ -135,7 +135,7 @@ def test_post_norm_fast_targets_equal_the_reference(arch):
     skips the layers below) must run the edited layer itself there, as the reference does."""
     lm = o1_weights(load_model(f"random:tiny-{arch}", dtype="float32"))
     reqs = one_token_requests(lm.tokenizer)
-    rome = editfast.methods.METHODS["rome"]
+    rome = editfast.methods.registry.METHODS["rome"]
     hp = rome.hparams_class(**{**rome.presets["tiny"], "v_num_grad_steps": 5})
     templates = rome.templates(lm, hp, 0, "fixed")
     fast = rome.optimize(lm, reqs[:1], hp, templates, backend="fast")

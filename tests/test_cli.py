@@ -7,7 +7,8 @@ import sys
 
 import pytest
 from conftest import assert_refused, run_cli
-from editfast.journal import Journal
+
+from editfast.session.journal import Journal
 
 TINY = ["--model", "random:tiny-llama", "--templates", "fixed", "--quiet"]
 
@@ -121,8 +122,8 @@ def test_quiet_is_quiet_and_progress_is_shown(tmp_path, capsys):
     Without it, template generation (minutes on a 7B model) shows its progress."""
     from test_models import _write_llama_gguf
 
-    from editfast.models import load_model
-    from editfast.templates import context_templates
+    from editfast.methods.locate_then_edit.templates import context_templates
+    from editfast.models.load import load_model
 
     lm = load_model("random:tiny-llama", seed=1)
     _write_llama_gguf(lm.model, tmp_path / "tiny.gguf")

@@ -1,4 +1,4 @@
-"""editfast.curves: weight drift against hand computations, and the plots as valid PNGs."""
+"""editfast.session.curves: weight drift against hand computations, and the plots as valid PNGs."""
 
 import math
 
@@ -6,7 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
-from editfast.curves import plot_curve, plot_study, spectral_norm, sum_weight_changes, weight_change
+from editfast.session.curves import (
+    plot_curve,
+    plot_study,
+    spectral_norm,
+    sum_weight_changes,
+    weight_change,
+)
 
 
 def test_weight_change_by_hand():

@@ -3,8 +3,13 @@ import json
 
 import pytest
 
-from editfast.data import Request, dataset_names, load_dataset, validate_requests
-from editfast.errors import DataError, RequestError
+from editfast.core.errors import DataError, RequestError
+from editfast.data.requests import (
+    Request,
+    dataset_names,
+    load_dataset,
+    validate_requests,
+)
 
 
 def test_shipped_datasets_load_with_expected_counts():

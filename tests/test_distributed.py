@@ -14,12 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from editfast import distributed as dist
-from editfast.eval.engine import Engine
+from editfast.core import distributed as dist
+from editfast.engine.engine import Engine
 from editfast.eval.runner import EvalPlan
-from editfast.hparams import resolve_hparams
-from editfast.models import load_model
-from editfast.stats import second_moments
+from editfast.methods.locate_then_edit.stats import second_moments
+from editfast.methods.registry import resolve_hparams
+from editfast.models.load import load_model
 
 HERE = Path(__file__).parent
 N_SAMPLES, TASKS, LIMIT = 40, "sst2,rte,nq", 6
@@ -140,9 +140,9 @@ def offloaded(tmp_path):
 
 def test_offloaded_layers_give_the_plain_models_statistics_edit_and_evaluation(tmp_path, monkeypatch):
     from editfast import edit
-    from editfast.data import load_dataset
+    from editfast.data.requests import load_dataset
     from editfast.eval.runner import evaluate
-    from editfast.update import snapshot
+    from editfast.models.update import snapshot
 
     monkeypatch.setenv("EDITFAST_CACHE", str(tmp_path / "cache"))
     plain, lm = load_model("random:tiny-llama"), offloaded(tmp_path)
@@ -173,8 +173,8 @@ def test_layers_on_the_gpu_and_offloaded_to_the_cpu_edit_like_the_cpu(tmp_path, 
     from accelerate import dispatch_model
 
     from editfast import edit
-    from editfast.data import load_dataset
-    from editfast.update import snapshot
+    from editfast.data.requests import load_dataset
+    from editfast.models.update import snapshot
 
     monkeypatch.setenv("EDITFAST_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
@@ -192,8 +192,8 @@ def test_layers_on_the_gpu_and_offloaded_to_the_cpu_edit_like_the_cpu(tmp_path, 
 
 
 def test_a_weight_on_disk_is_refused_unchanged(tmp_path):
-    from editfast.errors import EditfastError
-    from editfast.update import LowRank, apply_update
+    from editfast.core.errors import EditfastError
+    from editfast.models.update import LowRank, apply_update
 
     lm = offloaded(tmp_path)
     name = "model.layers.3.mlp.down_proj.weight"

@@ -11,15 +11,17 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import assert_refused, run_cli
+from editfast.cli import preflight
 from safetensors import safe_open
 
-from editfast.cli import preflight
-from editfast.data import Request
-from editfast.errors import DataError, EditfastError, HParamsError
-from editfast.hparams import make_hparams, read_hparams_file, resolve_hparams, split_options
-from editfast.models import load_model, model_config
-from editfast.stats import corpus_texts, second_moments
-from conftest import assert_refused, run_cli
+from editfast.core.errors import DataError, HParamsError
+from editfast.data.corpus import corpus_texts
+from editfast.data.requests import Request
+from editfast.methods.hparams import read_hparams_file
+from editfast.methods.locate_then_edit.stats import second_moments
+from editfast.methods.registry import make_hparams, resolve_hparams, split_options
+from editfast.models.load import load_model, model_config
 
 DATA = Path(__file__).parent / "data" / "easyedit_hparams"
 FILES = sorted(DATA.glob("*/*.yaml"))
@@ -108,9 +110,9 @@ MATCHING = [("ROME/gpt2-xl.yaml", "random:gpt2-xl"), ("MEMIT/gpt2-xl.yaml", "ran
 
 @pytest.mark.parametrize("name,model", MATCHING)
 def test_matching_presets_resolve_from_the_config_alone(name, model, monkeypatch):
-    import editfast.models
+    import editfast.models.load
 
-    monkeypatch.setattr(editfast.models, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(editfast.models.load, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
     method = METHOD[name.split("/")[0]]
     raw = yaml.safe_load((DATA / name).read_text())
     with warnings.catch_warnings(record=True) as w:
@@ -133,9 +135,9 @@ def smollm2_config():
 
 @pytest.mark.parametrize("name", ["ROME/llama-7b.yaml", "MEMIT/llama-7b.yaml", "AlphaEdit/llama3-8b.yaml"])
 def test_llama_files_on_smollm2_with_layers_set(name, smollm2_config, monkeypatch):
-    import editfast.models
+    import editfast.models.load
 
-    monkeypatch.setattr(editfast.models, "model_config", lambda spec, *a: smollm2_config)
+    monkeypatch.setattr(editfast.models.load, "model_config", lambda spec, *a: smollm2_config)
     method = METHOD[name.split("/")[0]]
     layers = [5] if method == "rome" else [4, 5, 6, 7, 8]
     with pytest.warns(UserWarning, match="differs"):
@@ -183,9 +185,9 @@ def test_alg_name_mismatch_names_both():
 
 
 def test_cli_bad_key_exits_2_before_the_weights_load(tmp_path, capsys, monkeypatch):
-    import editfast.models
+    import editfast.models.load
 
-    monkeypatch.setattr(editfast.models, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(editfast.models.load, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
     f = edited(tmp_path, "ROME/llama-7b.yaml", mom2_speed="fast")
     out = tmp_path / "out"
     assert_refused(["edit", "--hparams", str(f), "--set", "layers=[1]", "--model", "random:tiny-llama", "--n", "1",
@@ -342,7 +344,7 @@ def test_a_cache_file_written_before_the_cap_is_still_found(tmp_path):
     hold the same 4,736 paragraphs: they are read, not recomputed, and the run says what was used."""
     from safetensors.torch import save_file
 
-    from editfast.stats import cache_file, cache_tag
+    from editfast.methods.locate_then_edit.stats import cache_file, cache_tag
 
     lm = load_model("random:tiny-llama")
     d = lm.adapter.d_mlp(lm.model)
@@ -359,9 +361,9 @@ def test_a_cache_file_written_before_the_cap_is_still_found(tmp_path):
 
 
 def test_a_bad_corpus_line_is_refused_before_the_weights_load(tmp_path, capsys, monkeypatch):
-    import editfast.models
+    import editfast.models.load
 
-    monkeypatch.setattr(editfast.models, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(editfast.models.load, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
     (tmp_path / "c.jsonl").write_text('{"text": "a"}\n{"text": 3}\n')
     assert_refused(["edit", "--model", "random:tiny-llama", "--set", "mom2_dataset=c.jsonl", "--n", "1", "--out",
                     str(tmp_path / "out"), "--quiet"], capsys, "c.jsonl line 2", absent=[tmp_path / "out"])

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from editfast.errors import EditfastError, HParamsError, RequestError
+from editfast.core.errors import EditfastError, HParamsError, RequestError
 
 TINY_LLAMA_MODULES = """
 rewrite_module_tmp: "model.layers.{}.mlp.down_proj"
@@ -341,7 +341,11 @@ def test_bad_input_is_refused_with_weights_untouched(rome, kwargs, match):
 
 
 def test_bad_hparams(hparams_dir, tmp_path, rome):
-    from editfast.easyedit import AlphaEditHyperParams, MEMITHyperParams, ROMEHyperParams
+    from editfast.easyedit import (
+        AlphaEditHyperParams,
+        MEMITHyperParams,
+        ROMEHyperParams,
+    )
 
     with pytest.raises(HParamsError, match="alg_name='ROME' does not match the method 'memit'"):
         MEMITHyperParams.from_hparams(str(hparams_dir / "rome"))
@@ -402,11 +406,11 @@ def test_every_easyedit_file_loads_through_the_facade():
 def test_corpus_checked_in_stats_dir_before_the_model_loads(tmp_path, monkeypatch):
     """EasyEdit's MEMIT files name mom2_dataset: wikipedia; neither in the datasets cache nor in the file's
     stats_dir, it is refused before the weights load."""
-    import editfast.models
+    import editfast.models.load
     from editfast.easyedit import BaseEditor, MEMITHyperParams
 
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
-    monkeypatch.setattr(editfast.models, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(editfast.models.load, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
     (tmp_path / "wiki.yaml").write_text(MEMIT_YAML.replace('"wikitext"', '"wikipedia"')
                                         .replace("./data/stats", str(tmp_path / "stats")))
     with pytest.raises(HParamsError, match="wikipedia"), warnings.catch_warnings():
@@ -415,7 +419,7 @@ def test_corpus_checked_in_stats_dir_before_the_model_loads(tmp_path, monkeypatc
 
 
 def test_easyedit_zsre_file_edits_toward_alt(tmp_path):
-    from editfast.data import load_dataset
+    from editfast.data.requests import load_dataset
 
     rec = {"subject": "UniFirst", "src": "What is the product made by UniFirst?", "alt": "unmanned aircraft",
            "answers": ["uniform"], "rephrase": "What will be the product of UniFirst?",
@@ -430,7 +434,7 @@ def test_easyedit_zsre_file_edits_toward_alt(tmp_path):
 
 @pytest.mark.slow
 def test_rome_on_smollm2_writes_a_known_fact(tmp_path):
-    from editfast.data import load_dataset
+    from editfast.data.requests import load_dataset
 
     (tmp_path / "smol.yaml").write_text(
         ROME_YAML.replace("random:tiny-llama", "smollm2-135m").replace("layers: [1]", "layers: [5]")

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import editfast
-from editfast.data import Request, load_dataset
-from editfast.errors import RequestError
-from editfast.methods import METHODS
-from editfast.models import load_model
+from editfast.core.errors import RequestError
+from editfast.data.requests import Request, load_dataset
+from editfast.methods.registry import METHODS
+from editfast.models.load import load_model
 
 # Records of the bundled CounterFact (500 cases) whose true object SmolLM2-135M-Instruct already
 # predicts greedily (first token). The SmolLM2 preset was tuned on other facts (bench/tune_preset.py).

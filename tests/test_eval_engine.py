@@ -4,12 +4,17 @@ import json
 
 import pytest
 import torch
-
-from editfast.eval.base import Generate, LogLik, Rolling
-from editfast.eval import cascade
-from editfast.eval.engine import SHARE_MIN_TOKENS, Engine, prefix_groups, similar_lengths
-from editfast.models import load_model
 from test_cli import run
+
+from editfast.engine import cascade
+from editfast.engine.engine import (
+    SHARE_MIN_TOKENS,
+    Engine,
+    prefix_groups,
+    similar_lengths,
+)
+from editfast.engine.requests import Generate, LogLik, Rolling
+from editfast.models.load import load_model
 
 ARCHS = ["tiny-llama", "tiny-gpt2", "tiny-gptj", "tiny-neox"]
 PAIRS = [("The capital of France is", " Paris"), ("The capital of France is", " Rome and more"),
@@ -129,7 +134,7 @@ def test_similar_lengths():
 def test_growing_cache_layer_equals_concatenation():
     """The decoding cache layer writes into a buffer (growing it when full), drops rows, and
     stacks two caches' rows right-aligned with zeros to the left."""
-    from editfast.locate import kv_cache
+    from editfast.engine.kv import kv_cache
 
     model = load_model("random:tiny-llama").model
     torch.manual_seed(0)
@@ -228,7 +233,7 @@ def test_prefix_groups():
 
 
 def test_stop_strings_after_leading_whitespace():
-    from editfast.eval.engine import stop_index
+    from editfast.engine.engine import stop_index
 
     assert stop_index("\n\nA summary.\n\nMore", ["\n\n"]) == 12
     assert stop_index("answer\nQ: next", ["\n", "Q:"]) == 6
@@ -266,8 +271,9 @@ def test_rolling_equals_lm_eval(tiny):
 def test_no_lm_head_is_an_error():
     from transformers import LlamaConfig, LlamaModel
 
-    from editfast.errors import ModelError
-    from editfast.models import LoadedModel, adapter_for
+    from editfast.core.errors import ModelError
+    from editfast.models.archs import adapter_for
+    from editfast.models.load import LoadedModel
 
     lm = load_model("random:tiny-llama")
     base = LlamaModel(LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
@@ -281,7 +287,7 @@ def test_no_lm_head_is_an_error():
 
 @pytest.fixture(scope="module")
 def smol():
-    from editfast.errors import EditfastError
+    from editfast.core.errors import EditfastError
 
     try:
         return load_model("smollm2-135m")

@@ -5,8 +5,17 @@ import math
 import pytest
 
 from editfast.eval.metrics import (
-    canonical_number, entity_prf, exact_match, extract_number, first_word, iob2_entities,
-    normalize_answer, numbers, ranks, rouge, token_f1,
+    canonical_number,
+    entity_prf,
+    exact_match,
+    extract_number,
+    first_word,
+    iob2_entities,
+    normalize_answer,
+    numbers,
+    ranks,
+    rouge,
+    token_f1,
 )
 
 

@@ -6,11 +6,18 @@ import random
 
 import pytest
 
-from editfast.errors import EditfastError
+from editfast.core.errors import EditfastError
 from editfast.eval.base import Task
-from editfast.eval.runner import EvalPlan, EvalResult, TaskResult, evaluate, markdown_table, stderrs
+from editfast.eval.runner import (
+    EvalPlan,
+    EvalResult,
+    TaskResult,
+    evaluate,
+    markdown_table,
+    stderrs,
+)
 from editfast.eval.tasks import TASKS
-from editfast.models import load_model
+from editfast.models.load import load_model
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,17 @@ import re
 
 import pytest
 
-from editfast.errors import DataError, EditfastError
-from editfast.eval.base import Generate, LogLik, LogLikResult, Rolling, RollingResult
+from editfast.core.errors import DataError, EditfastError
+from editfast.core.paths import PACKAGE_DATA
+from editfast.engine.requests import (
+    Generate,
+    LogLik,
+    LogLikResult,
+    Rolling,
+    RollingResult,
+)
 from editfast.eval.tasks import ALL, TASKS, _common, get_task, resolve_tasks
 from editfast.eval.tasks.conll03 import NAMES, TYPES, parse_entities
-from editfast.paths import PACKAGE_DATA
 
 COUNTS = {  # loaded, scored
     "gsm8k": (1319, 1311), "rte": (277, 277), "nq": (3610, 3610), "boolq": (3270, 3270),

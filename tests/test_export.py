@@ -15,17 +15,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_refused, run_cli
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 
-from conftest import assert_refused, run_cli
-from editfast import export
-from editfast.errors import EditfastError
-from editfast.export import entries_up_to, lora_from_run, module_factors
-from editfast.journal import Entry, load_run
-from editfast.models import load_model
-from editfast.update import Dense, LowRank, Sparse, apply_update
+from editfast.core.errors import EditfastError
+from editfast.models.load import load_model
+from editfast.models.update import Dense, LowRank, Sparse, apply_update
+from editfast.session import export
+from editfast.session.export import entries_up_to, lora_from_run, module_factors
+from editfast.session.journal import Entry, load_run
 
 QUICK = ["--templates", "fixed", "--no-eval", "--quiet", "--set", "v_num_grad_steps=3"]
 STUDY = """

@@ -14,17 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_refused, run_cli
 from safetensors.torch import load_file
 
 import editfast
-from conftest import assert_refused, run_cli
-from editfast.data import Request, load_dataset
-from editfast.errors import EditfastError
-from editfast.journal import Journal
-from editfast.models import load_model
-from editfast.outputs import OutputDir
-from editfast.session import EditSession
-from editfast.update import LowRank, apply_update
+from editfast.core.errors import EditfastError
+from editfast.data.requests import Request, load_dataset
+from editfast.models.load import load_model
+from editfast.models.update import LowRank, apply_update
+from editfast.session.journal import Journal
+from editfast.session.outputs import OutputDir
+from editfast.session.session import EditSession
 
 TINY = ["--model", "random:tiny-llama", "--templates", "fixed", "--quiet"]
 EDIT = ["edit", "--n", "2", *TINY]
@@ -172,7 +172,7 @@ def eval_argv(t: Path, *extra):
 OTHER_CASES = {
     "eval limit zero": (lambda t, r: eval_argv(t, "--limit", "0"), "limit"),
     "eval batch tokens": (lambda t, r: eval_argv(t, "--batch-tokens", "-5"), "batch-tokens"),
-    "eval's old --batch-size": (lambda t, r: eval_argv(t, "--batch-size", "4096"), "--batch-tokens 4096"),
+    "eval's --batch-size (edit's option)": (lambda t, r: eval_argv(t, "--batch-size", "4096"), "--batch-tokens"),
     "eval bad device": (lambda t, r: eval_argv(t, "--device", "gpu0"), "cuda:N"),
     "eval unknown task": (lambda t, r: eval_argv(t, "--tasks", "nosuch"), "nosuch"),
     "eval seed overflow": (lambda t, r: eval_argv(t, "--seed", str(2**64)), "seed"),
@@ -319,7 +319,7 @@ def test_api_refuses_and_weights_stay(case, lm):
 def test_nan_batch_stops_with_journal_intact(lm, tmp_path, monkeypatch, capsys):
     """A batch whose update is not finite stops the run: exit 2, the good batches journaled, the
     weights as after them, and --resume (once the cause is gone) continues from there."""
-    from editfast.methods import METHODS
+    from editfast.methods.registry import METHODS
 
     memit = METHODS["memit"]
     real = memit.solve
@@ -344,7 +344,7 @@ def test_nan_batch_stops_with_journal_intact(lm, tmp_path, monkeypatch, capsys):
 
 
 def test_disk_full_is_one_line_and_keeps_good_batches(tmp_path, monkeypatch, capsys):
-    import editfast.journal as journal
+    import editfast.session.journal as journal
 
     real, calls = journal.save_file, {"n": 0}
 
@@ -464,7 +464,7 @@ def test_quiet_is_quiet(tmp_path):
 
 
 def test_wait_policy_passive_only_when_busy_and_unchosen(monkeypatch):
-    from editfast import load
+    from editfast.core import threads as load
 
     assert load.busy_cores(0.01) >= 0.0
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
@@ -484,8 +484,9 @@ def test_wait_policy_passive_only_when_busy_and_unchosen(monkeypatch):
 def test_study_disk_full_at_the_report_resumes(tmp_path, monkeypatch, capsys):
     """A full disk while the study writes its report: one line naming --resume, the finished
     sessions kept (no report.md half-written), and --resume completes the study."""
-    import editfast.paths as paths
     from test_session import STUDY
+
+    import editfast.session.study as paths  # the study's report is written through its write_text
 
     f = tmp_path / "s.yaml"
     f.write_text(STUDY)

@@ -24,16 +24,16 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import GOLDEN
 import torch
+from conftest import GOLDEN
 from safetensors.torch import load_file
 
 from editfast import Request, load_model
-from editfast.hparams import make_hparams
-from editfast.methods import METHODS, State
-from editfast.solve import Moment
-from editfast.stats import accumulate_second_moments
-from editfast.update import weight_delta
+from editfast.methods.base import State
+from editfast.methods.locate_then_edit.solve import Moment
+from editfast.methods.locate_then_edit.stats import accumulate_second_moments
+from editfast.methods.registry import METHODS, make_hparams
+from editfast.models.update import weight_delta
 
 CASES = sorted(p for p in GOLDEN.glob("*/meta.json")) if GOLDEN.is_dir() else []
 TIGHT = 1e-4
@@ -274,7 +274,7 @@ def test_accumulated_keys_stage(meta_path: Path, backend: str):
     each batch, the accumulated keys of the earlier ones (Σ K_cache K_cacheᵀ, in batch order): its
     operands and ΔW must match. The end-to-end tiny cases cannot catch a missing K_p K_pᵀ term (it
     changes ΔW by less than their tolerance); this test does."""
-    from editfast.methods.base import LayerInputs
+    from editfast.methods.locate_then_edit.base import LayerInputs
 
     case = meta_path.parent
     meta = json.loads(meta_path.read_text())

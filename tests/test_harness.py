@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from editfast.models import load_model
+from editfast.models.load import load_model
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -134,10 +134,9 @@ def test_editfast_lm_equals_hf_backend(tiny, task_dir, base_results):
 
 
 def test_editfast_lm_with_edits_equals_hf_on_saved_model(tmp_path, capsys, task_dir, base_results, monkeypatch):
+    from conftest import run_cli
     from lm_eval.api.registry import get_model
     from lm_eval.models.huggingface import HFLM
-
-    from conftest import run_cli
 
     run = tmp_path / "run"
     code, _, err = run_cli(["edit", "--model", "random:tiny-llama", "--n", "2", "--templates", "fixed", "--quiet",
@@ -155,8 +154,9 @@ def test_editfast_lm_with_edits_equals_hf_on_saved_model(tmp_path, capsys, task_
 
 def test_python_m_entry_point_registers(monkeypatch, capsys):
     """`python -m editfast.harness ls ...` is lm-eval's own command line, with the model registered."""
-    import editfast.harness as h
     from lm_eval.api.registry import get_model
+
+    import editfast.harness as h
 
     assert get_model("editfast") is h.EditfastLM and get_model("hf").__name__ == "HFLM"
     with pytest.raises(SystemExit) as e:
@@ -182,11 +182,10 @@ SAMPLE_FIELDS = {"doc_id", "doc", "target", "arguments", "resps", "filtered_resp
 
 
 def test_eval_json_is_lm_eval_layout_with_its_stderrs_and_samples(tmp_path, capsys, monkeypatch):
+    from conftest import run_cli
     from lm_eval.api import metrics as M
     from lm_eval.utils import get_file_task_name, hash_string, make_table
 
-    from conftest import run_cli
-    from editfast.eval.tasks import TASKS
 
     out = tmp_path / "eval"
     code, _, err = run_cli(["eval", "--model", "random:tiny-llama", "--tasks", "rte,sst2", "--limit", "5",

@@ -3,12 +3,13 @@
 import json
 
 import pytest
-
-from editfast.errors import HParamsError
-from editfast.hparams import make_hparams, read_hparams_file, resolve_hparams
-from editfast.methods.memit import MEMITHyperParams
-from editfast.models import load_model
 from conftest import GOLDEN
+
+from editfast.core.errors import HParamsError
+from editfast.methods.hparams import read_hparams_file
+from editfast.methods.memit import MEMITHyperParams
+from editfast.methods.registry import make_hparams, resolve_hparams
+from editfast.models.load import load_model
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,20 @@ import sys
 
 import pytest
 import torch
+from test_kernels import (
+    DTYPES,
+    _aot_compile,
+    _facts,
+    aot_child_report,
+    aot_unavailable,
+    assert_no_spills,
+    cuda,
+    exact,
+    randn,
+)
 
 from editfast.kernels import logprob as lp
 from editfast.kernels.logprob import token_logprobs, token_logprobs_reference
-from test_kernels import DTYPES, _aot_compile, _facts, aot_child_report, aot_unavailable, assert_no_spills, cuda, exact, randn
 
 SMALL = dict(block_n=16, block_v=128, block_d=64)  # interpreter blocks: N = 37 is 3 row blocks
 

@@ -23,7 +23,11 @@ import triton
 from editfast.kernels import lowrank_update as lu
 from editfast.kernels import second_moment as sm
 from editfast.kernels.lowrank_update import lowrank_update_, lowrank_update_reference_
-from editfast.kernels.second_moment import mirror_upper_, second_moment_accumulate_, second_moment_reference_
+from editfast.kernels.second_moment import (
+    mirror_upper_,
+    second_moment_accumulate_,
+    second_moment_reference_,
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

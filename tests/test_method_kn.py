@@ -7,15 +7,14 @@ import torch
 from conftest import assert_refused, run_cli
 
 import editfast
-from editfast.data import Request, load_dataset
-from editfast.errors import HParamsError, RequestError
-from editfast.hparams import make_hparams, resolve_hparams
-from editfast.journal import Journal
-from editfast.methods import METHODS
+from editfast.core.errors import HParamsError, RequestError
+from editfast.data.requests import Request, load_dataset
 from editfast.methods import kn
-from editfast.models import load_model
-from editfast.session import EditSession
-from editfast.update import Sparse, apply_update, restore, weight_param
+from editfast.methods.registry import METHODS, make_hparams, resolve_hparams
+from editfast.models.load import load_model
+from editfast.models.update import Sparse, apply_update, restore, weight_param
+from editfast.session.journal import Journal
+from editfast.session.session import EditSession
 
 KN = METHODS["kn"]
 

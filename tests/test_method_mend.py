@@ -6,17 +6,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_refused, run_cli
 
 import editfast
-from editfast.data import Request, load_dataset
-from editfast.errors import EditfastError
-from editfast.hparams import make_hparams
-from editfast.mend_net import GradientTransform, MENDNet, capture, edit_pairs, encode, load_net, mlp_sites
-from editfast.models import load_model
-from editfast.session import EditSession
-from editfast.update import LowRank, weight_param
-
-from conftest import assert_refused, run_cli
+from editfast.core.errors import EditfastError
+from editfast.data.requests import Request, load_dataset
+from editfast.methods.mend.net import (
+    GradientTransform,
+    MENDNet,
+    capture,
+    edit_pairs,
+    encode,
+    load_net,
+    mlp_sites,
+)
+from editfast.methods.registry import make_hparams
+from editfast.models.load import load_model
+from editfast.models.update import LowRank, weight_param
+from editfast.session.session import EditSession
 
 REQS = [Request(prompt="{} is located in the continent of", subject="Angola", target_new="Antarctica",
                 target_true="Africa", paraphrase_prompts=("Angola lies in",), neighborhood_prompts=("Kenya is in",),
@@ -200,9 +207,9 @@ def test_train_mend_writes_the_network_and_its_description(trained):
 
 def test_train_mend_same_seed_same_network():
     lm = load_model("random:tiny-llama")
-    hp = make_hparams("mend", editfast.methods.get_method("mend").presets["tiny"])
+    hp = make_hparams("mend", editfast.methods.registry.get_method("mend").presets["tiny"])
     reqs = load_dataset("counterfact-train", 20)
-    from editfast.mend_net import train_mend
+    from editfast.methods.mend.train import train_mend
 
     nets = [train_mend(lm, reqs, hp, 5, seed=3, progress=False)[0].state_dict() for _ in range(2)]
     assert all(torch.equal(nets[0][k], nets[1][k]) for k in nets[0])
@@ -212,15 +219,16 @@ def test_train_mend_same_seed_same_network():
 def test_training_from_the_first_edited_layer_equals_full_forwards(preset, loc, monkeypatch):
     """Training runs the layers below the first edited one once per step (they do not change):
     the same network, bit for bit, as full forward passes."""
-    import editfast.mend_net as mn
+    import editfast.methods.mend.net as mn
+    from editfast.methods.mend.train import train_mend
 
     lm = load_model(f"random:{preset}")
-    hp = make_hparams("mend", {**editfast.methods.get_method("mend").presets["tiny"], "loc_kl_positions": loc})
+    hp = make_hparams("mend", {**editfast.methods.registry.get_method("mend").presets["tiny"], "loc_kl_positions": loc})
     reqs = load_dataset("counterfact-train", 20)
-    fast = mn.train_mend(lm, reqs, hp, 3, seed=0, progress=False)[0].state_dict()
+    fast = train_mend(lm, reqs, hp, 3, seed=0, progress=False)[0].state_dict()
     full_init = mn.Above.__init__
     monkeypatch.setattr(mn.Above, "__init__", lambda self, lm, first: full_init(self, lm, 0))
-    full = mn.train_mend(lm, reqs, hp, 3, seed=0, progress=False)[0].state_dict()
+    full = train_mend(lm, reqs, hp, 3, seed=0, progress=False)[0].state_dict()
     assert all(torch.equal(fast[k], full[k]) for k in fast)
 
 
@@ -335,7 +343,7 @@ SHIPPED = Path(editfast.__file__).parent / "_data" / "mend" / "smollm2-135m"
 
 def test_shipped_network_records_how_to_reproduce_it():
     doc = json.loads((SHIPPED / "mend.json").read_text())
-    preset = editfast.methods.get_method("mend").presets["smollm2-135m"]
+    preset = editfast.methods.registry.get_method("mend").presets["smollm2-135m"]
     assert doc["model"] == "smollm2-135m" and doc["data"]["name"] == "counterfact-train" and doc["seed"] == 0
     assert {k: doc["hparams"][k] for k in preset} == preset  # train-mend --steps N --seed 0 with the preset
     assert (SHIPPED / "mend.safetensors").stat().st_size < 4e6

@@ -7,20 +7,19 @@ import math
 
 import pytest
 import torch
-
-import editfast
-from editfast.data import load_dataset
-from editfast.errors import HParamsError
-from editfast.hparams import make_hparams, resolve_hparams
-from editfast.locate import word_activations
-from editfast.methods import METHODS, State
-from editfast.methods.base import LayerInputs
-from editfast.models import load_model
-from editfast.solve import Moment
-from editfast.targets import Objective, optimize_targets
-
 from conftest import assert_refused
 from test_edit import KNOWN, pristine, smol  # noqa: F401  (the SmolLM2 fixtures)
+
+import editfast
+from editfast.core.errors import HParamsError
+from editfast.data.requests import load_dataset
+from editfast.methods.base import State
+from editfast.methods.locate_then_edit.base import LayerInputs
+from editfast.methods.locate_then_edit.locate import word_activations
+from editfast.methods.locate_then_edit.solve import Moment
+from editfast.methods.locate_then_edit.targets import Objective, optimize_targets
+from editfast.methods.registry import METHODS, make_hparams, resolve_hparams
+from editfast.models.load import load_model
 
 PMET = METHODS["pmet"]
 D = torch.float64

@@ -12,15 +12,16 @@ import torch
 from conftest import assert_refused
 
 import editfast
-from editfast.data import load_dataset
-from editfast.errors import EditfastError, HParamsError
-from editfast.hparams import make_hparams
-from editfast.methods import METHODS, State
-from editfast.methods.base import LayerInputs, LocateHParams, norm_anchor, rect
-from editfast.metrics import summarize
-from editfast.session import EditSession, edit_metrics
-from editfast.solve import Moment
-from editfast.update import LowRank, Sparse, snapshot, weight_param
+from editfast.core.errors import EditfastError, HParamsError
+from editfast.data.requests import load_dataset
+from editfast.eval.edit_metrics import edit_metrics, summarize
+from editfast.methods.base import State
+from editfast.methods.locate_then_edit.base import LayerInputs, LocateHParams
+from editfast.methods.locate_then_edit.post import norm_anchor, rect
+from editfast.methods.locate_then_edit.solve import Moment
+from editfast.methods.registry import METHODS, make_hparams
+from editfast.models.update import LowRank, Sparse, snapshot, weight_param
+from editfast.session.session import EditSession
 
 TINY = ["--model", "random:tiny-llama", "--templates", "fixed", "--quiet", "--no-eval"]
 
@@ -115,7 +116,7 @@ def test_alphaedit_keys_are_journaled_resumed_and_undone(pristine, tmp_path):
         assert s.entries[0].state[f"keys.layer{l}"].shape[1] == 2
     after = {k: v.clone() for k, v in snapshot(lm, s.sites).items()}
     # resume in a new session from the base weights: the same state, bit for bit
-    from editfast.update import restore
+    from editfast.models.update import restore
 
     restore(lm, s.base)
     r = alpha_session(lm, out=tmp_path / "run")
@@ -229,7 +230,7 @@ def test_norm_anchor_holds_the_first_norm():
 
 
 def test_post_processes_on_a_session(pristine, tmp_path):
-    from editfast.update import Dense, restore
+    from editfast.models.update import Dense, restore
 
     hp = make_hparams("memit", {**METHODS["memit"].presets["tiny"], "rect": 0.3, "norm_anchor": True})
 
@@ -255,7 +256,7 @@ def test_post_processes_on_a_session(pristine, tmp_path):
 
 
 def test_rect_alone_is_sparse_in_the_journal(pristine, tmp_path):
-    from editfast.journal import load_run
+    from editfast.session.journal import load_run
 
     hp = make_hparams("memit", {**METHODS["memit"].presets["tiny"], "rect": 0.25})
     s = EditSession(pristine, "memit", load_dataset("counterfact", 2), hparams=hp, templates="fixed",

@@ -3,20 +3,25 @@ its lifelong normaliser through resume and undo, efficacy on SmolLM2, and bad in
 
 import pytest
 import torch
-
-import editfast
-from editfast.data import load_dataset
-from editfast.errors import EditfastError, HParamsError
-from editfast.hparams import make_hparams, resolve_hparams
-from editfast.methods import METHODS, State
-from editfast.methods.ultraedit import (EPS32, pseudo_targets, ridge_update, running_std, running_update,
-                                        encode_turn)
-from editfast.models import load_model
-from editfast.session import EditSession
-from editfast.update import Dense, LowRank, restore, snapshot
-
 from conftest import assert_refused
 from test_edit import KNOWN, pristine, smol  # noqa: F401  (the SmolLM2 fixtures)
+
+import editfast
+from editfast.core.errors import EditfastError, HParamsError
+from editfast.data.requests import load_dataset
+from editfast.methods.base import State
+from editfast.methods.registry import METHODS, make_hparams, resolve_hparams
+from editfast.methods.ultraedit import (
+    EPS32,
+    encode_turn,
+    pseudo_targets,
+    ridge_update,
+    running_std,
+    running_update,
+)
+from editfast.models.load import load_model
+from editfast.models.update import Dense, LowRank, restore, snapshot
+from editfast.session.session import EditSession
 
 UE = METHODS["ultraedit"]
 D = torch.float64

@@ -6,19 +6,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from editfast.data import load_dataset
-from editfast.methods import METHODS, State, get_method
-from editfast.methods.base import LayerInputs
-from editfast.models import load_model
-from editfast.solve import Moment
-from editfast.update import weight_param
+from editfast.data.requests import load_dataset
+from editfast.methods.base import State
+from editfast.methods.locate_then_edit.base import LayerInputs
+from editfast.methods.locate_then_edit.solve import Moment
+from editfast.methods.registry import METHODS, get_method
+from editfast.models.load import load_model
+from editfast.models.update import weight_param
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_registry_feeds_cli_and_hparams():
     from editfast.cli import cli
-    from editfast.hparams import make_hparams
+
+    from editfast.methods.registry import make_hparams
 
     assert {"rome", "memit", "r-rome"} <= set(METHODS)
     choices = next(p for p in cli.commands["edit"].params if p.name == "method").type.choices

@@ -1,13 +1,18 @@
 import math
 
 import pytest
-from conftest import GOLDEN
 import torch
+from conftest import GOLDEN
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from editfast.data import Request
-from editfast.errors import RequestError
-from editfast.metrics import counterfact_metrics, score_continuations, summarize, zsre_metrics
+from editfast.core.errors import RequestError
+from editfast.data.requests import Request
+from editfast.eval.edit_metrics import (
+    counterfact_metrics,
+    score_continuations,
+    summarize,
+    zsre_metrics,
+)
 
 TOKENIZER = GOLDEN / "models" / "tokenizer"
 

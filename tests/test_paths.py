@@ -3,15 +3,23 @@
 import pytest
 import torch
 
-from editfast.data import load_dataset
-from editfast.hparams import resolve_hparams
-from editfast.locate import LayerwiseReader, word_activations
-from editfast.models import load_model
-from editfast.solve import Moment, residual, solve_reference
-from editfast.stats import accumulate_second_moments, corpus_texts, token_batches
-from editfast.targets import KV_TOKEN_SHARE, optimize_targets, plan_chunks, _Batch
-from editfast.methods import METHODS
-from editfast.templates import context_templates
+from editfast.data.corpus import corpus_texts
+from editfast.data.requests import load_dataset
+from editfast.methods.locate_then_edit.locate import LayerwiseReader, word_activations
+from editfast.methods.locate_then_edit.solve import Moment, residual, solve_reference
+from editfast.methods.locate_then_edit.stats import (
+    accumulate_second_moments,
+    token_batches,
+)
+from editfast.methods.locate_then_edit.targets import (
+    KV_TOKEN_SHARE,
+    _Batch,
+    optimize_targets,
+    plan_chunks,
+)
+from editfast.methods.locate_then_edit.templates import context_templates
+from editfast.methods.registry import METHODS, resolve_hparams
+from editfast.models.load import load_model
 
 
 @pytest.fixture(scope="module", params=["tiny-llama", "tiny-gpt2", "tiny-gptj", "tiny-neox"])
@@ -50,7 +58,7 @@ def test_early_stop_per_request(monkeypatch):
     """A request whose loss falls under the threshold stops alone; the others go on (both paths
     agree). Tiny random models never reach the original 0.05, so the threshold is set between
     the requests' losses of a first run."""
-    import editfast.targets as targets
+    import editfast.methods.locate_then_edit.targets as targets
 
     lm = load_model("random:tiny-llama")
     lm.model.double()
@@ -163,7 +171,7 @@ def test_one_pass_statistics_equal_per_layer_reference():
 
 def test_statistics_cache_and_resume(tmp_path, monkeypatch):
     """An interrupted statistics run resumes from its checkpoint and gives the same C."""
-    import editfast.stats as stats
+    import editfast.methods.locate_then_edit.stats as stats
 
     monkeypatch.setenv("EDITFAST_CACHE", str(tmp_path))
     lm = load_model("random:tiny-llama")
@@ -199,7 +207,7 @@ def test_statistics_cache_and_resume(tmp_path, monkeypatch):
 
 
 def test_plan_groups():
-    from editfast.targets import plan_groups
+    from editfast.methods.locate_then_edit.targets import plan_groups
 
     lengths = [1, 1, 1, 6, 6, 6, 6, 3, 3]
     # free calls: one group per length; expensive calls: one padded group

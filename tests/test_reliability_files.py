@@ -20,11 +20,17 @@ import torch
 from conftest import assert_refused, run_cli
 from safetensors.torch import load_file, save_file
 
-from editfast.data import Request, load_dataset, validate_requests
-from editfast.errors import DataError, EditfastError, HParamsError, ModelError, RequestError
-from editfast.models import file_sha256, load_model, max_positions, model_config
-from editfast.paths import write_cache
-from editfast.stats import second_moments
+from editfast.core.errors import (
+    DataError,
+    EditfastError,
+    HParamsError,
+    ModelError,
+    RequestError,
+)
+from editfast.core.paths import write_cache
+from editfast.data.requests import Request, load_dataset, validate_requests
+from editfast.methods.locate_then_edit.stats import second_moments
+from editfast.models.load import file_sha256, load_model, max_positions, model_config
 
 ROOT = os.geteuid() == 0  # root writes into read-only folders: simulate with a file in the way instead
 
@@ -114,7 +120,8 @@ def test_bad_config_refused(bad_dir, case, fn):
     assert "\n" not in msg and all(w.lower() in msg.lower() for w in words), msg
 
 
-@pytest.mark.parametrize("data", [os.urandom(3000), b"GGUF" + os.urandom(3000), b"GGUF\x03\x00\x00\x00" + bytes(12)])
+@pytest.mark.parametrize("data", [os.urandom(3000), b"GGUF" + os.urandom(3000), b"GGUF\x03\x00\x00\x00" + bytes(12)],
+                         ids=["random", "gguf-magic-random", "gguf-header-only"])
 @pytest.mark.parametrize("fn", [load_model, model_config])
 def test_bad_gguf_refused(tmp_path, data, fn):
     path = tmp_path / "broken.gguf"

@@ -6,13 +6,13 @@ import math
 import typing
 
 import pytest
+from conftest import GOLDEN, assert_refused
 from transformers import LlamaConfig
 
-from editfast.errors import HParamsError
-from editfast.hparams import check_layers, make_hparams, parse_overrides, read_hparams_file, resolve_hparams
-from editfast.methods import METHODS
+from editfast.core.errors import HParamsError
+from editfast.methods.hparams import check_layers, parse_overrides, read_hparams_file
 from editfast.methods.memit import MEMITHyperParams
-from conftest import GOLDEN, assert_refused
+from editfast.methods.registry import METHODS, make_hparams, resolve_hparams
 
 LAYERS = {name: m.presets["tiny"]["layers"] for name, m in METHODS.items()}  # every method has a tiny preset
 

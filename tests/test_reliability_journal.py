@@ -8,17 +8,25 @@ import shutil
 
 import pytest
 import torch
+from conftest import assert_refused
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import editfast.eval.runner
-from conftest import assert_refused
 from editfast.api import load_journal
-from editfast.data import load_dataset
-from editfast.errors import EditfastError
-from editfast.models import load_model
-from editfast.session import EditSession
-from editfast.update import Dense, LowRank, Sparse, apply_update, restore, snapshot, validate_updates
+from editfast.core.errors import EditfastError
+from editfast.data.requests import load_dataset
+from editfast.models.load import load_model
+from editfast.models.update import (
+    Dense,
+    LowRank,
+    Sparse,
+    apply_update,
+    restore,
+    snapshot,
+    validate_updates,
+)
+from editfast.session.session import EditSession
 
 W1 = "model.layers.1.mlp.down_proj.weight"  # [64, 256] on random:tiny-llama
 

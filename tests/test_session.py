@@ -11,16 +11,16 @@ import warnings
 
 import pytest
 import torch
+from conftest import run_cli
 
 import editfast
-from conftest import run_cli
-from editfast.data import load_dataset
-from editfast.errors import EditfastError
-from editfast.journal import Journal
-from editfast.methods import METHODS
-from editfast.models import load_model
-from editfast.session import EditSession
-from editfast.update import snapshot
+from editfast.core.errors import EditfastError
+from editfast.data.requests import load_dataset
+from editfast.methods.registry import METHODS
+from editfast.models.load import load_model
+from editfast.models.update import snapshot
+from editfast.session.journal import Journal
+from editfast.session.session import EditSession
 
 TINY = ["--model", "random:tiny-llama", "--templates", "fixed", "--quiet"]
 
@@ -323,7 +323,7 @@ def test_bad_study_file(edit, word, tmp_path, capsys):
 
 
 def test_study_profile(tmp_path):
-    from editfast.study import load_study, sessions_of
+    from editfast.session.study import load_study, sessions_of
 
     f = tmp_path / "s.yaml"
     f.write_text(STUDY)

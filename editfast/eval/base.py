@@ -7,56 +7,11 @@ scores the engine's outputs. The engine batches the requests of all selected tas
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Sequence, Union
+from typing import Any, Sequence
+
+from editfast.engine.requests import Output, Request
 
 PROTOCOLS = ("standard", "paper")
-
-
-@dataclass(frozen=True)
-class LogLik:
-    """Score log p(continuation | context). The continuation carries its own leading space."""
-
-    context: str
-    continuation: str
-
-
-@dataclass(frozen=True)
-class Generate:
-    """Greedy continuation of ``prompt``: at most ``max_new_tokens``, cut at the first stop string."""
-
-    prompt: str
-    max_new_tokens: int
-    stop: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Rolling:
-    """Log-likelihood of a whole text (perplexity): the engine windows it over the model's context."""
-
-    text: str
-
-
-Request = Union[LogLik, Generate, Rolling]
-
-
-@dataclass(frozen=True)
-class LogLikResult:
-    logprob: float  # sum of log p over the continuation's tokens
-    n_tokens: int
-    is_greedy: bool  # every continuation token is the argmax
-    n_greedy: int = 0  # how many continuation tokens are the argmax
-
-
-@dataclass(frozen=True)
-class RollingResult:
-    logprob: float  # sum over all predicted tokens
-    n_tokens: int  # tokens predicted
-    n_words: int = 0
-    n_bytes: int = 0
-
-
-Output = Union[LogLikResult, str, RollingResult]  # str for Generate
 
 
 class Task:

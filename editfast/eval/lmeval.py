@@ -25,9 +25,20 @@ import json
 import math
 import random
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .base import Generate, LogLik, LogLikResult, Rolling, RollingResult, Task
+from editfast.core.compat import versions
+from editfast.core.paths import write_text
+from editfast.engine.requests import (
+    Generate,
+    LogLik,
+    LogLikResult,
+    Rolling,
+    RollingResult,
+)
+from editfast.eval.base import Task
+from editfast.eval.tasks import TASKS
 
 BOOTSTRAP_ITERS = 1000  # lm-eval's default is 100,000; 1,000 resamples give the stderr to a few percent
 FILTER = "none"
@@ -71,7 +82,6 @@ def lm_eval_name(task, metric: str) -> str:
 
 
 def _task(name: str):
-    from .tasks import TASKS
 
     return TASKS.get(name)
 
@@ -100,7 +110,6 @@ def version(task) -> float:
 
 def results_doc(result, device=None, model_args: str = "") -> dict[str, Any]:
     """An ``EvalResult`` as lm-eval's results document, with editfast's own record under ``editfast``."""
-    from editfast.compat import versions
 
     res, cfgs, vers, shots, hib, counts = {}, {}, {}, {}, {}, {}
     for r in result.tasks:
@@ -195,9 +204,7 @@ def date_id() -> str:
 
 def write_samples(out_dir, samples: dict[str, list[dict]], stamp: str | None = None) -> list:
     """``samples_<task>_<date_id>.jsonl`` per task in ``out_dir``, each written atomically."""
-    from pathlib import Path
 
-    from editfast.paths import write_text
 
     stamp = stamp or date_id()
     paths = []

@@ -18,7 +18,7 @@ from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from typing import Sequence
 
-from ..errors import EditfastError
+from editfast.core.errors import EditfastError
 
 _PUNCT = set(string.punctuation)
 

@@ -19,15 +19,28 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from editfast import distributed as dist
-from editfast.errors import EditfastError
-
-from .base import PROTOCOLS, Generate, LogLik, Task
-from .engine import Engine
-from .lmeval import BOOTSTRAP_ITERS, OUTPUT_TYPES, mean_stderr, resamples, sample_stddev
-from .tasks import resolve_tasks
+from editfast.core import distributed as dist
+from editfast.core.errors import EditfastError
+from editfast.core.paths import atomic_path, write_json, write_text
+from editfast.engine.engine import Engine
+from editfast.engine.requests import Generate, LogLik
+from editfast.eval.base import PROTOCOLS, Task
+from editfast.eval.lmeval import (
+    BOOTSTRAP_ITERS,
+    OUTPUT_TYPES,
+    change_doc,
+    date_id,
+    mean_stderr,
+    resamples,
+    results_doc,
+    sample_record,
+    sample_stddev,
+    write_samples,
+)
+from editfast.eval.tasks import resolve_tasks
 
 
 def _cost(req) -> int:
@@ -163,7 +176,6 @@ class EvalPlan:
             progress: bool = True, log_samples: bool = False) -> EvalResult:
         """Run every request through one engine call, then score each task (metrics and stderr);
         ``log_samples``: keep every example's record in lm-eval's sample format (``result.samples``)."""
-        from .lmeval import sample_record
 
         t0 = time.perf_counter()
         engine = engine or Engine(lm, batch_tokens=batch_tokens, progress=progress)
@@ -262,11 +274,7 @@ def write_report(out, before: EvalResult, after: EvalResult | None = None, devic
     eval.json is lm-evaluation-harness's results layout (``lmeval.results_doc``) of the evaluated
     model: with ``after`` that is the edited model, and ``before`` holds the unedited model's
     document in the same layout, ``change`` the difference of every metric."""
-    from pathlib import Path
 
-    from editfast.paths import atomic_path, write_json, write_text
-
-    from .lmeval import change_doc, date_id, results_doc, write_samples
 
     out = Path(out)
     doc = results_doc(after if after is not None else before, device)

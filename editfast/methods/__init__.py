@@ -1,38 +1,11 @@
-"""Editing methods, one file each, found through one registry.
+"""Layer 5, the editing methods, one file (or one package) each, found through one registry.
 
-Every module in this package that defines ``METHOD`` (an instance of ``base.Method``) is a
-method; the CLI's choices, the API, template generation and hyper-parameter loading all read
-``METHODS``. Nothing outside this package names a method.
+``base`` is the neutral seam every method implements; ``locate_then_edit/`` is the pipeline ROME,
+MEMIT and their successors share; ``mend/`` holds MEND's network and trainer; ``hparams`` is the
+hyper-parameters' base and file reading; ``registry`` finds the methods (every module or package
+here that defines ``METHOD``) and builds their hyper-parameters. Imports: layers 1-4.
 """
 
-from __future__ import annotations
+from editfast.methods.registry import METHODS, get_method
 
-import importlib
-import pkgutil
-
-from ..errors import EditfastError
-from .base import LocateThenEdit, Method, State
-
-
-def _discover() -> dict[str, Method]:
-    found = {}
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if info.name == "base":
-            continue
-        m = getattr(importlib.import_module(f"{__name__}.{info.name}"), "METHOD", None)
-        if isinstance(m, Method):
-            found[m.name] = m
-    return found
-
-
-METHODS: dict[str, Method] = _discover()
-
-
-def get_method(name: str) -> Method:
-    key = str(name).lower()
-    if key not in METHODS:
-        raise EditfastError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
-    return METHODS[key]
-
-
-__all__ = ["METHODS", "Method", "LocateThenEdit", "State", "get_method"]
+__all__ = ["METHODS", "get_method"]

@@ -30,10 +30,11 @@ from typing import ClassVar
 
 import torch
 
-from ..errors import EditfastError
-from ..update import Dense, LowRank
-from .base import State, group_mean_keys
-from .memit import MEMIT, MEMITHyperParams
+from editfast.core.errors import EditfastError
+from editfast.methods.base import State
+from editfast.methods.locate_then_edit.base import group_mean_keys
+from editfast.methods.memit import MEMIT, MEMITHyperParams
+from editfast.models.update import Dense, LowRank
 
 
 @dataclass

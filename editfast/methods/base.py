@@ -16,22 +16,19 @@ session journals the ones a batch changed, so undo and resume restore them).
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
 import torch
 
-from ..archs import through_post_norm
-from ..data import Request
-from ..hparams import HParams
-from ..locate import LayerwiseReader, word_activations
-from ..solve import Moment
-from ..stats import second_moments
-from ..targets import optimize_targets
-from ..templates import context_templates
-from ..update import Dense, Sparse, Update, apply_update, check_finite, weight_param
+from editfast.data.requests import Request
+from editfast.methods.hparams import HParams
+from editfast.methods.locate_then_edit.solve import Moment
+from editfast.methods.locate_then_edit.stats import second_moments
+from editfast.methods.locate_then_edit.templates import context_templates
+from editfast.models.update import (
+    Update,
+)
 
 
 @dataclass
@@ -54,37 +51,6 @@ class State:
 
     def solve_reports(self) -> list[dict]:
         return [r for m in self.moments.values() for r in m.reports]
-
-
-@dataclass
-class LocateHParams(HParams):
-    """Hyper-parameters of a locate-then-edit method, with its optional post-processes of each update:
-
-    rect         RECT (Gu et al., 2024): keep this fraction of ΔW's entries, those with the largest
-                 relative change |ΔW / W|, and zero the rest (the update is then ``Sparse``); None: off.
-    norm_anchor  hold every edited matrix's Frobenius norm to its value before the session's first
-                 edit: W + ΔW is rescaled to that norm (the update is then ``Dense``).
-    """
-
-    rect: float | None = None
-    norm_anchor: bool = False
-
-    RANGES: ClassVar[dict] = {"rect": "> 0 and <= 1"}
-
-
-@dataclass
-class LayerInputs:
-    """What the pipeline hands ``solve`` for one layer (keys are columns)."""
-
-    layer: int
-    index: int  # position of ``layer`` in hp.layers
-    keys_per_template: torch.Tensor  # [n, T, d_in] rewrite-module inputs at the subject's last token
-    keys: torch.Tensor  # [d_in, n] mean within each template group, then over the groups
-    outs_per_template: torch.Tensor  # [n, T, d_out] rewrite-module outputs there
-    k_bare: torch.Tensor  # [d_in, n] the bare prompt's key
-    w_k_bare: torch.Tensor  # [d_out, n] the rewrite module's output at the bare prompt
-    cur: torch.Tensor  # [d_z, n] the target site's output at the bare prompt
-    targets: torch.Tensor  # [d_z, n] z (v*)
 
 
 class Method:
@@ -127,148 +93,3 @@ class Method:
              progress: bool = False) -> list[Update]:
         """Edit ``lm`` in place with one batch; returns the applied updates."""
         raise NotImplementedError
-
-
-class LocateThenEdit(Method):
-    """Targets z for all facts of a batch together, then per edited layer (bottom-up, on the model
-    as edited so far): keys, ``solve`` -> update, post-process, apply."""
-
-    target_site: ClassVar[str] = "layer"  # "layer" (decoder-layer output of the last layer) or "mlp"
-
-    def z_site(self, lm, hp) -> tuple[str, int]:
-        layer = hp.layers[-1]
-        tmp = lm.adapter.layer_tmp if self.target_site == "layer" else lm.adapter.mlp_tmp
-        return tmp.format(layer), layer
-
-    def solve(self, lm, x: LayerInputs, hp, state: State, backend: str, trace: dict) -> Update:
-        raise NotImplementedError
-
-    def postprocess(self, lm, update: Update, hp, state: State) -> Update:
-        """RECT, then the norm anchor, where ``hp`` asks for them (see ``LocateHParams``)."""
-        if getattr(hp, "rect", None) is not None:
-            update = rect(lm, update, hp.rect)
-        if getattr(hp, "norm_anchor", False):
-            update = norm_anchor(lm, update, state)
-        return update
-
-    def trace_targets(self, trace: dict, init: torch.Tensor, delta: torch.Tensor, losses: list) -> None:
-        trace.update(target_init=init, z_delta=delta, losses=losses)
-
-    def edit(self, lm, requests, hp, state, templates, *, targets=None, trace=None, backend="fast", progress=False):
-        trace = {} if trace is None else trace
-        requests = list(requests)
-        size = self.max_batch_size or len(requests)
-        updates: list[Update] = []
-        for s in range(0, len(requests), size):
-            step = trace if len(requests) <= size else {}
-            given = None if targets is None else targets[:, s: s + size]
-            updates += self._edit_chunk(lm, requests[s: s + size], hp, state, templates, given, step, backend,
-                                        progress)
-            if step is not trace:
-                trace["targets_s"] = trace.get("targets_s", 0.0) + step.get("targets_s", 0.0)
-        return updates
-
-    def optimize(self, lm, requests, hp, templates: list[list[str]], trace: dict | None = None, backend: str = "fast",
-                 progress: bool = False) -> torch.Tensor:
-        """The targets z [d_model, n] of ``requests`` at :meth:`z_site` (all requests optimised in one
-        batch on the fast backend); ``trace`` receives the initial values, deltas, losses and seconds."""
-        trace = {} if trace is None else trace
-        flat = [t for g in templates for t in g]
-        z_site, z_layer = self.z_site(lm, hp)
-        t0 = time.perf_counter()
-        loss_layer = hp.loss_layer(lm.adapter.num_layers(lm.model))
-        res = optimize_targets(lm, list(requests), hp, flat, z_site, z_layer, loss_layer, backend=backend,
-                               progress=progress)
-        trace["targets_s"] = trace.get("targets_s", 0.0) + time.perf_counter() - t0
-        self.trace_targets(trace, torch.stack([x.target_init for x in res], 1),
-                           torch.stack([x.delta for x in res], 1), [x.losses for x in res])
-        return torch.stack([x.target for x in res], 1)
-
-    def _edit_chunk(self, lm, requests, hp, state, templates, targets, trace, backend, progress):
-        adapter = lm.adapter
-        flat = [t for g in templates for t in g]
-        z_site, _ = self.z_site(lm, hp)
-        if targets is None:
-            targets = self.optimize(lm, requests, hp, templates, trace, backend, progress)
-        n = len(requests)
-        read = self.reader(lm, requests, flat, backend)
-        updates = []
-        for i, layer in enumerate(hp.layers):
-            rewrite = adapter.rewrite_tmp.format(layer)
-            tpl = read(0, layer, inputs=[rewrite], outputs=[rewrite])
-            bare = read(1, layer, inputs=[rewrite], outputs=list(dict.fromkeys([rewrite, z_site])))
-            raw = tpl[("in", rewrite)].float().reshape(n, len(flat), -1)
-            x = LayerInputs(layer, i, raw, group_mean_keys(raw, templates).T,
-                            tpl[("out", rewrite)].float().reshape(n, len(flat), -1),
-                            bare[("in", rewrite)].float().T, bare[("out", rewrite)].float().T,
-                            bare[("out", z_site)].float().T.to(raw.device), targets.to(raw.device))
-            if adapter.mlp_out_norm and z_site == adapter.layer_tmp.format(hp.layers[-1]):
-                x = post_norm_targets(lm, x, len(hp.layers) - i)
-            up = self.postprocess(lm, self.solve(lm, x, hp, state, backend, trace), hp, state)
-            check_finite([up])
-            apply_update(lm, up)
-            updates.append(up)
-        return updates
-
-    @staticmethod
-    def reader(lm, requests, flat: list[str], backend: str):
-        """read(which, layer, inputs=, outputs=): activations at the subject's last token of every
-        (request, template) prompt (which=0) or of the bare prompts (which=1)."""
-        ctx = [t.replace("{}", r.prompt, 1) for r in requests for t in flat]
-        ctx_subjects = [r.subject for r in requests for _ in flat]
-        prompts, subjects = [r.prompt for r in requests], [r.subject for r in requests]
-        if backend == "fast":  # each pass starts at the layer edited last (see LayerwiseReader)
-            readers = LayerwiseReader(lm, ctx, ctx_subjects), LayerwiseReader(lm, prompts, subjects)
-            return lambda which, layer, **kw: readers[which].read(layer, **kw)
-        texts = (ctx, ctx_subjects), (prompts, subjects)
-        return lambda which, layer, **kw: word_activations(lm, *texts[which], **kw)
-
-
-def post_norm_targets(lm, x: LayerInputs, left: int) -> LayerInputs:
-    """``x`` with targets and current values moved into the MLP output space of layer ``x.layer``
-    where a norm sits between the MLP and the residual stream (Gemma-2, OLMo-2): this layer's share
-    (targets − cur) / ``left`` of the residual-stream change becomes the MLP-output change that
-    moves the norm's output that way (``archs.through_post_norm``), so that a solve's
-    (targets − cur) / left is that change. Without the mapping a residual-space delta added to the
-    MLP output is rescaled by the norm and barely moves the model."""
-    norm = lm.model.get_submodule(lm.adapter.mlp_out_norm.format(x.layer))
-    m = x.w_k_bare
-    moved = through_post_norm(norm, m, (x.targets.to(m.device) - x.cur) / left)
-    return dataclasses.replace(x, cur=m, targets=m + left * (moved - m))
-
-
-def group_mean_keys(keys: torch.Tensor, groups: Sequence[Sequence[str]]) -> torch.Tensor:
-    """[n, n_templates, d] -> [n, d]: mean within each template group, then mean of the groups."""
-    out, start = [], 0
-    for g in groups:
-        out.append(keys[:, start: start + len(g)].mean(1))
-        start += len(g)
-    return torch.stack(out, 1).mean(1)
-
-
-def _logical_weight(lm, name: str) -> torch.Tensor:
-    W, transposed = weight_param(lm.model, name)
-    return W.detach().T if transposed else W.detach()
-
-
-def rect(lm, update: Update, fraction: float) -> Sparse:
-    """RECT: the ``fraction`` of ΔW's entries with the largest relative change |ΔW / W| (W as it is
-    before this update), the rest zeroed. An entry of W that is 0 counts as an infinite change."""
-    delta = update.dense()
-    W = _logical_weight(lm, update.weight).to(delta.dtype)
-    rel = (delta.abs() / W.abs()).nan_to_num(nan=0.0).flatten()  # 0/0: no change
-    k = max(1, round(fraction * rel.numel()))
-    index = torch.topk(rel, k, sorted=False).indices.sort().values
-    return Sparse(update.weight, tuple(delta.shape), index, delta.flatten()[index])
-
-
-def norm_anchor(lm, update: Update, state: State) -> Dense:
-    """ΔW' = s(W + ΔW) − W with s = ‖W₀‖ / ‖W + ΔW‖: the edited matrix keeps the Frobenius norm ‖W₀‖
-    it had before the session's first edit (kept in the state, journaled with that batch)."""
-    W = _logical_weight(lm, update.weight).double()
-    key = f"norm0.{update.weight}"
-    if key not in state.tensors:
-        state.set(key, W.norm().reshape(1).float())
-    edited = W + update.dense().double()
-    scale = state.tensors[key].double().to(W.device) / edited.norm()
-    return Dense(update.weight, (scale * edited - W).to(torch.float32))

@@ -25,9 +25,9 @@ from typing import ClassVar
 
 import torch
 
-from ..errors import HParamsError
-from ..update import LowRank
-from .memit import MEMIT, MEMITHyperParams
+from editfast.core.errors import HParamsError
+from editfast.methods.memit import MEMIT, MEMITHyperParams
+from editfast.models.update import LowRank
 
 
 @dataclass

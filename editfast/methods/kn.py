@@ -93,13 +93,13 @@ from typing import Callable, ClassVar, Sequence
 
 import torch
 
-from ..compat import cache_kwargs, output_cache
-from ..errors import HParamsError, ModelError, RequestError
-from ..hparams import HParams
-from ..locate import kv_cache
-from ..trace import LayerRest, SkipBelow, Trace
-from ..update import Sparse, apply_update, check_finite
-from .base import Method, State
+from editfast.core.compat import cache_kwargs, output_cache
+from editfast.core.errors import HParamsError, ModelError, RequestError
+from editfast.engine.kv import kv_cache
+from editfast.methods.base import Method, State
+from editfast.methods.hparams import HParams
+from editfast.models.trace import LayerRest, SkipBelow, Trace
+from editfast.models.update import Sparse, apply_update, check_finite
 
 
 @dataclass

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..errors import HParamsError
-from ..update import LowRank
-from .base import LocateHParams, LocateThenEdit
+from editfast.core.errors import HParamsError
+from editfast.methods.locate_then_edit.base import LocateHParams, LocateThenEdit
+from editfast.models.update import LowRank
 
 
 @dataclass

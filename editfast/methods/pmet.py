@@ -77,10 +77,10 @@ from typing import ClassVar
 
 import torch
 
-from ..errors import HParamsError
-from ..targets import Objective, optimize_targets
-from ..update import LowRank
-from .base import LocateHParams, LocateThenEdit
+from editfast.core.errors import HParamsError
+from editfast.methods.locate_then_edit.base import LocateHParams, LocateThenEdit
+from editfast.methods.locate_then_edit.targets import Objective, optimize_targets
+from editfast.models.update import LowRank
 
 # The original's schedule constants (compute_zs.py): NLL weight after an all-top step, KL stop.
 TOP_NLL_SCALE, TOP_KL_STOP = 0.1, 0.01

@@ -9,7 +9,7 @@ update does so only for k_bare. Everything else is ROME's.
 
 from __future__ import annotations
 
-from .rome import ROME
+from editfast.methods.rome import ROME
 
 
 class RROME(ROME):

@@ -13,9 +13,9 @@ from typing import ClassVar
 
 import torch
 
-from ..errors import HParamsError
-from ..update import LowRank
-from .base import LocateHParams, LocateThenEdit
+from editfast.core.errors import HParamsError
+from editfast.methods.locate_then_edit.base import LocateHParams, LocateThenEdit
+from editfast.models.update import LowRank
 
 
 @dataclass

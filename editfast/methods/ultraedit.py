@@ -78,13 +78,20 @@ from typing import ClassVar, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..archs import output_logits
-from ..errors import EditfastError, HParamsError
-from ..hparams import HParams
-from ..locate import right_pad
-from ..targets import target_text
-from ..update import Dense, LowRank, Update, apply_update, check_finite, weight_param
-from .base import Method, State
+from editfast.core.errors import EditfastError, HParamsError
+from editfast.engine.kv import right_pad
+from editfast.methods.base import Method, State
+from editfast.methods.hparams import HParams
+from editfast.methods.locate_then_edit.targets import target_text
+from editfast.models.archs import output_logits
+from editfast.models.update import (
+    Dense,
+    LowRank,
+    Update,
+    apply_update,
+    check_finite,
+    weight_param,
+)
 
 EPS32 = torch.finfo(torch.float32).eps
 

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from ...errors import EditfastError
-from ..base import Task
-from .boolq import BoolQ
-from .conll03 import CoNLL03
-from .gsm8k import GSM8K
-from .mutual import MuTual
-from .nq import NQ
-from .rte import RTE
-from .samsum import SAMSum
-from .sst2 import SST2
-from .wikitext import WikiText
+from editfast.core.errors import EditfastError
+from editfast.eval.base import Task
+from editfast.eval.tasks.boolq import BoolQ
+from editfast.eval.tasks.conll03 import CoNLL03
+from editfast.eval.tasks.gsm8k import GSM8K
+from editfast.eval.tasks.mutual import MuTual
+from editfast.eval.tasks.nq import NQ
+from editfast.eval.tasks.rte import RTE
+from editfast.eval.tasks.samsum import SAMSum
+from editfast.eval.tasks.sst2 import SST2
+from editfast.eval.tasks.wikitext import WikiText
 
 TASKS: dict[str, Task] = {t.name: t for t in (GSM8K(), RTE(), NQ(), BoolQ(), MuTual(), SAMSum(), CoNLL03(), SST2(), WikiText())}
 ALL = [name for name in TASKS if name != "wikitext"]  # the eight categories

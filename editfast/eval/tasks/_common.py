@@ -8,10 +8,11 @@ import json
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ...errors import DataError, EditfastError
-from ...paths import PACKAGE_DATA
-from ..base import PROTOCOLS, Generate, LogLik, Output, Request, Task
-from ..metrics import first_word
+from editfast.core.errors import DataError, EditfastError
+from editfast.core.paths import PACKAGE_DATA
+from editfast.engine.requests import Generate, LogLik, Output, Request
+from editfast.eval.base import PROTOCOLS, Task
+from editfast.eval.metrics import first_word
 
 DATA_DIR = PACKAGE_DATA / "tasks"  # tests point this elsewhere
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...errors import DataError
-from ._common import ChoiceTask, read_jsonl
+from editfast.core.errors import DataError
+from editfast.eval.tasks._common import ChoiceTask, read_jsonl
 
 LABELS = {True: 0, "true": 0, "True": 0, False: 1, "false": 1, "False": 1}
 

@@ -23,10 +23,10 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Sequence
 
-from ...errors import DataError
-from ..base import Generate, Output, Request
-from ..metrics import entity_prf, iob2_entities
-from ._common import BaseTask, read_lines
+from editfast.core.errors import DataError
+from editfast.engine.requests import Generate, Output, Request
+from editfast.eval.metrics import entity_prf, iob2_entities
+from editfast.eval.tasks._common import BaseTask, read_lines
 
 TYPES = ("PER", "ORG", "LOC", "MISC")
 NAMES = {"PER": "Person", "ORG": "Organization", "LOC": "Location", "MISC": "Miscellaneous"}

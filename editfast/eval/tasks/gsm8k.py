@@ -21,10 +21,10 @@ import re
 from functools import cached_property
 from typing import Any, Sequence
 
-from ...errors import DataError
-from ..base import Generate, Output, Request
-from ..metrics import canonical_number, extract_number, numbers
-from ._common import BaseTask, read_jsonl
+from editfast.core.errors import DataError
+from editfast.engine.requests import Generate, Output, Request
+from editfast.eval.metrics import canonical_number, extract_number, numbers
+from editfast.eval.tasks._common import BaseTask, read_jsonl
 
 N_SHOT = 8
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 import re
 from typing import Any, Sequence
 
-from ...errors import DataError
-from ..base import Generate, LogLik, Output, Request
-from ..metrics import ranks
-from ._common import BaseTask, read_jsonl
+from editfast.core.errors import DataError
+from editfast.engine.requests import Generate, LogLik, Output, Request
+from editfast.eval.metrics import ranks
+from editfast.eval.tasks._common import BaseTask, read_jsonl
 
 LETTERS = "ABCD"
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from ...errors import DataError
-from ..base import Generate, Output, Request
-from ..metrics import exact_match, token_f1
-from ._common import BaseTask, read_jsonl
+from editfast.core.errors import DataError
+from editfast.engine.requests import Generate, Output, Request
+from editfast.eval.metrics import exact_match, token_f1
+from editfast.eval.tasks._common import BaseTask, read_jsonl
 
 
 class NQ(BaseTask):

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from ..base import Generate, Output, Request
-from ..metrics import rouge
-from ._common import BaseTask, read_jsonl
+from editfast.engine.requests import Generate, Output, Request
+from editfast.eval.metrics import rouge
+from editfast.eval.tasks._common import BaseTask, read_jsonl
 
 
 class SAMSum(BaseTask):

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...errors import DataError
-from ._common import ChoiceTask, read_lines
+from editfast.core.errors import DataError
+from editfast.eval.tasks._common import ChoiceTask, read_lines
 
 
 class SST2(ChoiceTask):

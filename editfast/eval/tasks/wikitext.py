@@ -2,7 +2,7 @@
 
 Examples are the articles of wiki.test.tokens, split at the top-level headings " = Title = ".
 An article's text is its paragraphs, detokenised as the bundled statistics corpus is
-(`editfast.stats.detokenize_wikitext`: " @-@ " -> "-", no space before punctuation, ...) and
+(`editfast.data.corpus.detokenize_wikitext`: " @-@ " -> "-", no space before punctuation, ...) and
 joined by "\\n"; headings (lines starting and ending with "=") and blank lines are dropped, as
 that corpus drops them. One Rolling
 request per article. Corpus-level metrics from the summed log-likelihood LL:
@@ -17,10 +17,10 @@ import math
 import re
 from typing import Any, Sequence
 
-from ...errors import DataError
-from ...stats import detokenize_wikitext
-from ..base import Output, Request, Rolling
-from ._common import BaseTask, read_lines
+from editfast.core.errors import DataError
+from editfast.data.corpus import detokenize_wikitext
+from editfast.engine.requests import Output, Request, Rolling
+from editfast.eval.tasks._common import BaseTask, read_lines
 
 TITLE = re.compile(r"^ = ([^=].*) = $")
 

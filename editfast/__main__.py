@@ -1,0 +1,5 @@
+"""``python -m editfast``: the command line."""
+
+from editfast.cli import main
+
+main()
