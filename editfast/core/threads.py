@@ -4,9 +4,8 @@ PyTorch's CPU threads (GNU OpenMP) spin while they wait for each other at the en
 parallel operation. On an idle machine that is fastest; beside other CPU jobs the spinning
 thread takes the core the thread it waits for needs, and a run of many small operations
 (generating context templates, scoring prompts, the target optimisation's steps) slows several
-times. Measured on the 2-core CI machine beside two busy processes (bench/RESULTS.md, "Under
-load"): the 10-edit MEMIT job took 3.3x its quiet time spinning and 1.9x waiting passively,
-while on the quiet machine passive waiting costs ~30%. So the command line looks at the machine
+times, while on a quiet machine passive waiting is slower (measured: bench/RESULTS.md, "Under
+load" and "core/threads.py: the wait policy"). So the command line looks at the machine
 when it starts, before torch loads: if other work keeps half a core or more busy, and the user
 has not chosen, it sets ``OMP_WAIT_POLICY=PASSIVE``. The choice is recorded in every result's
 ``versions``.

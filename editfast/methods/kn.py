@@ -61,26 +61,10 @@ llama-7b}.yaml`` (all layers; llama-7b.yaml points at llama-2-7b and integrates 
 batch 1; gpt-j's threshold is 0.1), with ``retokenize`` as EasyEdit's branch for that family.
 "tiny" (random 4-layer models): all layers, 4 steps in batches of 2.
 
-SmolLM2-135M (Llama architecture: ``retokenize=True``, tokenisation as EasyEdit) was chosen on
-held-out facts with ``bench/tune_kn.py``: CounterFact-full records outside the bundled 500 that
-SmolLM2 answers correctly, edited in sequential sessions of 10 from the unedited model, edit
-metrics after each session's last edit. Rule, fixed before the second round: the best mean of
-efficacy, paraphrase and neighbourhood success among the settings that keep the model's
-predictions (mean p(target_new) after ≥ one tenth of before); ``lr_scale`` stays 1. First round
-(10 facts) also tried ``target_prefix=" "``: it "succeeds" (efficacy 0.3-0.5) only by collapsing
-every probability (p_true 0.24 -> 1e-13 .. 1e-27, p_new 0.018 -> 1e-7 .. 1e-26, neighbourhood
-0.9 -> 0.4-0.7), so it is no preset. Second round, 30 other facts (3 sessions of 10), target as
-EasyEdit tokenises it, pre: neighbourhood 0.80, p_true 0.383, p_new 0.0120:
-
-    steps  threshold  efficacy  paraphrase  neighbourhood  p_true  p_new    s/edit (loaded CPU)
-      20     0.1        0.60      0.50         0.40        0.0006  0.00035     14.2
-      20     0.2        0.33      0.30         0.60        0.0030  0.0048      12.7   <- preset
-      20     0.3        0.17      0.20         0.60        0.10    0.0049      12.2
-       1     0.2        0.23      0.23         0.63        0.0078  0.00046      2.1
-
-Under every setting p(target_new) falls: KN suppresses the old answer but does not write the new
-one; its "efficacy" grows with the damage (lower threshold, more neurons). The preset is the
-gpt2-xl file's integration (20 steps, batches of 20, threshold 0.2) with the Llama branch.
+SmolLM2-135M: the gpt2-xl file's integration (20 steps, batches of 20, threshold 0.2) with the
+Llama branch (``retokenize=True``, tokenisation as EasyEdit), chosen on held-out facts with
+``bench/tune_kn.py``; the rule, the settings tried and what they measured are in
+bench/RESULTS.md ("KN: the SmolLM2 preset").
 """
 
 from __future__ import annotations

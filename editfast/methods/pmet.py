@@ -58,14 +58,11 @@ reproduced or noted:
 Presets: GPT-J 6B from the original repository (hparams/PMET/EleutherAI_gpt-j-6B.json); Llama-2
 7B from EasyEdit (hparams/PMET/llama-7b.yaml); neither publishes GPT-2 XL values, so there is no
 gpt2-xl preset (give --hparams). SmolLM2-135M: layers and statistics as MEMIT's SmolLM2 preset,
-EasyEdit's Llama-style optimisation (20 steps, lr 0.5, KL 0.0625) with MEMIT's clamp 0.75, and λ
-chosen by MEMIT's rule (the largest λ reaching ≥ 0.95 efficacy on held-out facts) with
-``bench/tune_pmet.py``: 30 known facts of counterfact-full outside the 500 bundled records,
-batches of 10 from the unedited model, CPU. Efficacy / paraphrase / neighbourhood (unedited
-0.867): λ 15000 0.267/0.233/0.867, 6000 0.533/0.467/0.867, 2000 0.767/0.600/0.867,
-1000 0.933/0.733/0.900, 500 0.967/0.800/0.900 -> λ = 500. The clamp bounds δ_mlp by the MLP
-output's norm, much smaller than the residual stream's that MEMIT's clamp uses; larger clamps
-(1, 2, 4) were started and not finished, so the clamp is not tuned.
+EasyEdit's Llama-style optimisation (20 steps, lr 0.5, KL 0.0625) with MEMIT's clamp 0.75, and
+λ = 500 chosen by MEMIT's rule (the largest λ reaching ≥ 0.95 efficacy on held-out facts) with
+``bench/tune_pmet.py``; the facts, the λ tried and what they measured are in bench/RESULTS.md
+("PMET: the SmolLM2 preset"). The clamp bounds δ_mlp by the MLP output's norm, much smaller than
+the residual stream's that MEMIT's clamp uses; the clamp is not tuned.
 """
 
 from __future__ import annotations

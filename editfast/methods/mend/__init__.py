@@ -10,7 +10,7 @@ are every weight matrix of the MLP blocks of the last three layers (GPT-2: c_fc 
 GPT-J: fc_in and fc_out; Llama/SmolLM2: gate, up and down projections), found through the model
 adapter. The network, its training loop, the decomposition and the original's quirks (normalised
 factors, the update *added* with learned rates, shared networks per weight shape with per-layer
-scale and shift) are in ``editfast/mend_net.py``.
+scale and shift) are in ``editfast/methods/mend/net.py``.
 
 The network directory comes from ``mend_dir`` (``--mend DIR`` or ``--set mend_dir=DIR``); without
 it, the network shipped for the model in ``editfast/_data/mend/<preset>/`` when there is one. A
@@ -29,16 +29,10 @@ on a GPU. The "smollm2-135m" preset is for training on a CPU in under an hour:
   shapes, 576x1536 for gate/up and 1536x576 for down, each network shared by its 6 or 3 weights);
 - Adam lr 1e-4 with no gradient accumulation (1e-6 over 10-edit accumulations learns nothing in a
   few thousand iterations), cloc 5, validation every 100 iterations on 25 edits, 3,000 iterations.
-- How it was chosen, on the last 50 requests of counterfact-train (never trained on; disjoint from
-  the 500 "counterfact" records and so from the 10 known facts of the tests), each edited alone:
-  with the locality KL on the answer positions only (EasyEdit's CounterFact loader), cloc 1 gave
-  neighbourhood 0.62 -> 0.28-0.34 after 300-600 iterations, cloc 5 0.36-0.52 for about the same
-  efficacy; lr 3e-4, or accumulate_bs 4 with lr 2e-4, were no better. But those networks raised the
-  NLL of unrelated text by 0.7 nats per token with one edit and destroyed the model within 6
-  sequential edits; the locality KL at every token of the locality prompt (the original's
-  decoder-only setting, ``loc_kl_positions="all"``) fixed that (+0.15 nats after one edit, +0.75
-  after ten), with held-out efficacy 0.36 -> 0.90, paraphrase 0.34 -> 0.88, neighbourhood 0.62 ->
-  0.38 (3,000 iterations, the network of iteration 2,701 kept by validation).
+- the locality KL at every token of the locality prompt (the original's decoder-only setting,
+  ``loc_kl_positions="all"``), not at the answer positions only (EasyEdit's CounterFact loader).
+- How these were chosen (the settings tried on the last 50 requests of counterfact-train and
+  what they measured): bench/RESULTS.md ("MEND: the SmolLM2 preset").
 - The shipped network ``editfast/_data/mend/smollm2-135m/`` is ``editfast train-mend --model
   smollm2-135m --data counterfact-train --steps 3000 --seed 0`` with this preset, one torch thread
   (OMP_NUM_THREADS=1); its mend.json records the rest (validation losses, the iteration kept,
