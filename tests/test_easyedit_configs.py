@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 from conftest import assert_refused, run_cli
-from editfast.cli import preflight
+from editfast.cli.shared import preflight
 from safetensors import safe_open
 
 from editfast.core.errors import DataError, HParamsError
