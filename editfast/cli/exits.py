@@ -44,7 +44,8 @@ def outcome(e: BaseException) -> tuple[int, str] | None:
     if isinstance(e, EditfastError):
         return 2, str(e).replace("\n", " ")
     if isinstance(e, OSError) and e.errno in ENV_ERRNOS:
-        return 2, f"{e.filename}: {e.strerror or e}" if e.filename else f"{e.strerror or e}"
+        where = f"{e.filename}: " if e.filename else ""
+        return 2, f"{where}{e.strerror or e}"
     return None
 
 
