@@ -117,6 +117,19 @@ def test_entry_point_help():
     assert res.returncode == 0 and "--method" in res.stdout and "--batch-size" in res.stdout
 
 
+def test_help_lists_every_command_without_torch():
+    """`editfast --help` imports no command module (so no torch) and lists each command with the
+    opening of its own help (the table of editfast/cli/__init__.py)."""
+    code = "import sys; from editfast.cli import main; main(['--help']); assert 'torch' not in sys.modules, 'torch'"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    from editfast.cli import COMMANDS, cli
+
+    for name, (_, opening) in COMMANDS.items():
+        assert f"  {name} " in res.stdout
+        assert " ".join(cli.get_command(None, name).help.split("\n\n")[0].split()) == opening, name
+
+
 def test_quiet_is_quiet_and_progress_is_shown(tmp_path, capsys):
     """--quiet: nothing on stderr, not even the bar transformers draws while de-quantising a GGUF.
     Without it, template generation (minutes on a 7B model) shows its progress."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 from conftest import assert_refused, run_cli
-from editfast.cli import preflight
+from editfast.cli.shared import preflight
 from safetensors import safe_open
 
 from editfast.core.errors import DataError, HParamsError
@@ -135,9 +135,9 @@ def smollm2_config():
 
 @pytest.mark.parametrize("name", ["ROME/llama-7b.yaml", "MEMIT/llama-7b.yaml", "AlphaEdit/llama3-8b.yaml"])
 def test_llama_files_on_smollm2_with_layers_set(name, smollm2_config, monkeypatch):
-    import editfast.models.load
+    import editfast.cli.shared
 
-    monkeypatch.setattr(editfast.models.load, "model_config", lambda spec, *a: smollm2_config)
+    monkeypatch.setattr(editfast.cli.shared, "model_config", lambda spec, *a: smollm2_config)
     method = METHOD[name.split("/")[0]]
     layers = [5] if method == "rome" else [4, 5, 6, 7, 8]
     with pytest.warns(UserWarning, match="differs"):
@@ -185,9 +185,9 @@ def test_alg_name_mismatch_names_both():
 
 
 def test_cli_bad_key_exits_2_before_the_weights_load(tmp_path, capsys, monkeypatch):
-    import editfast.models.load
+    import editfast.cli.edit
 
-    monkeypatch.setattr(editfast.models.load, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(editfast.cli.edit, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
     f = edited(tmp_path, "ROME/llama-7b.yaml", mom2_speed="fast")
     out = tmp_path / "out"
     assert_refused(["edit", "--hparams", str(f), "--set", "layers=[1]", "--model", "random:tiny-llama", "--n", "1",
@@ -361,9 +361,9 @@ def test_a_cache_file_written_before_the_cap_is_still_found(tmp_path):
 
 
 def test_a_bad_corpus_line_is_refused_before_the_weights_load(tmp_path, capsys, monkeypatch):
-    import editfast.models.load
+    import editfast.cli.edit
 
-    monkeypatch.setattr(editfast.models.load, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(editfast.cli.edit, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
     (tmp_path / "c.jsonl").write_text('{"text": "a"}\n{"text": 3}\n')
     assert_refused(["edit", "--model", "random:tiny-llama", "--set", "mom2_dataset=c.jsonl", "--n", "1", "--out",
                     str(tmp_path / "out"), "--quiet"], capsys, "c.jsonl line 2", absent=[tmp_path / "out"])

@@ -23,7 +23,7 @@ def test_registry_feeds_cli_and_hparams():
     from editfast.methods.registry import make_hparams
 
     assert {"rome", "memit", "r-rome"} <= set(METHODS)
-    choices = next(p for p in cli.commands["edit"].params if p.name == "method").type.choices
+    choices = next(p for p in cli.get_command(None, "edit").params if p.name == "method").type.choices
     assert list(choices) == list(METHODS)
     for name, m in METHODS.items():
         assert m.name == name and m.summary

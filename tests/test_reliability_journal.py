@@ -12,7 +12,7 @@ from conftest import assert_refused
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import editfast.eval.runner
+import editfast.cli.eval
 from editfast.api import load_journal
 from editfast.core.errors import EditfastError
 from editfast.data.requests import load_dataset
@@ -153,7 +153,7 @@ def test_bad_run_refused_by_eval_before_any_evaluation(run, tmp_path, capsys, mo
     def evaluate(*a, **kw):
         raise AssertionError("evaluated before the run was checked")
 
-    monkeypatch.setattr(editfast.eval.runner, "evaluate", evaluate)
+    monkeypatch.setattr(editfast.cli.eval, "evaluate", evaluate)
     corrupt(run)
     out = tmp_path / "out"
     assert_refused(["eval", "--model", "random:tiny-llama", "--edits", str(run), "--tasks", "sst2", "--limit", "2",
