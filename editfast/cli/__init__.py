@@ -175,10 +175,10 @@ def join_ranks(device: str, quiet: bool, resolved: dict) -> tuple[str, bool]:
     return dist.local_device(device), quiet
 
 
-def method_names() -> list[str]:
+def method_names(locate_then_edit: bool = False) -> list[str]:
     from editfast.methods.registry import METHODS
 
-    return list(METHODS)
+    return [n for n, m in METHODS.items() if m.locate_then_edit or not locate_then_edit]
 
 
 def method_help() -> str:
@@ -210,12 +210,11 @@ def save_model_to(lm, out: Path, card: str | None = None) -> None:
 
 def post_processes(method: str, rect: float | None, norm_anchor: bool) -> dict:
     """--rect / --norm-anchor as hyper-parameters; refused for a method that is not locate-then-edit."""
-    from editfast.methods.locate_then_edit.base import LocateHParams
     from editfast.methods.registry import METHODS, get_method
 
     asked = {k: v for k, v in (("rect", rect), ("norm_anchor", norm_anchor or None)) if v is not None}
-    if asked and not issubclass(get_method(method).hparams_class, LocateHParams):
-        which = ", ".join(m.name for m in METHODS.values() if issubclass(m.hparams_class, LocateHParams))
+    if asked and not get_method(method).locate_then_edit:
+        which = ", ".join(m.name for m in METHODS.values() if m.locate_then_edit)
         flag = "--rect" if "rect" in asked else "--norm-anchor"
         raise click.UsageError(f"{flag} post-processes a locate-then-edit method's update ({which}); "
                                f"{method} is not one")
@@ -430,15 +429,12 @@ def curve_table(curve: dict) -> str:
 
 def trained_network(method: str, mend_dir: Path | None) -> dict:
     """--mend DIR as the hyper-parameter mend_dir; refused for a method without a trained network."""
-    import dataclasses
-
     from editfast.methods.registry import METHODS, get_method
 
     if mend_dir is None:
         return {}
-    if "mend_dir" not in {f.name for f in dataclasses.fields(get_method(method).hparams_class)}:
-        which = ", ".join(m.name for m in METHODS.values()
-                          if "mend_dir" in {f.name for f in dataclasses.fields(m.hparams_class)})
+    if not get_method(method).trained_network:
+        which = ", ".join(m.name for m in METHODS.values() if m.trained_network)
         raise click.UsageError(f"--mend gives the trained editor network of {which}; {method} has none")
     return {"mend_dir": str(mend_dir)}
 
@@ -698,9 +694,9 @@ def stats_options(f):
                      help="Model: HF directory, .gguf file, 'smollm2-135m' or 'random:<preset>'."),
         click.option("--layer", type=click.IntRange(0), default=None, help="The layer (import: read from the file "
                      "name where it names the module)."),
-        click.option("--method", type=click.Choice(method_names(), case_sensitive=False), default="memit",
-                     show_default=True, help="Whose preset gives the statistics' hyper-parameters (corpus, texts, "
-                     "token cut) not set otherwise."),
+        click.option("--method", type=click.Choice(method_names(locate_then_edit=True), case_sensitive=False),
+                     default="memit", show_default=True, help="Whose preset gives the statistics' hyper-parameters "
+                     "(corpus, texts, token cut) not set otherwise."),
         click.option("--hparams", "hparams_file", type=click.Path(path_type=Path), default=None,
                      help="YAML/JSON hyper-parameters, as for 'edit' (its stats_dir is the cache location)."),
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override one hyper-parameter."),
