@@ -36,6 +36,7 @@ def one(model: str, n: int, backend: str) -> dict:
     from editfast.data.requests import load_dataset
     from editfast.methods.registry import METHODS, resolve_hparams
     from editfast.models.load import load_model
+    from editfast.session.session import edit_batch
 
     lm = load_model(model)
     memit = METHODS["memit"]
@@ -44,7 +45,7 @@ def one(model: str, n: int, backend: str) -> dict:
     groups = memit.templates(lm, hp, mode="fixed")
     reqs = load_dataset("counterfact", n)
     t = time.perf_counter()
-    memit.edit(lm, reqs, hp, state, groups, backend=backend)
+    edit_batch(lm, memit, reqs, hp, state, groups, backend=backend)
     return {"backend": backend, "seconds": time.perf_counter() - t, "threads": torch.get_num_threads(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 

@@ -17,8 +17,7 @@ import torch
 
 from bench.kernel_rows import device_name, median_time, row
 from editfast.data.requests import load_dataset
-from editfast.methods.base import State
-from editfast.methods.locate_then_edit.base import LayerInputs
+from editfast.methods.locate_then_edit.base import LayerInputs, LocateState
 from editfast.methods.locate_then_edit.solve import Moment
 from editfast.methods.registry import METHODS, make_hparams, resolve_hparams
 from editfast.models.load import load_model
@@ -60,7 +59,7 @@ def solve_stage(method: str, d: int, d_out: int, n: int, batches: int, dev: torc
 
     times = {}
     for backend in ("reference", "fast"):
-        state = State(moments={0: Moment(C)})
+        state = LocateState(moments={0: Moment(C)})
         for _ in range(batches):
             m.restore_state(state, {"keys.layer0": (torch.randn(d, n, generator=g) * 0.3).to(dev)})
         m.solve(LM, x, hp, state, backend, {})  # warm: the projector / inverse of the fast path, once

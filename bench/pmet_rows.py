@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from bench.kernel_rows import device_name, row  # noqa: E402
 from editfast.data.requests import load_dataset  # noqa: E402
-from editfast.methods.base import State  # noqa: E402
+from editfast.methods.locate_then_edit.base import LocateState  # noqa: E402
 from editfast.methods.locate_then_edit.solve import Moment  # noqa: E402
 from editfast.methods.locate_then_edit.stats import second_moments  # noqa: E402
 from editfast.methods.registry import (
@@ -37,6 +37,7 @@ from editfast.methods.registry import (
 )
 from editfast.models.load import load_model  # noqa: E402
 from editfast.models.update import restore, snapshot  # noqa: E402
+from editfast.session.session import edit_batch
 
 
 def pmet_rows(model: str, n: int, device: str = "cpu", dtype: str = "float32") -> list[dict]:
@@ -64,9 +65,9 @@ def pmet_rows(model: str, n: int, device: str = "cpu", dtype: str = "float32") -
     base = snapshot(lm, pmet.sites(lm, hp))
     times = {}
     for backend in ("reference", "fast"):
-        state = State(moments={l: Moment(c) for l, c in moments.items()})
+        state = LocateState(moments={l: Moment(c) for l, c in moments.items()})
         t = time.perf_counter()
-        pmet.edit(lm, reqs, hp, state, groups, backend=backend)
+        edit_batch(lm, pmet, reqs, hp, state, groups, backend=backend)
         times[backend] = time.perf_counter() - t
         restore(lm, base)
     rows.append(row("PMET end to end (excl. statistics)", dev, f"{model}, n={n}, layers {hp.layers}", dtype,

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from bench.kernel_rows import device_name, kernel_rows, median_time, row  # noqa: E402
 from editfast.data.corpus import corpus_texts  # noqa: E402
 from editfast.data.requests import load_dataset  # noqa: E402
-from editfast.methods.base import State  # noqa: E402
+from editfast.methods.locate_then_edit.base import LocateState  # noqa: E402
 from editfast.methods.locate_then_edit.solve import Moment  # noqa: E402
 from editfast.methods.locate_then_edit.stats import (
     accumulate_second_moments,
@@ -42,6 +42,7 @@ from editfast.methods.registry import (
     resolve_hparams,  # noqa: E402
 )
 from editfast.models.load import load_model  # noqa: E402
+from editfast.session.session import edit_batch
 
 
 def timed(fn) -> float:
@@ -108,11 +109,11 @@ def pipeline_rows(model: str, quick: bool, device: str, dtype: str) -> list[dict
     restore = restore_after(lm, layers)
 
     def state():
-        return State(moments={l: Moment(c) for l, c in mom2s.items()})
+        return LocateState(moments={l: Moment(c) for l, c in mom2s.items()})
 
-    ref_s = timed(lambda: memit.edit(lm, reqs, hp, state(), groups, backend="reference"))
+    ref_s = timed(lambda: edit_batch(lm, memit, reqs, hp, state(), groups, backend="reference"))
     restore()
-    fast_s = timed(lambda: memit.edit(lm, reqs, hp, state(), groups, backend="fast"))
+    fast_s = timed(lambda: edit_batch(lm, memit, reqs, hp, state(), groups, backend="fast"))
     restore()
     rows.append(row("MEMIT end to end (excl. statistics)", dev, f"{model}, n={n}, layers {layers}", dtype,
                      ref_s, fast_s, f"{n / fast_s:.2f} edits/s vs {n / ref_s:.2f}"))

@@ -26,11 +26,12 @@ from tune_preset import (  # bench/ is the script's directory
 
 from editfast.data.requests import load_dataset
 from editfast.eval.edit_metrics import edit_metrics, summarize
-from editfast.methods.base import State
+from editfast.methods.locate_then_edit.base import LocateState
 from editfast.methods.locate_then_edit.solve import Moment
 from editfast.methods.locate_then_edit.stats import second_moments
 from editfast.methods.registry import METHODS, resolve_hparams
 from editfast.models.load import load_model
+from editfast.session.session import edit_batch
 
 
 def main() -> None:
@@ -57,7 +58,7 @@ def main() -> None:
         return resolve_hparams("pmet", lm.spec, lm.model.config, {"layers": layers, **kw})
 
     hp = hparams()
-    state = State(moments={l: Moment(c) for l, c in second_moments(lm, layers, hp).items()})
+    state = LocateState(moments={l: Moment(c) for l, c in second_moments(lm, layers, hp).items()})
     groups = pmet.templates(lm, hp, seed=0)
     pre = summarize(edit_metrics(lm, facts, "counterfact"))
     print(f"pre: efficacy {pre['efficacy_success']:.3f} paraphrase {pre['paraphrase_success']:.3f} "
@@ -79,7 +80,7 @@ def main() -> None:
             post = []
             for b, z in zip(batches, zs):
                 saved = {l: lm.adapter.rewrite_weight(lm.model, l).detach().clone() for l in layers}
-                pmet.edit(lm, b, hp_l, state, groups, targets=z)
+                edit_batch(lm, pmet, b, hp_l, state, groups, targets=z)
                 post += edit_metrics(lm, b, "counterfact")
                 with torch.no_grad():
                     for l, w in saved.items():

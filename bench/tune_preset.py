@@ -23,12 +23,13 @@ import torch
 from editfast.data.requests import load_dataset
 from editfast.engine.kv import encode
 from editfast.eval.edit_metrics import edit_metrics, summarize
-from editfast.methods.base import State
+from editfast.methods.locate_then_edit.base import LocateState
 from editfast.methods.locate_then_edit.solve import Moment
 from editfast.methods.locate_then_edit.stats import second_moments
 from editfast.methods.locate_then_edit.targets import optimize_targets
 from editfast.methods.registry import METHODS, resolve_hparams
 from editfast.models.load import load_model
+from editfast.session.session import edit_batch
 
 
 @torch.no_grad()
@@ -79,7 +80,7 @@ def main() -> None:
     mom2s = second_moments(lm, layers, hp)
     method = METHODS[args.method]
     groups = method.templates(lm, hp, seed=0)
-    state = State(moments={l: Moment(c) for l, c in mom2s.items()})
+    state = LocateState(moments={l: Moment(c) for l, c in mom2s.items()})
     flat = [t for g in groups for t in g]
     pre = summarize(edit_metrics(lm, facts, "counterfact"))
     print(f"pre: efficacy {pre['efficacy_success']:.3f} paraphrase {pre['paraphrase_success']:.3f} "
@@ -101,7 +102,7 @@ def main() -> None:
             for b, z in zip(batches, zs):  # each batch alone, from the unedited model and a fresh state
                 saved = {l: lm.adapter.rewrite_weight(lm.model, l).detach().clone() for l in layers}
                 state.tensors.clear()
-                method.edit(lm, b, hp_l, state, groups, targets=z)
+                edit_batch(lm, method, b, hp_l, state, groups, targets=z)
                 post += edit_metrics(lm, b, "counterfact")
                 with torch.no_grad():
                     for l, w in saved.items():

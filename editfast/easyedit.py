@@ -75,6 +75,7 @@ import torch
 from editfast.core.errors import EditfastError, HParamsError, RequestError
 from editfast.core.paths import write_json
 from editfast.data.requests import Request, validate_requests
+from editfast.methods.base import Method
 from editfast.methods.hparams import (
     OPTION_KEYS,
     check_layers,
@@ -82,11 +83,11 @@ from editfast.methods.hparams import (
     warn_ignored,
 )
 from editfast.methods.locate_then_edit.stats import check_corpus, stats_location
-from editfast.methods.registry import get_method, make_hparams, split_options
+from editfast.methods.registry import METHODS, get_method, make_hparams, split_options
 from editfast.models.archs import adapter_for
 from editfast.models.load import load_model, model_config
 from editfast.models.update import guard, restore, snapshot
-from editfast.session.session import check_lengths
+from editfast.session.session import check_lengths, edit_batch
 
 LOG = logging.getLogger(__name__)
 
@@ -100,6 +101,11 @@ _LOCALITY_META = {"protocol": "pre_post_argmax_token_match", "scorer": "token_ma
                   "comparable_group": "locality.lm.pre_post_argmax_token_match"}
 
 
+def _method_of(alg_name: str) -> Method:
+    """The method run for EasyEdit's ``alg_name`` (the one whose ``easyedit_alg`` it is)."""
+    return next(m for m in METHODS.values() if m.easyedit_alg == alg_name)
+
+
 class HyperParams:
     """An EasyEdit hyper-parameter object: attributes are the file's keys (``hparams.layers``,
     ``hparams.model_name``, ``hparams.batch_size = 10`` ...). The bookkeeping keys are checked by
@@ -107,8 +113,15 @@ class HyperParams:
     again whenever an editor uses it."""
 
     alg_name: ClassVar[str] = ""
-    method: ClassVar[str] = ""  # editfast's method name
+    method: ClassVar[str] = ""  # editfast's method name: the one whose ``easyedit_alg`` is alg_name
     defaults: ClassVar[dict[str, Any]] = {"max_length": 40, "model_parallel": False, "fp16": False}
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        m = _method_of(cls.alg_name)
+        cls.method = m.name
+        if m.batchable:  # the editor's batch_size, 1 unless set (EasyEdit's default)
+            cls.defaults = {**cls.defaults, "batch_size": 1}
 
     def __init__(self, **config: Any):
         object.__setattr__(self, "_config", dict(config))
@@ -173,29 +186,23 @@ class HyperParams:
 
 
 class ROMEHyperParams(HyperParams):
-    alg_name, method = "ROME", "rome"
+    alg_name = "ROME"
 
 
 class MEMITHyperParams(HyperParams):
-    alg_name, method = "MEMIT", "memit"
-    defaults = {**HyperParams.defaults, "batch_size": 1}
+    alg_name = "MEMIT"
 
 
 class AlphaEditHyperParams(HyperParams):
-    alg_name, method = "AlphaEdit", "alphaedit"
-    defaults = {**HyperParams.defaults, "batch_size": 1}
+    alg_name = "AlphaEdit"
 
 
 class EMMETHyperParams(HyperParams):
-    alg_name, method = "EMMET", "emmet"
-    defaults = {**HyperParams.defaults, "batch_size": 1}
+    alg_name = "EMMET"
 
 
 class R_ROMEHyperParams(HyperParams):  # noqa: N801 (EasyEdit's name)
-    alg_name, method = "R-ROME", "r-rome"
-
-
-_BATCHABLE = ("MEMIT", "AlphaEdit", "EMMET")  # of these classes, those EasyEdit's BatchEditor batches
+    alg_name = "R-ROME"
 
 
 # --------------------------------------------------------------------------- requests
@@ -463,9 +470,10 @@ class BaseEditor:
                    locality_inputs=None, portability_inputs=None, sequential_edit=False, verbose=True, **kwargs):
         """Edit in batches of ``hparams.batch_size`` (EasyEdit's ``batch_edit``): per batch, ``pre`` on
         the model as it is, one batched edit, ``post``, and (unless ``sequential_edit``) restore."""
-        if self.alg_name not in _BATCHABLE:
+        if not self.method.batchable:
+            batchable = [m.easyedit_alg for m in METHODS.values() if m.easyedit_alg and m.batchable]
             raise EditfastError(f"The Method {self.alg_name} can not batch edit examples (EasyEdit batches "
-                                f"{', '.join(_BATCHABLE)} of the methods here)")
+                                f"{', '.join(batchable)} of the methods here)")
         size = self.hparams.batch_size
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise HParamsError(f"hparams batch_size must be a positive integer, got {size!r}")
@@ -589,7 +597,8 @@ class BaseEditor:
         before = snapshot(self.lm, self.sites)
         saved_state = dict(self._state.tensors)
         t = time.perf_counter()
-        ups = self.method.edit(self.lm, reqs, self.hp, self._state, self._templates, backend="fast", progress=verbose)
+        ups = edit_batch(self.lm, self.method, reqs, self.hp, self._state, self._templates, backend="fast",
+                         progress=verbose)
         seconds = time.perf_counter() - t
         self._state.take_changed()
         changed = {u.weight for u in ups}

@@ -29,11 +29,12 @@ from conftest import GOLDEN
 from safetensors.torch import load_file
 
 from editfast import Request, load_model
-from editfast.methods.base import State
+from editfast.methods.locate_then_edit.base import LocateState
 from editfast.methods.locate_then_edit.solve import Moment
 from editfast.methods.locate_then_edit.stats import accumulate_second_moments
 from editfast.methods.registry import METHODS, make_hparams
 from editfast.models.update import weight_delta
+from editfast.session.session import edit_batch
 
 CASES = sorted(p for p in GOLDEN.glob("*/meta.json")) if GOLDEN.is_dir() else []
 TIGHT = 1e-4
@@ -135,7 +136,7 @@ def run_stats(case: Path, meta: dict, gold: dict):
     assert not errors, f"{case.name}: " + "; ".join(errors)
 
 
-def case_moments(case: Path, meta: dict, gold: dict, layers) -> State:
+def case_moments(case: Path, meta: dict, gold: dict, layers) -> LocateState:
     """C per layer: the case's own ``mom2.layer<l>`` where it stores one (EMMET computes its own, E1),
     else the stats case its meta names (or ``stats_<model part of the name>`` beside it)."""
     named = (meta.get("statistics") or {}).get("stats_case")
@@ -149,7 +150,7 @@ def case_moments(case: Path, meta: dict, gold: dict, layers) -> State:
         if stats is None:
             stats = load_file(str(stats_case / "tensors.safetensors"))
         moments[l] = Moment(stats[f"mom2.layer{l}"])
-    return State(moments=moments)
+    return LocateState(moments=moments)
 
 
 def edit_inputs(case: Path, meta: dict, gold: dict):
@@ -206,7 +207,7 @@ def produce(case: Path, meta: dict, gold: dict, staged: bool, backend: str, rest
             zs = "zs" if ids is None else f"zs.batch{b}"
             given = gold[zs] if zs in gold else gold["target"][:, None]
         trace: dict = {}
-        updates = method.edit(lm, batch, hp, state, groups, targets=given, trace=trace, backend=backend)
+        updates = edit_batch(lm, method, batch, hp, state, groups, targets=given, trace=trace, backend=backend)
         for layer, up in zip(hp.layers, updates):
             trace[f"delta_w.layer{layer}"] = weight_delta(lm, up)
         traces.append(trace)

@@ -14,7 +14,7 @@ from editfast.methods.registry import METHODS, make_hparams, resolve_hparams
 from editfast.models.load import load_model
 from editfast.models.update import Sparse, apply_update, restore, weight_param
 from editfast.session.journal import Journal
-from editfast.session.session import EditSession
+from editfast.session.session import EditSession, edit_batch
 
 KN = METHODS["kn"]
 
@@ -158,7 +158,7 @@ def test_edit_formula_written_out(tiny64, target):
     delta = E[t].sum(0) - (2 * E[greedy[0]] if len(t) == 1 else E[greedy].sum(0))
     trace = {}
     try:
-        ups = KN.edit(lm, [r], hp, KN.prepare(lm, hp), KN.templates(lm, hp), trace=trace)
+        ups = edit_batch(lm, KN, [r], hp, KN.prepare(lm, hp), KN.templates(lm, hp), trace=trace)
         assert trace["neurons"] == [[(hp.layers[row], i) for row, i in neurons]] and neurons
         assert all(isinstance(u, Sparse) for u in ups)
         assert {u.weight for u in ups} == {names[row] for row, _ in neurons}

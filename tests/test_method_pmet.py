@@ -13,13 +13,13 @@ from test_edit import KNOWN, pristine, smol  # noqa: F401  (the SmolLM2 fixtures
 import editfast
 from editfast.core.errors import HParamsError
 from editfast.data.requests import load_dataset
-from editfast.methods.base import State
-from editfast.methods.locate_then_edit.base import LayerInputs
+from editfast.methods.locate_then_edit.base import LayerInputs, LocateState
 from editfast.methods.locate_then_edit.locate import word_activations
 from editfast.methods.locate_then_edit.solve import Moment
 from editfast.methods.locate_then_edit.targets import Objective, optimize_targets
 from editfast.methods.registry import METHODS, make_hparams, resolve_hparams
 from editfast.models.load import load_model
+from editfast.session.session import edit_batch
 
 PMET = METHODS["pmet"]
 D = torch.float64
@@ -48,7 +48,7 @@ def test_update_formula_float64(index):
     layers, lam = [0, 1, 2], 7.5
     x, C = layer_inputs(index)
     hp = PMET.hparams_class(layers=layers, mom2_update_weight=lam)
-    state = State(moments={index: Moment(C)})
+    state = LocateState(moments={index: Moment(C)})
     up = PMET.solve(FakeLM, x, hp, state, "reference", {})
     K, R = x.keys, x.targets - x.cur
     want = (R / math.sqrt(len(layers) - index)) @ K.T @ torch.inverse(K @ K.T + lam * C)
@@ -60,7 +60,7 @@ def test_update_formula_float64(index):
                                    state, "reference", {}).dense()
     assert torch.allclose(got, memit * math.sqrt(len(layers) - index), rtol=1e-10, atol=1e-12)
     # the fast backend (fp32 factorise-once Woodbury) gives the same update
-    fast = PMET.solve(FakeLM, x, hp, State(moments={index: Moment(C.float())}), "fast", {}).dense().double()
+    fast = PMET.solve(FakeLM, x, hp, LocateState(moments={index: Moment(C.float())}), "fast", {}).dense().double()
     assert ((fast - want).norm() / want.norm()).item() < 1e-4
 
 
@@ -162,7 +162,7 @@ def test_edit_writes_mlp_weights_from_the_ffn_target():
         hp = resolve_hparams("pmet", lm.spec, lm.model.config)
         state = PMET.prepare(lm, hp, progress=False)
         groups = PMET.templates(lm, hp, mode="fixed")
-        ups = PMET.edit(lm, load_dataset("counterfact", 3), hp, state, groups, trace=trace)
+        ups = edit_batch(lm, PMET, load_dataset("counterfact", 3), hp, state, groups, trace=trace)
         assert [u.weight for u in ups] == ["model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"]
         assert all(u.rank == 3 for u in ups)
         changed = {k for k, v in lm.model.state_dict().items() if not torch.equal(v, saved[k])}

@@ -16,12 +16,16 @@ from editfast.core.errors import EditfastError, HParamsError
 from editfast.data.requests import load_dataset
 from editfast.eval.edit_metrics import edit_metrics, summarize
 from editfast.methods.base import State
-from editfast.methods.locate_then_edit.base import LayerInputs, LocateHParams
+from editfast.methods.locate_then_edit.base import (
+    LayerInputs,
+    LocateHParams,
+    LocateState,
+)
 from editfast.methods.locate_then_edit.post import norm_anchor, rect
 from editfast.methods.locate_then_edit.solve import Moment
 from editfast.methods.registry import METHODS, make_hparams
 from editfast.models.update import LowRank, Sparse, snapshot, weight_param
-from editfast.session.session import EditSession
+from editfast.session.session import EditSession, edit_batch
 
 TINY = ["--model", "random:tiny-llama", "--templates", "fixed", "--quiet", "--no-eval"]
 
@@ -59,7 +63,7 @@ def test_alphaedit_solve_is_the_projected_closed_form(backend):
     g = torch.Generator().manual_seed(5)
     Kp = torch.randn(C.shape[0], 7, generator=g, dtype=torch.float64) * 0.3  # earlier batches' keys
     hp = make_hparams("alphaedit", {"layers": [0], "nullspace_threshold": 2e-2, "L2": 10.0})
-    state = State(moments={0: Moment(C.float())})
+    state = LocateState(moments={0: Moment(C.float())})
     METHODS["alphaedit"].restore_state(state, {"keys.layer0": Kp.float()})
     up = METHODS["alphaedit"].solve(FakeLM, x, hp, state, backend, {})
     # the formula in float64: P over the singular vectors of C below the threshold, then
@@ -79,7 +83,7 @@ def test_alphaedit_solve_is_the_projected_closed_form(backend):
 def test_alphaedit_fast_and_reference_agree_over_batches():
     C, _, _, _ = problem(d=32)
     hp = make_hparams("alphaedit", {"layers": [0]})
-    states = {b: State(moments={0: Moment(C.float())}) for b in ("fast", "reference")}
+    states = {b: LocateState(moments={0: Moment(C.float())}) for b in ("fast", "reference")}
     for step in range(3):
         _, K, R, x = problem(d=32, seed=10 + step)
         ups = {b: METHODS["alphaedit"].solve(FakeLM, x, hp, s, b, {}) for b, s in states.items()}
@@ -156,7 +160,7 @@ def test_alphaedit_empty_null_space_refused(pristine, capsys, tmp_path):
 def test_emmet_is_equality_constrained():
     C, K, R, x = problem(n=4)
     emmet = METHODS["emmet"]
-    state = State(moments={0: Moment(C.float())})
+    state = LocateState(moments={0: Moment(C.float())})
     lam, mu = 50.0, 0.1
     for backend in ("fast", "reference"):
         hp = make_hparams("emmet", {"layers": [0], "mom2_update_weight": lam, "emmet_lambda": mu})
@@ -179,7 +183,7 @@ def test_emmet_singular_batch_uses_the_pseudo_inverse_and_says_so():
     K2 = torch.cat([K[:, :1], K[:, :1]], 1)  # the same key twice: D singular when μ = 0
     x = LayerInputs(0, 0, None, K2, None, K2, None, torch.zeros_like(R), R)
     hp = make_hparams("emmet", {"layers": [0], "mom2_update_weight": 10.0, "emmet_lambda": 0.0})
-    state = State(moments={0: Moment(C.float())})
+    state = LocateState(moments={0: Moment(C.float())})
     trace: dict = {}
     up = METHODS["emmet"].solve(FakeLM, x, hp, state, "fast", trace)
     assert torch.isfinite(up.dense()).all() and trace["pseudo_inverse.layer0"]
@@ -313,7 +317,7 @@ def test_ten_known_facts(smol, known_targets, method, extra):
         hp = editfast.resolve_hparams(method, smol.spec, smol.model.config, extra or None)
         assert {k: getattr(hp, k) for k in TARGET_KEYS} == {k: getattr(memit_hp, k) for k in TARGET_KEYS}
         m = METHODS[method]
-        m.edit(smol, reqs, hp, m.prepare(smol, hp, progress=False), templates, targets=z)
+        edit_batch(smol, m, reqs, hp, m.prepare(smol, hp, progress=False), templates, targets=z)
         post = summarize(edit_metrics(smol, reqs, "counterfact"))
         print(method, extra, "pre", pre, "\npost", post)
         assert post["efficacy_success"] >= 0.8

@@ -21,7 +21,7 @@ from editfast.methods.ultraedit import (
 )
 from editfast.models.load import load_model
 from editfast.models.update import Dense, LowRank, restore, snapshot
-from editfast.session.session import EditSession
+from editfast.session.session import EditSession, edit_batch
 
 UE = METHODS["ultraedit"]
 D = torch.float64
@@ -104,7 +104,7 @@ def test_fast_path_equals_the_original_step_by_step(which, token, request):
     for backend in ("reference", "fast"):
         restore(lm, base)
         state, trace = State(), {}
-        ups = UE.edit(lm, reqs, hp, state, [["{}"]], backend=backend, trace=trace)
+        ups = edit_batch(lm, UE, reqs, hp, state, [["{}"]], backend=backend, trace=trace)
         after = snapshot(lm, UE.sites(lm, hp))
         got[backend] = ups, dict(state.tensors), after, trace
     restore(lm, base)
@@ -140,7 +140,7 @@ def test_state_is_the_running_formula_over_two_turns(tiny):
     mean, var = torch.zeros(d, dtype=D), torch.zeros(d, dtype=D)
     for turn_reqs in (reqs[:7], reqs[7:]):
         trace = {}
-        UE.edit(tiny, turn_reqs, hp, state, [["{}"]], trace=trace)
+        edit_batch(tiny, UE, turn_reqs, hp, state, [["{}"]], trace=trace)
         turn = encode_turn(tiny.tokenizer, turn_reqs, hp)
         start = 0
         for c in turn.chunks:
@@ -219,7 +219,7 @@ def test_writes_exactly_its_sites(tiny):
     sites = UE.sites(tiny, hp)
     assert sites == ["model.layers.0.mlp.up_proj.weight", "model.layers.2.mlp.down_proj.weight"]
     before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
-    ups = UE.edit(tiny, load_dataset("counterfact", 3), hp, State(), [["{}"]])
+    ups = edit_batch(tiny, UE, load_dataset("counterfact", 3), hp, State(), [["{}"]])
     after = tiny.model.state_dict()
     assert [u.weight for u in ups] == sites
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -266,7 +266,7 @@ def test_bad_inputs_leave_the_weights(tiny):
         editfast.edit(tiny, reqs, "ultraedit", overrides={"layers": [1], "modules": ["mlp.nope"]}, progress=False)
     hp = resolve_hparams("ultraedit", tiny.spec, tiny.model.config)
     with pytest.raises(EditfastError, match="no target"):
-        UE.edit(tiny, reqs, hp, State(), [["{}"]], targets=torch.zeros(64, 2))
+        edit_batch(tiny, UE, reqs, hp, State(), [["{}"]], targets=torch.zeros(64, 2))
     after = tiny.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 

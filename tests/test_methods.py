@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from editfast.data.requests import load_dataset
-from editfast.methods.base import State
-from editfast.methods.locate_then_edit.base import LayerInputs
+from editfast.methods.locate_then_edit.base import LayerInputs, LocateState
 from editfast.methods.locate_then_edit.solve import Moment
 from editfast.methods.registry import METHODS, get_method
 from editfast.models.load import load_model
@@ -68,7 +67,7 @@ class FakeLM:
 def test_r_rome_uses_the_averaged_key_in_both_vectors(seed):
     W, C, x = inputs(seed=seed)
     hp = METHODS["rome"].hparams_class(layers=[0])
-    state = State(moments={0: Moment(C)})
+    state = LocateState(moments={0: Moment(C)})
     rome = METHODS["rome"].solve(FakeLM, x, hp, state, "reference", {})
     rrome = METHODS["r-rome"].solve(FakeLM, x, hp, state, "reference", {})
     k_bar, k_bare, v_star = x.keys[:, 0], x.k_bare[:, 0], x.targets[:, 0]

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import click
@@ -31,7 +30,6 @@ from editfast.eval.edit_metrics import headline_edit_metric
 from editfast.eval.runner import EvalResult, markdown_table, write_report
 from editfast.eval.tasks import resolve_tasks
 from editfast.methods.hparams import parse_overrides
-from editfast.methods.locate_then_edit.base import LocateHParams
 from editfast.methods.locate_then_edit.stats import stats_location
 from editfast.methods.mend.net import read_meta
 from editfast.methods.registry import METHODS, get_method
@@ -45,8 +43,8 @@ from editfast.session.session import EditSession, parse_checkpoints
 def post_processes(method: str, rect: float | None, norm_anchor: bool) -> dict:
     """--rect / --norm-anchor as hyper-parameters; refused for a method that is not locate-then-edit."""
     asked = {k: v for k, v in (("rect", rect), ("norm_anchor", norm_anchor or None)) if v is not None}
-    if asked and not issubclass(get_method(method).hparams_class, LocateHParams):
-        which = ", ".join(m.name for m in METHODS.values() if issubclass(m.hparams_class, LocateHParams))
+    if asked and not get_method(method).locate_then_edit:
+        which = ", ".join(m.name for m in METHODS.values() if m.locate_then_edit)
         flag = "--rect" if "rect" in asked else "--norm-anchor"
         raise click.UsageError(f"{flag} post-processes a locate-then-edit method's update ({which}); "
                                f"{method} is not one")
@@ -57,9 +55,8 @@ def trained_network(method: str, mend_dir: Path | None) -> dict:
     """--mend DIR as the hyper-parameter mend_dir; refused for a method without a trained network."""
     if mend_dir is None:
         return {}
-    if "mend_dir" not in {f.name for f in dataclasses.fields(get_method(method).hparams_class)}:
-        which = ", ".join(m.name for m in METHODS.values()
-                          if "mend_dir" in {f.name for f in dataclasses.fields(m.hparams_class)})
+    if not get_method(method).trained_network:
+        which = ", ".join(m.name for m in METHODS.values() if m.trained_network)
         raise click.UsageError(f"--mend gives the trained editor network of {which}; {method} has none")
     return {"mend_dir": str(mend_dir)}
 

@@ -20,17 +20,19 @@ DTYPES = click.Choice(["float32", "bfloat16", "float16"])
 MODEL_HELP = "Model: HF directory, .gguf file, 'smollm2-135m' or 'random:<preset>'."
 
 
-def method_names() -> list[str]:
-    return list(METHODS)
+def method_names(locate_then_edit: bool = False) -> list[str]:
+    return [n for n, m in METHODS.items() if m.locate_then_edit or not locate_then_edit]
 
 
 def method_help() -> str:
     return "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
 
 
-def method_option(help: str | None = None):
-    """--method, one of the registry's (default memit); ``help`` defaults to every method's summary."""
-    return click.option("--method", type=click.Choice(method_names(), case_sensitive=False), default="memit",
+def method_option(help: str | None = None, locate_then_edit: bool = False):
+    """--method, one of the registry's (default memit; ``locate_then_edit``: only those methods);
+    ``help`` defaults to every method's summary."""
+    return click.option("--method", type=click.Choice(method_names(locate_then_edit), case_sensitive=False),
+                        default="memit",
                         show_default=True, help=method_help() if help is None else help)
 
 

@@ -31,8 +31,7 @@ from typing import ClassVar
 import torch
 
 from editfast.core.errors import EditfastError
-from editfast.methods.base import State
-from editfast.methods.locate_then_edit.base import group_mean_keys
+from editfast.methods.locate_then_edit.base import LocateState, group_mean_keys
 from editfast.methods.memit import MEMIT, MEMITHyperParams
 from editfast.models.update import Dense, LowRank
 
@@ -50,6 +49,7 @@ class AlphaEditHyperParams(MEMITHyperParams):
 class AlphaEdit(MEMIT):
     name = "alphaedit"
     summary = "MEMIT's update projected onto the preserved keys' null space (Fang et al., 2025)"
+    easyedit_alg = "AlphaEdit"
     hparams_class = AlphaEditHyperParams
     # The AlphaEdit repository's files (hparams/AlphaEdit/*.json); its Llama file is Llama3-8B's and
     # is used for the Llama family. SmolLM2, not tuned: MEMIT's SmolLM2 layers and z settings with
@@ -71,7 +71,7 @@ class AlphaEdit(MEMIT):
     }
     default_batch_size = 100  # the original's sequential setting
 
-    def prepare(self, lm, hp, progress: bool = True) -> State:
+    def prepare(self, lm, hp, progress: bool = True) -> LocateState:
         state = super().prepare(lm, hp, progress)
         for l, m in state.moments.items():  # the projectors, once; an empty null space would edit nothing
             P, S = m.null_projector(hp.nullspace_threshold, lm.device)
@@ -92,7 +92,7 @@ class AlphaEdit(MEMIT):
             self._reset(state)
 
     @staticmethod
-    def _add_keys(state: State, layer: int, K: torch.Tensor, P: torch.Tensor | None = None) -> None:
+    def _add_keys(state: LocateState, layer: int, K: torch.Tensor, P: torch.Tensor | None = None) -> None:
         """cache_c += K Kᵀ (fp32, in batch order); P·cache_c too where it is kept (fast path), else it
         is dropped and rebuilt when next needed."""
         K = K.float()
@@ -105,15 +105,15 @@ class AlphaEdit(MEMIT):
             state.tensors.pop(pc, None)
 
     @staticmethod
-    def _reset(state: State) -> None:
+    def _reset(state: LocateState) -> None:
         for name in [n for n in state.tensors if n.startswith(("cache_c.", "P_cache_c."))]:
             del state.tensors[name]
 
     # ------------------------------------------------------------------ one batch
     def edit(self, lm, requests, hp, state, templates, *, targets=None, trace=None, backend="fast", progress=False):
         trace = {} if trace is None else trace
-        updates = super().edit(lm, requests, hp, state, templates, targets=targets, trace=trace, backend=backend,
-                               progress=progress)
+        yield from super().edit(lm, requests, hp, state, templates, targets=targets, trace=trace, backend=backend,
+                                progress=progress)
         flat = [t for g in templates for t in g]
         read = self.reader(lm, list(requests), flat, backend) if backend == "reference" else None
         for layer in hp.layers:
@@ -136,7 +136,6 @@ class AlphaEdit(MEMIT):
             self._reset(state)
         elif RESET in state.tensors:
             state.set(RESET, torch.tensor(False))
-        return updates
 
     def solve(self, lm, x, hp, state, backend, trace):
         l, K = x.layer, x.keys.float()

@@ -1,41 +1,36 @@
-"""The method seam: what every editing method declares, and the shared locate-then-edit pipeline.
+"""The method seam: what every editing method declares, and its neutral defaults.
 
-    Method                      name, hparams class, presets per model family, default batch size,
-                                template shape, sites(), prepare() -> State, edit() -> [Update]
-    LocateThenEdit(Method)      targets z (batched) -> keys per layer -> solve -> post-process -> apply
-                                MEMIT, ROME, r-ROME, EMMET, AlphaEdit override ``solve`` (and
-                                ``trace_targets``; AlphaEdit its state after a batch); PMET
-                                ``optimize`` too (two sites optimised together).
-    LocateHParams               their hyper-parameters, with the post-processes every locate-then-edit
-                                method offers: RECT (``rect``) and the norm anchor (``norm_anchor``).
+    Method                      name, hparams class, presets per model family, batch sizes, traits
+                                (``locate_then_edit``, ``trained_network``, ``easyedit_alg``),
+                                templates(), sites(), prepare() -> State, edit() -> yields [Update]
+    State                       what a method keeps across the batches of a session
 
-A method's ``State`` carries what it needs across the batches of a session: the statistics (C per
-layer, factorised once) and any tensors that change from batch to batch (``State.tensors``; the
-session journals the ones a batch changed, so undo and resume restore them).
+The defaults are neutral: the bare prompt as the only template, no statistics, an empty state;
+``sites`` and ``edit`` every method defines. The locate-then-edit pipeline (statistics, generated
+context templates, the rewrite module's sites) is ``locate_then_edit.base.LocateThenEdit``.
+
+``edit`` yields the batch's updates group by group and never writes a weight: the caller (the
+session's batch step, ``session.session.edit_batch``) applies each group before asking for the
+next, so a method's next step reads the model as edited so far. ``State.tensors`` that change
+from batch to batch are journaled by the session, so undo and resume restore them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
 
 from editfast.data.requests import Request
 from editfast.methods.hparams import HParams
-from editfast.methods.locate_then_edit.solve import Moment
-from editfast.methods.locate_then_edit.stats import second_moments
-from editfast.methods.locate_then_edit.templates import context_templates
-from editfast.models.update import (
-    Update,
-)
+from editfast.models.update import Update
 
 
 @dataclass
 class State:
     """What a method keeps across batches. ``tensors`` are journaled when a batch changes them."""
 
-    moments: dict[int, Moment] = field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     changed: set[str] = field(default_factory=set)
     statistics: dict[int, dict] = field(default_factory=dict)  # per layer: corpus, texts and tokens used
@@ -50,7 +45,8 @@ class State:
         return out
 
     def solve_reports(self) -> list[dict]:
-        return [r for m in self.moments.values() for r in m.reports]
+        """Notes of the solves so far (a fallback taken, per layer); none here."""
+        return []
 
 
 class Method:
@@ -61,27 +57,35 @@ class Method:
     hparams_class: ClassVar[type[HParams]] = HParams
     presets: ClassVar[dict[str, dict[str, Any]]] = {}  # model family -> hyper-parameter values
     default_batch_size: ClassVar[int | None] = None  # None: all requests in one batch
-    max_batch_size: ClassVar[int | None] = None  # ROME: 1 (one fact at a time)
-    template_shape: ClassVar[str] = "groups"  # see templates.context_templates
+    max_batch_size: ClassVar[int | None] = None  # 1: one fact at a time (ROME, KN)
+    locate_then_edit: ClassVar[bool] = False  # takes the post-processes RECT and the norm anchor
+    trained_network: ClassVar[bool] = False  # edits with a trained editor network (hparam mend_dir)
+    easyedit_alg: ClassVar[str | None] = None  # EasyEdit's alg_name where editfast.easyedit runs it
+
+    @property
+    def batchable(self) -> bool:
+        """Whether one batch may hold several requests."""
+        return self.max_batch_size != 1
 
     def batch_size(self, requested: int | None, n: int) -> int:
         size = requested or self.default_batch_size or n
         return min(size, self.max_batch_size) if self.max_batch_size else size
 
     def templates(self, lm, hp, seed: int = 0, mode: str = "generated", progress: bool = False) -> list[list[str]]:
-        return context_templates(lm, self.template_shape, hp, seed, mode, progress)
+        """Context templates in groups; by default the bare prompt alone."""
+        return [["{}"]]
 
     def sites(self, lm, hp) -> list[str]:
-        """Names of the weights this method writes."""
-        return [f"{lm.adapter.rewrite_tmp.format(l)}.weight" for l in hp.layers]
+        """Names of the weights this method writes (the session guards, snapshots and journals them)."""
+        raise NotImplementedError
 
     def needs_statistics(self, hp) -> bool:
-        return True
+        """Whether ``prepare`` reads the statistics corpus (checked before the model loads)."""
+        return False
 
     def prepare(self, lm, hp, progress: bool = True) -> State:
-        info: dict[int, dict] = {}
-        stats = second_moments(lm, hp.layers, hp, progress=progress, info=info) if self.needs_statistics(hp) else {}
-        return State(moments={l: Moment(C) for l, C in stats.items()}, statistics=info)
+        """The state a session starts with; by default empty."""
+        return State()
 
     def restore_state(self, state: State, journaled: dict[str, torch.Tensor]) -> None:
         """Take a journaled batch's state tensors back (resume, undo): by default they replace the
@@ -90,6 +94,6 @@ class Method:
 
     def edit(self, lm, requests: Sequence[Request], hp, state: State, templates: list[list[str]], *,
              targets: torch.Tensor | None = None, trace: dict | None = None, backend: str = "fast",
-             progress: bool = False) -> list[Update]:
-        """Edit ``lm`` in place with one batch; returns the applied updates."""
+             progress: bool = False) -> Iterator[list[Update]]:
+        """Yield one batch's updates, group by group; the caller applies each group before the next."""
         raise NotImplementedError

@@ -48,6 +48,7 @@ class EMMETHyperParams(MEMITHyperParams):
 class EMMET(MEMIT):
     name = "emmet"
     summary = "equality-constrained mass editing, batches up to 10k (Gupta et al., 2024)"
+    easyedit_alg = "EMMET"
     hparams_class = EMMETHyperParams
     # The unified-model-editing repository's files (hparams/EMMET/*.json). SmolLM2: MEMIT's SmolLM2
     # layers and z settings; λ swept over 20000/5000/2000/500 on 30 held-out known facts

@@ -1,9 +1,10 @@
-"""Typed hyper-parameters of the locate-then-edit methods, with per-model presets.
+"""Typed hyper-parameters: the base every method's class extends, with per-model presets and the
+reading of hyper-parameter files.
 
-The field names are the original ROME/MEMIT names, so a hyper-parameter file written for the
-original code (``hparams/ROME/gpt2-xl.json``) loads here unchanged. The module-name keys of
-those files (``rewrite_module_tmp`` and friends) are accepted and checked against the model
-adapter, which is the single place that knows module names.
+``HParams`` holds what every method has (``layers``) and the checking of types and ranges; a
+method's class adds its own fields (the locate-then-edit methods' are in
+``locate_then_edit.base.LocateHParams``, under the original ROME/MEMIT names, so a file written for
+the original code loads unchanged).
 """
 
 from __future__ import annotations
@@ -25,50 +26,20 @@ import yaml
 
 from editfast.core.errors import HParamsError
 
-# Module-name keys of the original hparams files. Accepted for drop-in compatibility and
-# checked against the adapter; they never override it.
-MODULE_KEYS = {
-    "rewrite_module_tmp": "rewrite_tmp",
-    "layer_module_tmp": "layer_tmp",
-    "mlp_module_tmp": "mlp_tmp",
-    "attn_module_tmp": "attn_tmp",
-    "ln_f_module": "final_norm",
-    "lm_head_module": None,  # the original uses the tied embedding or lm_head; we read the head
-}
-
 
 @dataclass
 class HParams:
+    """What every method's hyper-parameters have: the layers it edits; ``validate`` types and ranges."""
+
     layers: list[int]
-    fact_token: str = "subject_last"
-    v_num_grad_steps: int = 20
-    v_lr: float = 0.5
-    v_loss_layer: int = -1  # -1: the model's last layer
-    v_weight_decay: float = 0.5
-    clamp_norm_factor: float = 4.0
-    kl_factor: float = 0.0625
-    mom2_adjustment: bool = True
-    mom2_dataset: str = "wikitext"
-    mom2_n_samples: int = 1000
-    mom2_dtype: str = "float32"
-    mom2_max_tokens: int = 128  # each corpus text is cut at this many tokens
-    # Original module-name keys (validated against the adapter, see MODULE_KEYS).
-    rewrite_module_tmp: str | None = None
-    layer_module_tmp: str | None = None
-    mlp_module_tmp: str | None = None
-    attn_module_tmp: str | None = None
-    ln_f_module: str | None = None
-    lm_head_module: str | None = None
 
     # What each field allows: "OP BOUND" (or "OP BOUND and OP BOUND") for numbers (every number of a
     # list field; None passes), a tuple of choices for strings. A subclass declares only its own
     # fields; the tables merge along the MRO.
     # Every float must also be finite, declared or not.
-    RANGES: ClassVar[dict[str, str | tuple[str, ...]]] = {
-        "layers": ">= 0", "fact_token": ("subject_last",), "v_num_grad_steps": ">= 1", "v_lr": "> 0",
-        "v_loss_layer": ">= -1", "v_weight_decay": ">= 0", "clamp_norm_factor": "> 0", "kl_factor": ">= 0",
-        "mom2_n_samples": ">= 1", "mom2_dtype": ("float32", "float64"), "mom2_max_tokens": ">= 1",
-    }
+    RANGES: ClassVar[dict[str, str | tuple[str, ...]]] = {"layers": ">= 0"}
+    # Fields that name layers of the model (a list of layers, or one layer where -1 is the last).
+    LAYER_KEYS: ClassVar[tuple[str, ...]] = ("layers",)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -87,21 +58,8 @@ class HParams:
         if len(set(self.layers)) != len(self.layers):
             raise HParamsError(f"hparams: layers={self.layers} lists a layer twice; each layer may appear once")
 
-    def loss_layer(self, n_layers: int) -> int:
-        """The layer whose output gives the target loss (the original uses max(v_loss_layer, layer))."""
-        last = n_layers - 1 if self.v_loss_layer < 0 else self.v_loss_layer
-        return max(last, max(self.layers))
-
     def check_modules(self, adapter: Any) -> None:
-        """Raise if a module-name key names other modules than the model adapter does."""
-        for key, attr in MODULE_KEYS.items():
-            given = getattr(self, key)
-            if given is None or attr is None:
-                continue
-            if given != getattr(adapter, attr):
-                raise HParamsError(
-                    f"hparams: {key}={given!r} does not match the model ({getattr(adapter, attr)!r})"
-                )
+        """Raise if a field names other modules than the model adapter does (none here)."""
 
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -127,12 +85,15 @@ def preset_name_for(spec: str, config: Any) -> str | None:
 
 
 def check_layers(hp: HParams, n_layers: int) -> None:
-    """Raise unless hp's layers and v_loss_layer exist in a model of ``n_layers`` layers (no weights needed)."""
-    bad = [l for l in hp.layers if not 0 <= l < n_layers]
-    if bad:
-        raise HParamsError(f"hparams: layers {bad} out of range for a model with {n_layers} layers")
-    if hp.v_loss_layer >= n_layers:
-        raise HParamsError(f"hparams: v_loss_layer {hp.v_loss_layer} out of range for a model with {n_layers} layers")
+    """Raise unless the layers hp names (``LAYER_KEYS``) exist in a model of ``n_layers`` layers (no weights needed)."""
+    for key in hp.LAYER_KEYS:
+        value = getattr(hp, key)
+        if isinstance(value, list):
+            bad = [l for l in value if not 0 <= l < n_layers]
+        else:  # one layer; -1: the last
+            bad = value if value >= n_layers else None
+        if bad:
+            raise HParamsError(f"hparams: {key} {bad} out of range for a model with {n_layers} layers")
 
 
 _FLOAT = (r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"

@@ -83,7 +83,7 @@ from editfast.engine.kv import kv_cache
 from editfast.methods.base import Method, State
 from editfast.methods.hparams import HParams
 from editfast.models.trace import LayerRest, SkipBelow, Trace
-from editfast.models.update import Sparse, apply_update, check_finite
+from editfast.models.update import Sparse
 
 
 @dataclass
@@ -349,11 +349,9 @@ class KN(Method):
     default_batch_size = 1
     max_batch_size = 1  # one fact at a time, each on the model as edited so far (as EasyEdit)
 
-    def templates(self, lm, hp, seed: int = 0, mode: str = "generated", progress: bool = False) -> list[list[str]]:
-        return [["{}"]]
-
-    def needs_statistics(self, hp) -> bool:
-        return False
+    def sites(self, lm, hp) -> list[str]:
+        """The down projection of every layer in ``layers`` (the output weights of its neurons)."""
+        return [f"{lm.adapter.rewrite_tmp.format(l)}.weight" for l in hp.layers]
 
     def edit(self, lm, requests, hp, state: State, templates, *, targets=None, trace=None, backend="fast",
              progress=False):
@@ -364,12 +362,10 @@ class KN(Method):
             if not r.target_true:
                 raise RequestError(f"request {r.case_id}: KN attributes the fact's current answer and needs "
                                    "target_true (a CounterFact-style request)")
-        updates = []
-        for r in requests:
-            updates += self._edit_one(lm, r, hp, backend, trace)
-        return updates
+        for r in requests:  # each on the model as edited by the ones before
+            yield self._updates_one(lm, r, hp, backend, trace)
 
-    def _edit_one(self, lm, r, hp, backend, trace):
+    def _updates_one(self, lm, r, hp, backend, trace) -> list[Sparse]:
         t0 = time.perf_counter()
         prompt = r.filled()
         prompts = [prompt] + (list(r.paraphrase_prompts) if hp.refine_paraphrases else [])
@@ -383,9 +379,6 @@ class KN(Method):
         E = lm.model.get_submodule(lm.adapter.embed).weight
         delta = hp.lr_scale * edit_vector(E, target_ids, greedy)
         ups = neuron_updates(lm, hp.layers, neurons, delta)
-        check_finite(ups)
-        for u in ups:
-            apply_update(lm, u)
         trace.setdefault("neurons", []).append([(hp.layers[row], i) for row, i in neurons])
         trace.setdefault("coarse", []).append(sum(len(n) for n in per_prompt))
         return ups

@@ -33,6 +33,7 @@ class MEMITHyperParams(LocateHParams):
 class MEMIT(LocateThenEdit):
     name = "memit"
     summary = "mass-editing: a batch of facts spread over several MLP layers (Meng et al., 2023)"
+    easyedit_alg = "MEMIT"
     hparams_class = MEMITHyperParams
     # The MEMIT repository's values; Llama's from EasyEdit; SmolLM2's λ tuned here (README).
     presets = {

@@ -15,6 +15,7 @@ from editfast.methods.rome import ROME
 class RROME(ROME):
     name = "r-rome"
     summary = "ROME with the averaged key used in both vectors (Gupta et al., 2024)"
+    easyedit_alg = "R-ROME"
 
     def key_and_output(self, x):
         return x.keys[:, 0], x.outs_per_template[0].mean(0)

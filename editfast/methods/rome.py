@@ -37,6 +37,7 @@ class ROMEHyperParams(LocateHParams):
 class ROME(LocateThenEdit):
     name = "rome"
     summary = "rank-one model editing: one fact at a time in one MLP layer (Meng et al., 2022)"
+    easyedit_alg = "ROME"
     hparams_class = ROMEHyperParams
     # The ROME repository's values; Llama's from EasyEdit's hparams/ROME/llama-7b.yaml (no C⁻¹:
     # mom2_adjustment false there); SmolLM2's layer as MEMIT's middle.

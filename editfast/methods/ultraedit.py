@@ -78,8 +78,6 @@ from editfast.models.update import (
     Dense,
     LowRank,
     Update,
-    apply_update,
-    check_finite,
     weight_param,
 )
 
@@ -206,15 +204,6 @@ class UltraEdit(Method):
         "tiny": dict(layers=[1, 2], modules=["rewrite"], lr=1e-3, ridge_lambda=1.0, forward_batch_size=10),
     }
     default_batch_size = 100  # the original's turns (dataset.n_edits)
-
-    def templates(self, lm, hp, seed: int = 0, mode: str = "generated", progress: bool = False) -> list[list[str]]:
-        return [["{}"]]
-
-    def needs_statistics(self, hp) -> bool:
-        return False
-
-    def prepare(self, lm, hp, progress: bool = True) -> State:
-        return State()
 
     def module_names(self, lm, hp) -> list[str]:
         """The edited modules, in ``layers`` order; each must exist and hold a weight matrix."""
@@ -399,11 +388,8 @@ class UltraEdit(Method):
                 up = self._reference_solve(f"{n}.weight", keys[n], grads[n], mean, std, hp)
             trace.update({f"keys.{n}": keys[n], f"grads.{n}": grads[n]})
             updates.append(up)
-        check_finite(updates)
-        for up in updates:  # all from the same pass, applied together
-            apply_update(lm, up)
         trace["positions"] = keys[names[0]].shape[0]
-        return updates
+        yield updates  # all from the same pass, applied together
 
     @staticmethod
     def _stats(state: State, shape: tuple[int, int], size: int, device) -> tuple[torch.Tensor, ...]:

@@ -5,8 +5,9 @@
     result = s.run()            # batches in order; checkpoints evaluated; journal appended per batch
     s.undo(50)                  # the weights the run had after 50 edits (replayed from the base)
 
-The session keeps the method's state across batches, applies each batch inside a weight guard
-(a failed or non-finite batch leaves the weights as after the last good batch), appends each
+The session keeps the method's state across batches, applies each batch's updates as the method
+yields them (``edit_batch``: the one place a method's updates reach the weights) inside a weight
+guard (a failed or non-finite batch leaves the weights as after the last good batch), appends each
 batch to the journal atomically (``journal.py``), and evaluates at checkpoints: the edit metrics
 of the requests edited so far, general-ability tasks (requests built once per session; the
 unedited model's results cached on disk by model fingerprint, task, protocol, limit, seed and
@@ -32,12 +33,14 @@ from editfast.core.paths import atomic_path, write_json
 from editfast.data.requests import Request, validate_requests
 from editfast.eval.edit_metrics import edit_metrics, metric_kind, summarize
 from editfast.eval.evaluator import Evaluator
+from editfast.methods.base import Method, State
 from editfast.methods.hparams import HParams, check_layers
 from editfast.methods.registry import get_method, resolve_hparams
 from editfast.models.load import max_positions
 from editfast.models.update import (
     Update,
     apply_update,
+    check_finite,
     guard,
     restore,
     snapshot,
@@ -62,6 +65,25 @@ CURVE_FILE = "curve.json"
 
 def requests_digest(requests: Sequence[Request]) -> str:
     return hashlib.sha256(json.dumps([r.to_dict() for r in requests], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def apply_updates(lm, updates: Sequence[Update]) -> None:
+    """Write ``updates`` into the weights of ``lm``; none of them if one holds NaN or Inf."""
+    check_finite(updates)
+    for u in updates:
+        apply_update(lm, u)
+
+
+def edit_batch(lm, method: Method, requests: Sequence[Request], hp: HParams, state: State,
+               templates: list[list[str]], **kw) -> list[Update]:
+    """One batch of ``method`` on ``lm``: each group of updates it yields is applied before it goes on
+    (its next step reads the model as edited so far); returns them all, in order. ``kw``: ``edit``'s
+    (targets, trace, backend, progress). The caller guards the weights."""
+    updates: list[Update] = []
+    for group in method.edit(lm, requests, hp, state, templates, **kw):
+        apply_updates(lm, group)
+        updates += group
+    return updates
 
 
 TEMPLATE_ROOM = 16  # tokens a context template may put before a prompt (generated ones: 10 + a few)
@@ -283,8 +305,7 @@ class EditSession:
     def replay(self, entries: Sequence[Entry]) -> None:
         """Apply journaled batches onto the current (base) weights and take their method state."""
         for e in entries:
-            for u in e.updates:
-                apply_update(self.lm, u)
+            apply_updates(self.lm, e.updates)
             self.method.restore_state(self.state, {k: v.to(self.lm.device) for k, v in e.state.items()})
             self.entries.append(e)
             self.timings["batches"].append({"seconds": e.info.get("seconds"), "targets_s": e.info.get("targets_s"),
@@ -362,29 +383,36 @@ class EditSession:
         t_edit = time.perf_counter()
         while self.edits_done < n:
             raise_if_terminated()  # an interruption Python dropped (raised in a __del__) stops at a batch boundary
-            start = self.edits_done
-            chunk = self.requests[start: start + self.batch_size]
-            t = time.perf_counter()
-            trace: dict = {}
-            with guard(self.lm, self.sites):
-                ups = self.method.edit(self.lm, chunk, self.hp, self.state, self.templates, trace=trace,
-                                       backend=self.backend, progress=self.progress)
-                seconds = time.perf_counter() - t
-                info = {"seconds": seconds, "targets_s": trace.get("targets_s"),
-                        "case_ids": [r.case_id for r in chunk]}
-                entry = Entry(len(self.entries), start, start + len(chunk), ups, self.state.take_changed(), info)
-                if self.out is not None:
-                    Journal(self.out).append(entry)
+            entry = self._edit_batch()
             self.entries.append(entry)
-            self.timings["batches"].append({"seconds": seconds, "targets_s": info["targets_s"], "n": len(chunk)})
-            edit_s += seconds
-            bar.update(len(chunk))
+            n_edits = entry.end - entry.start
+            self.timings["batches"].append({"seconds": entry.info["seconds"], "targets_s": entry.info["targets_s"],
+                                            "n": n_edits})
+            edit_s += entry.info["seconds"]
+            bar.update(n_edits)
             if self.edits_done in self.checkpoints:
                 bar.clear()
                 self.checkpoint(edit_s)
         bar.close()
         new_edit_s = time.perf_counter() - t_edit
         return self._result(edit_s, new_edit_s, time.perf_counter() - t_start)
+
+    def _edit_batch(self) -> Entry:
+        """The next batch: edited, applied (``edit_batch``) and journaled inside a weight guard, so a
+        failure leaves the weights as after the last good batch."""
+        start = self.edits_done
+        chunk = self.requests[start: start + self.batch_size]
+        t = time.perf_counter()
+        trace: dict = {}
+        with guard(self.lm, self.sites):
+            ups = edit_batch(self.lm, self.method, chunk, self.hp, self.state, self.templates, trace=trace,
+                             backend=self.backend, progress=self.progress)
+            info = {"seconds": time.perf_counter() - t, "targets_s": trace.get("targets_s"),
+                    "case_ids": [r.case_id for r in chunk]}
+            entry = Entry(len(self.entries), start, start + len(chunk), ups, self.state.take_changed(), info)
+            if self.out is not None:
+                Journal(self.out).append(entry)
+        return entry
 
     def _result(self, edit_s: float, wall_edit_s: float, total_s: float) -> EditResult:
         if self.evaluate and self._post is None:

@@ -56,7 +56,6 @@ from editfast.methods.mend.net import (
     mlp_sites,
     read_meta,
 )
-from editfast.models.update import apply_update, check_finite
 
 BUNDLED = PACKAGE_DATA / "mend"
 
@@ -129,12 +128,7 @@ class MEND(Method):
                                           "val_steps": 2}),
     }
     default_batch_size = 1  # the networks are trained on one edit at a time
-
-    def templates(self, lm, hp, seed: int = 0, mode: str = "generated", progress: bool = False) -> list[list[str]]:
-        return [["{}"]]
-
-    def needs_statistics(self, hp) -> bool:
-        return False
+    trained_network = True
 
     def network_dir(self, lm, hp) -> Path:
         """hp.mend_dir, else the network shipped for the model's preset; MENDFileError if neither."""
@@ -171,12 +165,9 @@ class MEND(Method):
         if getattr(state, "net", None) is None:  # a caller's plain State: load the network now
             state = self.prepare(lm, hp, progress)
         updates = edit_updates(lm, state.net, list(requests))
-        check_finite(updates)
-        for u in updates:
-            apply_update(lm, u)
         if trace is not None:
             trace.update(mend_dir=state.meta.get("mend_dir"), ranks=[u.rank for u in updates])
-        return updates
+        yield updates
 
 
 METHOD = MEND()
