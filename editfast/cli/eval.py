@@ -58,7 +58,7 @@ def check_engine(engine: str) -> None:
 @click.option("--log-samples", is_flag=True, help="Also write every example's prompt, target, responses and "
               "metrics as lm-evaluation-harness does: samples_<task>_<date>.jsonl (with --edits in before/, after/).")
 @click.option("--engine", type=click.Choice(["editfast", "vllm"]), default="editfast", show_default=True,
-              help="vllm: not available yet (see the README's Scale-out section).")
+              help="vllm: not available yet (see docs/models.md, Scale-out).")
 @force_option
 @quiet_option
 def eval_cmd(model, edits, tasks, protocol, limit, seed, batch_tokens, out, dtype, device, max_memory,

@@ -34,8 +34,8 @@ def stats_options(f):
         model_option,
         click.option("--layer", type=click.IntRange(0), default=None, help="The layer (import: read from the file "
                      "name where it names the module)."),
-        method_option(locate_then_edit=True, help="Whose preset gives the statistics' hyper-parameters (corpus, texts, token cut) not set "
-                           "otherwise."),
+        method_option(locate_then_edit=True, help="Whose preset gives the statistics' hyper-parameters (corpus, "
+                      "texts, token cut) not set otherwise."),
         hparams_option("YAML/JSON hyper-parameters, as for 'edit' (its stats_dir is the cache location)."),
         sets_option("Override one hyper-parameter."),
         click.option("--dtype", type=DTYPES, default="float32",

@@ -35,7 +35,7 @@ class MEMIT(LocateThenEdit):
     summary = "mass-editing: a batch of facts spread over several MLP layers (Meng et al., 2023)"
     easyedit_alg = "MEMIT"
     hparams_class = MEMITHyperParams
-    # The MEMIT repository's values; Llama's from EasyEdit; SmolLM2's λ tuned here (README).
+    # The MEMIT repository's values; Llama's from EasyEdit; SmolLM2's λ tuned here (docs/hparams.md).
     presets = {
         "gpt2-xl": dict(layers=[13, 14, 15, 16, 17], v_loss_layer=47, clamp_norm_factor=0.75,
                         mom2_update_weight=20000, mom2_n_samples=100000),
@@ -43,7 +43,7 @@ class MEMIT(LocateThenEdit):
                          mom2_update_weight=15000, mom2_n_samples=100000),
         "llama-2-7b": dict(layers=[4, 5, 6, 7, 8], v_loss_layer=31, v_num_grad_steps=25, v_weight_decay=1e-3,
                            clamp_norm_factor=4, mom2_update_weight=15000, mom2_n_samples=100000),
-        # λ tuned on 30 held-out known facts (bench/tune_preset.py; README "SmolLM2 preset").
+        # λ tuned on 30 held-out known facts (bench/tune_preset.py; docs/hparams.md, "SmolLM2 preset").
         "smollm2-135m": dict(layers=[4, 5, 6, 7, 8], v_loss_layer=29, clamp_norm_factor=0.75,
                              mom2_update_weight=2000, mom2_n_samples=1000),
         "tiny": dict(layers=[1, 2], v_loss_layer=3, mom2_n_samples=128, mom2_max_tokens=64),

@@ -33,7 +33,7 @@ class Adapter:
     # post_feedforward_layernorm), "" for none. Where there is one, the MLP output (ROME's value
     # space) is not the residual stream's delta: ROME's target is optimised at the MLP output
     # itself (exact); a residual-stream target (MEMIT's, at the last edited layer's output) is
-    # mapped through the norm layer by layer (`methods.base.post_norm_targets`; README)
+    # mapped through the norm layer by layer (`methods.locate_then_edit.base.post_norm_targets`; docs/models.md)
     mlp_out_norm: str = ""
 
     def name(self, tmp: str, layer: int | None = None) -> str:
