@@ -35,15 +35,35 @@ def test_edit_memit_writes_results(tmp_path, capsys):
     assert not [p for p in out.rglob(".*")]  # no temp files left
 
 
-def test_counterfact_full_is_chosen_explicitly(tmp_path, capsys):
-    """--n 500 and --n 501 never edit different datasets silently: beyond the 500 full records the
-    user names counterfact-full."""
-    assert_refused(["edit", "--n", "2", "--offset", "499", "--no-eval", "--out", str(tmp_path / "r"), *TINY], capsys,
-                   "counterfact-full", absent=[tmp_path / "r"])
-    code, _, err = run(["edit", "--n", "2", "--offset", "21603", "--dataset", "counterfact-full", "--no-eval",
-                        "--out", str(tmp_path / "r"), *TINY], capsys)
+def test_counterfact_full_beyond_the_500_records_is_said(tmp_path, capsys):
+    """--n 500 and --n 501 never edit different datasets silently: without --dataset, beyond the
+    500 full-schema records the run edits counterfact-full and says so (its first line and
+    results.json); --dataset counterfact beyond them is refused, naming counterfact-full."""
+    assert_refused(["edit", "--n", "2", "--offset", "499", "--dataset", "counterfact", "--no-eval",
+                    "--out", str(tmp_path / "r"), *TINY], capsys, "counterfact-full", absent=[tmp_path / "r"])
+    code, stdout, err = run(["edit", "--n", "2", "--offset", "21603", "--no-eval", "--out", str(tmp_path / "r"), *TINY],
+                            capsys)
     assert code == 0, err
-    assert [r["case_id"] for r in json.loads((tmp_path / "r" / "results.json").read_text())["per_request"]] == [21917, 21918]
+    assert stdout.splitlines()[0].startswith("editfast: memit, 2 edits of counterfact-full from 21603 (CounterFact in "
+                                             "EasyEdit's schema"), stdout
+    res = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert [r["case_id"] for r in res["per_request"]] == [21917, 21918]
+    assert res["config"]["dataset"]["name"] == "counterfact-full" and "EasyEdit" in res["config"]["dataset"]["schema"]
+
+
+def test_edit_without_out_writes_a_new_run_folder(tmp_path, capsys, monkeypatch):
+    """The design's command as written (no --out): runs/METHOD-N below the current directory, a new
+    one for every run (an earlier run is never overwritten), named on the first line."""
+    monkeypatch.chdir(tmp_path)
+    firsts = []
+    for _ in range(2):
+        code, stdout, err = run(["edit", "--n", "1", "--no-eval", *TINY], capsys)
+        assert code == 0, err
+        firsts.append(stdout.splitlines()[0])
+    assert firsts[0].endswith("run folder runs/memit-1") and firsts[1].endswith("run folder runs/memit-1-2"), firsts
+    assert (tmp_path / "runs" / "memit-1" / "results.json").is_file()
+    assert (tmp_path / "runs" / "memit-1-2" / "results.json").is_file()
+    assert_refused(["edit", "--n", "1", "--resume", *TINY], capsys, "--resume needs --out")
 
 
 def test_edit_rome_save_model(tmp_path, capsys):

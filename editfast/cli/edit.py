@@ -25,7 +25,7 @@ from editfast.cli.options import (
 )
 from editfast.cli.shared import join_ranks, preflight, save_model_to
 from editfast.core.distributed import agree, rank_out
-from editfast.data.requests import load_dataset
+from editfast.data.requests import dataset_schema, default_dataset, load_dataset
 from editfast.eval.edit_metrics import headline_edit_metric
 from editfast.eval.runner import EvalResult, markdown_table, write_report
 from editfast.eval.tasks import resolve_tasks
@@ -36,7 +36,7 @@ from editfast.methods.registry import METHODS, get_method
 from editfast.models.load import load_model
 from editfast.session.export import model_card
 from editfast.session.journal import Journal
-from editfast.session.outputs import OutputDir
+from editfast.session.outputs import OutputDir, new_run_dir
 from editfast.session.session import EditSession, parse_checkpoints
 
 
@@ -120,8 +120,9 @@ def curve_table(curve: dict) -> str:
 @method_option()
 @click.option("--n", "n", type=int, default=10, show_default=True, help="Number of edits.")
 @model_option
-@click.option("--dataset", default="counterfact", show_default=True,
-              help="counterfact (500 records, full ROME schema: 2 paraphrases, 10 neighbours each), counterfact-full "
+@click.option("--dataset", default=None,
+              help="Default: counterfact while --offset + --n <= 500, else counterfact-full (the run's first line "
+                   "and results.json say which). counterfact (500 records, full ROME schema: 2 paraphrases, 10 neighbours each), counterfact-full "
                    "(21,605 requests, EasyEdit schema: 1 paraphrase, 1 neighbour each), zsre (toward answers[0], as "
                    "MEMIT), zsre-alt (zsRE toward each record's alt), or a JSON/JSONL file of requests (zsRE "
                    "records toward their alt, as EasyEdit).")
@@ -130,7 +131,8 @@ def curve_table(curve: dict) -> str:
               help="Edits per batch, applied one batch after another (default: the method's; MEMIT all at once, "
                    "ROME 1).")
 @seed_option
-@out_option("Directory for session.json, journal/, results.json, curve.json (and the model with --save-model).")
+@out_option("Directory for session.json, journal/, results.json, curve.json (and the model with --save-model); "
+            "default: a new runs/METHOD-N[-K] below the current directory.", required=False)
 @click.option("--save-model", is_flag=True, help="Also write the edited model as safetensors into OUT/model.")
 @hparams_option("YAML/JSON file of hyper-parameters (original ROME/MEMIT keys) over the model's preset.")
 @sets_option()
@@ -171,6 +173,10 @@ def edit_cmd(method, n, model, dataset, offset, batch_size, seed, out, save_mode
     method, model, dtype, device = params["method"], params["model"], params["dtype"], params["device"]
     if resume and force:
         raise click.UsageError("--resume and --force exclude each other")
+    if out is None and resume:
+        raise click.UsageError("--resume needs --out, the run to continue")
+    if dataset is None:
+        dataset = default_dataset(n, offset)
     overrides = parse_overrides(sets)
     overrides.update(post_processes(method, rect, norm_anchor))
     overrides.update(trained_network(method, mend_dir))
@@ -187,6 +193,8 @@ def edit_cmd(method, n, model, dataset, offset, batch_size, seed, out, save_mode
     with stats_location(file_opts.get("stats_dir")):  # the corpus check may find imported statistics there
         hp = preflight(model, method, hparams_file, overrides, dtype=dtype)
     check_trained_network(hp)
+    out = out or new_run_dir(Path("runs"), f"{method}-{n}")
+    click.echo(f"editfast: {method}, {n} edits of {dataset} from {offset} ({dataset_schema(dataset)}); run folder {out}")
     device, quiet = join_ranks(device, quiet, {"hparams": hp.to_dict()})
     with stats_location(file_opts.get("stats_dir")), rank_out(out, resume) as out, \
             OutputDir(out, resume=resume, force=force, keep=lambda d: Journal(d).exists()) as od:
@@ -195,7 +203,8 @@ def edit_cmd(method, n, model, dataset, offset, batch_size, seed, out, save_mode
         session = EditSession(lm, method, requests, hparams=hp, batch_size=batch_size, seed=seed, templates=templates,
                               evaluate=not no_eval, eval_tasks=eval_tasks, eval_limit=eval_limit, protocol=protocol,
                               eval_at=eval_at, out=out, progress=not quiet,
-                              dataset={"name": str(dataset), "offset": offset, "n": n})
+                              dataset={"name": str(dataset), "offset": offset, "n": n,
+                                       "schema": dataset_schema(dataset)})
         od.start()
         with note_on_failure(lambda: f"{out} keeps the journal of {session.edits_done} edits: continue with --resume"
                              if session.entries else None):

@@ -31,6 +31,25 @@ _DATASETS: dict[str, tuple[str, ...]] = {
     "zsre": ("zsre/zsre_mend_train-1k.json",),
     "zsre-alt": ("zsre/zsre_mend_train-1k.json",),
 }
+SCHEMAS = {  # what each request of a shipped dataset carries
+    "counterfact": "ROME's full CounterFact schema: 2 paraphrases, 10 neighbourhood prompts, generation prompts",
+    "counterfact-full": "CounterFact in EasyEdit's schema: 1 paraphrase, 1 neighbourhood prompt",
+    "counterfact-train": "CounterFact in EasyEdit's schema: 1 paraphrase, 1 neighbourhood prompt",
+    "zsre": "zsRE (MEND's records): question, paraphrase, locality question; toward answers[0]",
+    "zsre-alt": "zsRE (MEND's records): question, paraphrase, locality question; toward the record's alt",
+}
+COUNTERFACT_FULL_SCHEMA_RECORDS = 500  # records of "counterfact"; beyond them only "counterfact-full" serves
+
+
+def dataset_schema(name: str | os.PathLike[str]) -> str:
+    """One line on what the requests of ``name`` carry (a file: detected per record)."""
+    return SCHEMAS.get(str(name), "a file of requests: the schema detected per record")
+
+
+def default_dataset(n: int, offset: int = 0) -> str:
+    """The dataset a run without --dataset edits: the 500 full-schema CounterFact records while they
+    suffice, else all of CounterFact in EasyEdit's schema (said to the user and recorded)."""
+    return "counterfact" if offset + n <= COUNTERFACT_FULL_SCHEMA_RECORDS else "counterfact-full"
 
 
 @dataclass(frozen=True)

@@ -195,6 +195,15 @@ class OutputDir:
                 _empty(self.out)
 
 
+def new_run_dir(root: Path, stem: str) -> Path:
+    """``root/stem``, else ``root/stem-2``, ``-3`` ...: the first name not taken, so a run without --out
+    never writes into an earlier one."""
+    k = 1
+    while (path := root / (stem if k == 1 else f"{stem}-{k}")).exists():
+        k += 1
+    return path
+
+
 def _empty(d: Path) -> None:
     """Remove what directory ``d`` holds (symbolic links themselves, never their targets)."""
     for p in list(d.iterdir()):
