@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import assert_refused, run_cli
+from helpers import assert_refused, run_cli
 from safetensors.torch import load_file, save_file
 
 from editfast.core.errors import (
@@ -235,11 +235,6 @@ HP = dict(mom2_dataset="wikitext", mom2_n_samples=12, mom2_max_tokens=16, mom2_d
 
 def hp(**kw):
     return SimpleNamespace(**{**HP, **kw})
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("random:tiny-llama")
 
 
 @pytest.fixture(scope="module")
