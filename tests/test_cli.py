@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import assert_refused, run_cli
+from helpers import assert_refused, run_cli
 
 from editfast.session.journal import Journal
 
@@ -153,13 +153,13 @@ def test_help_lists_every_command_without_torch():
 def test_quiet_is_quiet_and_progress_is_shown(tmp_path, capsys):
     """--quiet: nothing on stderr, not even the bar transformers draws while de-quantising a GGUF.
     Without it, template generation (minutes on a 7B model) shows its progress."""
-    from test_models import _write_llama_gguf
+    from helpers.gguf import write_llama_gguf
 
     from editfast.methods.locate_then_edit.templates import context_templates
     from editfast.models.load import load_model
 
     lm = load_model("random:tiny-llama", seed=1)
-    _write_llama_gguf(lm.model, tmp_path / "tiny.gguf")
+    write_llama_gguf(lm.model, tmp_path / "tiny.gguf")
     code, stdout, err = run(["eval", "--model", str(tmp_path / "tiny.gguf"), "--tasks", "sst2", "--limit", "2",
                              "--quiet", "--out", str(tmp_path / "out")], capsys)
     assert code == 0 and "sst2" in stdout and err == ""

@@ -204,7 +204,7 @@ def test_a_weight_on_disk_is_refused_unchanged(tmp_path):
 def test_device_auto_within_max_memory(tmp_path, monkeypatch, capsys):
     """--device auto: accelerate's device map (on a machine without GPUs it places everything on the
     CPU, whatever the budget: observed with accelerate 1.15), the answers unchanged."""
-    from conftest import assert_refused, run_cli
+    from helpers import assert_refused, run_cli
 
     monkeypatch.setenv("EDITFAST_CACHE", str(tmp_path / "cache"))
     lm = load_model("random:tiny-llama", device="auto", max_memory="cpu=14MB")
@@ -229,7 +229,7 @@ def test_device_auto_within_max_memory(tmp_path, monkeypatch, capsys):
 
 
 def test_vllm_engine_refused_with_a_clear_line(tmp_path, capsys):
-    from conftest import assert_refused
+    from helpers import assert_refused
 
     assert_refused(["eval", "--model", "random:tiny-llama", "--engine", "vllm", "--out", str(tmp_path / "o")], capsys,
                    "vllm", absent=[tmp_path / "o"])
@@ -238,7 +238,7 @@ def test_vllm_engine_refused_with_a_clear_line(tmp_path, capsys):
 def test_edit_under_two_ranks_writes_one_processs_journal_once(tmp_path, capsys, monkeypatch):
     """``editfast edit`` under two ranks: rank 0 alone writes --out, and its journal (statistics
     from both ranks' shards, an evaluation checkpoint sharded) is the one process's."""
-    from conftest import run_cli
+    from helpers import run_cli
 
     args = ["edit", "--model", "random:tiny-llama", "--n", "2", "--set", "mom2_n_samples=30", "--set",
             "v_num_grad_steps=2", "--templates", "fixed", "--eval", "sst2", "--eval-limit", "3", "--quiet"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import assert_refused, run_cli
+from helpers import assert_refused, run_cli
 from editfast.cli.shared import preflight
 from safetensors import safe_open
 

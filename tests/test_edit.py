@@ -2,32 +2,12 @@
 
 import pytest
 import torch
+from helpers import KNOWN
 
 import editfast
 from editfast.core.errors import RequestError
 from editfast.data.requests import Request, load_dataset
 from editfast.methods.registry import METHODS
-from editfast.models.load import load_model
-
-# Records of the bundled CounterFact (500 cases) whose true object SmolLM2-135M-Instruct already
-# predicts greedily (first token). The SmolLM2 preset was tuned on other facts (bench/tune_preset.py).
-KNOWN = [52, 72, 122, 154, 163, 204, 212, 233, 242, 312]
-
-
-@pytest.fixture(scope="module")
-def smol():
-    try:
-        return load_model("smollm2-135m")
-    except editfast.EditfastError as e:
-        pytest.skip(str(e))
-
-
-@pytest.fixture
-def pristine(smol):
-    """Restore every weight after the test."""
-    saved = {k: v.clone() for k, v in smol.model.state_dict().items()}
-    yield smol
-    smol.model.load_state_dict(saved)
 
 
 def greedy(lm, prompt: str, n: int) -> list[int]:
@@ -65,11 +45,6 @@ def test_rome_changes_greedy_completion(pristine):
     res = editfast.edit(lm, [r], method="rome", seed=0, progress=False)
     assert greedy(lm, r.filled(), len(target)) == target, lm.tokenizer.decode(greedy(lm, r.filled(), len(target)))
     assert res.summary["post"]["efficacy_success"] == 1.0
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("random:tiny-llama")
 
 
 def rewrite_weights(lm):

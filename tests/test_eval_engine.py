@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from test_cli import run
+from helpers import run_cli as run
 
 from editfast.engine import cascade
 from editfast.engine.engine import (
@@ -284,16 +284,6 @@ def test_no_lm_head_is_an_error():
 
 
 # ---- a real peer: lm-evaluation-harness's Hugging Face model, same pairs, same tokens ----------
-
-@pytest.fixture(scope="module")
-def smol():
-    from editfast.core.errors import EditfastError
-
-    try:
-        return load_model("smollm2-135m")
-    except EditfastError as e:
-        pytest.skip(str(e))
-
 
 @pytest.mark.slow
 def test_loglikelihood_matches_lm_eval(smol):

@@ -17,12 +17,6 @@ from editfast.eval.runner import (
     stderrs,
 )
 from editfast.eval.tasks import TASKS
-from editfast.models.load import load_model
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("random:tiny-llama")
 
 
 @pytest.fixture(scope="module")

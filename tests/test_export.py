@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_refused, run_cli
+from helpers import assert_refused, run_cli
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open

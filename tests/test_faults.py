@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_refused, run_cli
+from helpers import STUDY, assert_refused, run_cli
 from safetensors.torch import load_file
 
 import editfast
@@ -484,8 +484,6 @@ def test_wait_policy_passive_only_when_busy_and_unchosen(monkeypatch):
 def test_study_disk_full_at_the_report_resumes(tmp_path, monkeypatch, capsys):
     """A full disk while the study writes its report: one line naming --resume, the finished
     sessions kept (no report.md half-written), and --resume completes the study."""
-    from test_session import STUDY
-
     import editfast.session.study as paths  # the study's report is written through its write_text
 
     f = tmp_path / "s.yaml"

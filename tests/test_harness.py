@@ -8,8 +8,6 @@ import random
 
 import pytest
 
-from editfast.models.load import load_model
-
 lm_eval = pytest.importorskip("lm_eval")
 
 MC_YAML = """task: ef_mc
@@ -113,11 +111,6 @@ def assert_same(ours, ref):
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return load_model("random:tiny-llama")
-
-
-@pytest.fixture(scope="module")
 def base_results(tiny, task_dir):
     from editfast.harness import EditfastLM
 
@@ -134,7 +127,7 @@ def test_editfast_lm_equals_hf_backend(tiny, task_dir, base_results):
 
 
 def test_editfast_lm_with_edits_equals_hf_on_saved_model(tmp_path, capsys, task_dir, base_results, monkeypatch):
-    from conftest import run_cli
+    from helpers import run_cli
     from lm_eval.api.registry import get_model
     from lm_eval.models.huggingface import HFLM
 
@@ -182,7 +175,7 @@ SAMPLE_FIELDS = {"doc_id", "doc", "target", "arguments", "resps", "filtered_resp
 
 
 def test_eval_json_is_lm_eval_layout_with_its_stderrs_and_samples(tmp_path, capsys, monkeypatch):
-    from conftest import run_cli
+    from helpers import run_cli
     from lm_eval.api import metrics as M
     from lm_eval.utils import get_file_task_name, hash_string, make_table
 

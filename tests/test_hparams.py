@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import GOLDEN
+from helpers import GOLDEN
 
 from editfast.core.errors import HParamsError
 from editfast.methods.hparams import read_hparams_file

@@ -6,7 +6,7 @@
 - The CPU production path (the chunked torch reference) at a real vocabulary size (49152).
 - ``gpu`` tests: real sizes (N 4096, V 128256, d 4096 bf16), on CUDA only.
 - AOT tests (no GPU needed): the shipped configurations compiled for Hopper (sm_90) in a child
-  process (the harness of ``test_kernels``): wgmma for 16-bit inputs, no local memory.
+  process (the harness of ``helpers.kernels``): wgmma for 16-bit inputs, no local memory.
 """
 
 import json
@@ -14,11 +14,11 @@ import sys
 
 import pytest
 import torch
-from test_kernels import (
+from helpers.kernels import (
     DTYPES,
-    _aot_compile,
-    _facts,
     aot_child_report,
+    aot_compile,
+    aot_facts,
     aot_unavailable,
     assert_no_spills,
     cuda,
@@ -300,7 +300,7 @@ def _aot_report():
                     SUM_OUT="*fp32:16", TGT_OUT="*fp32:16", N="i32", V="i32", d="i32:16", stride_hn="i32:16",
                     stride_wv="i32:16", chunks_per_split="i32", softcap="fp32")
         extra = variant == "bias_softcap"
-        out[f"{dt}-{variant}"] = _facts(_aot_compile(lp._logprob_kernel, args, lp.GPU_CONFIG[dtypes[dt]], dict(
+        out[f"{dt}-{variant}"] = aot_facts(aot_compile(lp._logprob_kernel, args, lp.GPU_CONFIG[dtypes[dt]], dict(
             stride_hd=1, stride_wd=1, HAS_BIAS=extra, HAS_SOFTCAP=extra, INTERPRETER=False,
             INPUT_PRECISION=lp.FP32_INPUT_PRECISION if dt == "fp32" else None)))
     return out

@@ -9,16 +9,21 @@
 """
 
 import json
-import os
-import re
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
-import triton
+from helpers.kernels import (
+    DTYPES,
+    aot_child_report,
+    aot_compile,
+    aot_facts,
+    aot_unavailable,
+    assert_no_spills,
+    cuda,
+    exact,
+    randn,
+)
 
 from editfast.kernels import lowrank_update as lu
 from editfast.kernels import second_moment as sm
@@ -28,19 +33,6 @@ from editfast.kernels.second_moment import (
     second_moment_accumulate_,
     second_moment_reference_,
 )
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def exact(*shape, dtype=torch.float32, seed=0):
-    """Multiples of 1/4 in [-2, 2]: exact in every dtype (tf32 too), products and sums exact in fp32."""
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randint(-8, 9, shape, generator=g) / 4).to(dtype)
-
-
-def randn(*shape, dtype=torch.float32, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
 def poisoned_c(d, seed=1):
@@ -302,60 +294,11 @@ def test_gpu_lowrank_update_tf32x3_option():
 
 # ---------------------------------------------------------------- AOT compile for Hopper (no GPU)
 #
-# Triton's code generator does not work in a process that imported triton with
-# TRITON_INTERPRET=1 (its standard library is then interpreted), so the kernels are compiled in
-# one child process without it (``python tests/test_kernels.py --aot``), which reports as JSON.
+# Compiled in one child process without TRITON_INTERPRET (``python tests/test_kernels.py --aot``,
+# see helpers.kernels), which reports as JSON.
 
-TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 SM_CASES = [(dt, rows) for dt in ("bf16", "fp16", "fp32") for rows in (True, False)]
 LU_CASES = [(dt, conv1d, prec) for dt in ("bf16", "fp32") for conv1d in (False, True) for prec in ("ieee", "tf32x3")]
-
-
-def _aot_compile(kernel, args, config, constexprs):
-    """Compile ``kernel`` for sm_90 as a real launch specialises it.
-
-    ``args``: name → type ("*bf16", "i32", ...; a trailing ":16" marks a pointer or int the JIT
-    would see as divisible by 16). Unit strides go in ``constexprs`` (the JIT specialises ints
-    equal to 1). ``config``: the shipped GPU_CONFIG (upper case: block sizes, else options).
-    """
-    fn = kernel
-    constexprs = {**constexprs, **{k: v for k, v in config.items() if k.isupper()}}
-    signature, attrs = {}, {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-            continue
-        ty, _, div = args[name].partition(":")
-        signature[name] = ty
-        if div:
-            attrs[(fn.arg_names.index(name),)] = [["tt.divisibility", 16]]
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    target = triton.backends.compiler.GPUTarget("cuda", 90, 32)
-    return triton.compile(src, target=target, options={k: v for k, v in config.items() if not k.isupper()})
-
-
-def _facts(compiled):
-    """What the tests assert on: tensor-core instructions, shared memory, local memory use."""
-    ptx = compiled.asm["ptx"]
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / "k.cubin"
-        cubin.write_bytes(compiled.asm["cubin"])
-        usage = subprocess.run([TOOLS / "cuobjdump", "--dump-resource-usage", cubin], capture_output=True, text=True)
-        sass = subprocess.run([TOOLS / "nvdisasm", cubin], capture_output=True, text=True)
-    return dict(wgmma="wgmma" in ptx, ptx_local="ld.local" in ptx or "st.local" in ptx, shared=compiled.metadata.shared,
-                usage=usage.stdout.strip().splitlines()[-1] if usage.returncode == 0 else "error: " + usage.stderr,
-                sass_local=bool(re.search(r"\b(LDL|STL)\b", sass.stdout)) if sass.returncode == 0 else None)
-
-
-def aot_unavailable():
-    """Why kernels cannot be compiled for sm_90 here (None: they can)."""
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except ImportError as e:
-        return f"triton has no NVIDIA backend: {e}"
-    if not (TOOLS / "ptxas").exists():
-        return f"ptxas is not shipped at {TOOLS}"
-    return None
 
 
 def _aot_report():
@@ -367,38 +310,20 @@ def _aot_report():
                     n_rows="i32", d="i32:16", stride_xn="i32:16", stride_c="i32:16")
         precision = sm.FP32_INPUT_PRECISION if dt == "fp32" else None
         config = sm.GPU_CONFIG[{"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]]
-        out[f"sm-{dt}-{rows}"] = _facts(_aot_compile(sm._second_moment_kernel, args, config, dict(
+        out[f"sm-{dt}-{rows}"] = aot_facts(aot_compile(sm._second_moment_kernel, args, config, dict(
             stride_xd=1, HAS_ROWS=rows, INTERPRETER=False, INPUT_PRECISION=precision)))
     for dt, conv1d, prec in LU_CASES:
         args = dict(W=f"*{dt}:16", A="*fp32:16", B="*fp32:16", M="i32:16", K="i32:16", R="i32", alpha="fp32",
                     stride_wm="i32:16", stride_wk="i32:16", stride_am="i32:16", stride_bk="i32:16")
         unit = dict(stride_wm=1) if conv1d else dict(stride_wk=1)  # W.T view: rows are contiguous
-        out[f"lu-{dt}-{conv1d}-{prec}"] = _facts(_aot_compile(lu._lowrank_update_kernel, args, lu.GPU_CONFIG, dict(
+        out[f"lu-{dt}-{conv1d}-{prec}"] = aot_facts(aot_compile(lu._lowrank_update_kernel, args, lu.GPU_CONFIG, dict(
             unit, stride_ar=1, stride_br=1, INTERPRETER=False, INPUT_PRECISION=prec)))
     return out
-
-
-def aot_child_report(script):
-    """Run ``python script --aot`` without TRITON_INTERPRET; its last stdout line is a JSON report
-    (``{"skip": reason}`` skips the calling test)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, script, "--aot"], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
-    if "skip" in report:
-        pytest.skip(report["skip"])
-    return report
 
 
 @pytest.fixture(scope="module")
 def aot():
     return aot_child_report(__file__)
-
-
-def assert_no_spills(facts):
-    assert not facts["ptx_local"], "PTX uses local memory"
-    assert "LOCAL:0" in facts["usage"] and "STACK:0" in facts["usage"], facts["usage"]
-    assert facts["sass_local"] is False, "register spills (LDL/STL) in SASS"
 
 
 @pytest.mark.parametrize("dtype,has_rows", SM_CASES)

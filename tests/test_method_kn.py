@@ -4,7 +4,7 @@ really does to SmolLM2's ten known facts."""
 
 import pytest
 import torch
-from conftest import assert_refused, run_cli
+from helpers import KNOWN, assert_refused, run_cli
 
 import editfast
 from editfast.core.errors import HParamsError, RequestError
@@ -251,8 +251,6 @@ def test_cli_edit_runs(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- SmolLM2, real facts
-from test_edit import KNOWN, smol  # noqa: E402,F401  (the known facts and the SmolLM2 fixture)
-
 
 @pytest.mark.slow
 def test_kn_on_ten_known_facts(smol):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_refused, run_cli
+from helpers import KNOWN, assert_refused, run_cli
 
 import editfast
 from editfast.core.errors import EditfastError
@@ -335,8 +335,6 @@ def test_option_misuse_is_refused(trained, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------- SmolLM2
 
-
-from test_edit import KNOWN, pristine, smol  # noqa: E402,F401  (the SmolLM2 fixtures)
 
 SHIPPED = Path(editfast.__file__).parent / "_data" / "mend" / "smollm2-135m"
 

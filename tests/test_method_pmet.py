@@ -7,8 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_refused
-from test_edit import KNOWN, pristine, smol  # noqa: F401  (the SmolLM2 fixtures)
+from helpers import KNOWN, assert_refused
 
 import editfast
 from editfast.core.errors import HParamsError
@@ -261,7 +260,7 @@ def test_cli_refuses_bad_hparams(tmp_path, capsys, sets, word):
 
 
 def test_cli_edit_tiny(tmp_path, capsys):
-    from conftest import run_cli
+    from helpers import run_cli
 
     out = tmp_path / "run"
     code, stdout, err = run_cli(["edit", "--method", "pmet", "--n", "2", "--out", str(out), "--model",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_refused
+from helpers import KNOWN, assert_refused
 
 import editfast
 from editfast.core.errors import EditfastError, HParamsError
@@ -93,7 +93,10 @@ def test_alphaedit_fast_and_reference_agree_over_batches():
             METHODS["alphaedit"].restore_state(s, {"keys.layer0": K.float()})
 
 
-from test_session import pristine, tiny  # noqa: E402,F401  (tiny-llama, restored after each test)
+@pytest.fixture
+def pristine(pristine_tiny):
+    """This module's tiny-model tests edit the tiny llama (``pristine``: SmolLM2 elsewhere)."""
+    return pristine_tiny
 
 
 def alpha_session(lm, n=6, batch_size=2, **kw):
@@ -287,8 +290,6 @@ def test_rect_bad_input(capsys, tmp_path):
 
 
 # ---------------------------------------------------------------- efficacy on SmolLM2
-from test_edit import KNOWN, smol  # noqa: E402,F401  (the known facts and the SmolLM2 fixture)
-
 # The target optimisation's hyper-parameters: AlphaEdit's, EMMET's and MEMIT's SmolLM2 presets share
 # them (they differ in the solve only), so the ten facts' targets are optimised once, as MEMIT's
 # pipeline does (test_edit.py runs that whole path through editfast.edit), and given to each method.

@@ -3,8 +3,7 @@ its lifelong normaliser through resume and undo, efficacy on SmolLM2, and bad in
 
 import pytest
 import torch
-from conftest import assert_refused
-from test_edit import KNOWN, pristine, smol  # noqa: F401  (the SmolLM2 fixtures)
+from helpers import KNOWN, assert_refused
 
 import editfast
 from editfast.core.errors import EditfastError, HParamsError
@@ -80,11 +79,6 @@ def test_pseudo_targets_and_ridge_solve_float64(N):
     U = exact.U.double() @ exact.V.double().T if isinstance(exact, LowRank) else exact.delta.double()
     grad = (K @ U.T - V).T @ K + lam * U
     assert grad.abs().max() < 1e-5 * (V.abs().max() * K.abs().max())
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("random:tiny-llama")
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +222,7 @@ def test_writes_exactly_its_sites(tiny):
 
 
 @pytest.mark.slow
-def test_ultraedit_ten_known_facts(pristine):  # noqa: F811
+def test_ultraedit_ten_known_facts(pristine):
     lm = pristine
     data = load_dataset("counterfact")
     reqs = [data[i] for i in KNOWN]

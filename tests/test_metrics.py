@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import GOLDEN
+from helpers import GOLDEN
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from editfast.core.errors import RequestError

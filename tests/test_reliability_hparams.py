@@ -6,7 +6,7 @@ import math
 import typing
 
 import pytest
-from conftest import GOLDEN, assert_refused
+from helpers import GOLDEN, assert_refused
 from transformers import LlamaConfig
 
 from editfast.core.errors import HParamsError

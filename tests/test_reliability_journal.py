@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_refused
+from helpers import assert_refused
 from safetensors import safe_open
 from safetensors.torch import save_file
 

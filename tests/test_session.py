@@ -11,13 +11,12 @@ import warnings
 
 import pytest
 import torch
-from conftest import run_cli
+from helpers import STUDY, run_cli
 
 import editfast
 from editfast.core.errors import EditfastError
 from editfast.data.requests import load_dataset
 from editfast.methods.registry import METHODS
-from editfast.models.load import load_model
 from editfast.models.update import snapshot
 from editfast.session.journal import Journal
 from editfast.session.session import EditSession
@@ -25,16 +24,10 @@ from editfast.session.session import EditSession
 TINY = ["--model", "random:tiny-llama", "--templates", "fixed", "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("random:tiny-llama")
-
-
 @pytest.fixture
-def pristine(tiny):
-    saved = {k: v.clone() for k, v in tiny.model.state_dict().items()}
-    yield tiny
-    tiny.model.load_state_dict(saved)
+def pristine(pristine_tiny):
+    """This module's tests edit the tiny llama (``pristine``: SmolLM2 elsewhere)."""
+    return pristine_tiny
 
 
 @pytest.fixture(autouse=True)
@@ -253,21 +246,6 @@ def test_edit_api_is_a_session(pristine):
                         progress=False)
     assert res.config["batch_size"] == 1 and len(res.journal) == 2 and all(len(b) == 1 for b in res.journal)
     assert res.journal[0][0].weight == "model.layers.1.mlp.down_proj.weight"
-
-
-STUDY = """
-name: tiny
-model: random:tiny-llama
-dataset: zsre-alt
-templates: fixed
-eval: {tasks: "sst2,wikitext", limit: 4, limits: {wikitext: 2}}
-runs:
-  - {name: rome-seq, method: rome, setting: sequential, n: 2, eval_at: [0, 1, 2]}
-  - {name: memit-batch, method: memit, setting: batch, sizes: [1, 2]}
-  - {name: memit-seq, method: memit, setting: batches, batch_size: 1, batches: 2}
-profiles:
-  quick: {eval: {limit: 2}, only: [rome-seq], runs: {rome-seq: {n: 1, eval_at: [0, 1]}}}
-"""
 
 
 def test_study_runs_the_grid(tmp_path, capsys):

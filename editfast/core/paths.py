@@ -10,6 +10,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: cache_lock does not lock
+    fcntl = None
+
 PACKAGE_DATA = Path(__file__).resolve().parents[1] / "_data"  # editfast/_data
 
 
@@ -74,6 +79,44 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def cache_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` for the block: another process asking for the
+    same lock waits until the first leaves it, then finds its work in the cache (concurrent
+    processes do expensive one-time cache work once). The lock file exists only while held. Locks
+    of one process nest only by different paths. Where no lock can be taken (no fcntl, an
+    unwritable cache, a file system without locks) the block runs unlocked: a cache only saves time."""
+    path = Path(path)
+    fd = None
+    while fcntl is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            held, now = os.fstat(fd), os.stat(path)
+            if (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+                break  # locked, and still the lock file
+        except FileNotFoundError:  # its holder removed it as we took it: take the next one
+            pass
+        except OSError:  # no lock to be had here: run unlocked
+            if fd is not None:
+                os.close(fd)
+            fd = None
+            break
+        if fd is not None:  # a lock file its holder removed: try again
+            os.close(fd)
+            fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            try:
+                path.unlink()  # before the lock is released: a waiter then sees a new file
+            except OSError:
+                pass
+            os.close(fd)
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from editfast.core.errors import ModelError
-from editfast.core.paths import PACKAGE_DATA, cache_dir, io_error, warn_not_cached, write_cache
+from editfast.core.paths import PACKAGE_DATA, cache_dir, cache_lock, io_error, warn_not_cached, write_cache
 from editfast.models.adapters import Adapter, supported_architectures
 from editfast.models.archs import adapter_for, check_causal_lm
 from editfast.models.hf import _hf_errors_only, _load_error, _one_line
@@ -521,20 +521,23 @@ def _smollm2(dtype: torch.dtype, device: torch.device, tok_dir: Path | None) -> 
     Returns (model, tokenizer, fingerprint = the GGUF's sha256)."""
     gguf, sha = _smollm2_gguf()
     out = _smollm2_dir(sha)
-    try:
-        if _cached_conversion(out, sha):
+    # Concurrent first loads (test workers, parallel runs): one converts, the others wait for it and
+    # load its conversion; none removes a conversion another has just finished.
+    with cache_lock(out.with_name(f".{out.name}.lock")):
+        try:
+            if _cached_conversion(out, sha):
+                return _from_dir(out, dtype, device), _load_tokenizer(tok_dir or out), sha
+        except ModelError as e:
+            warnings.warn(f"the cached conversion of smollm2-135m is corrupt ({e}); rebuilding it", RuntimeWarning)
+        if out.exists():  # a corrupt or unfinished conversion
+            shutil.rmtree(out, ignore_errors=True)
+        model = _from_gguf(gguf, torch.float32, torch.device("cpu"))
+        tok = _gguf_tokenizer(gguf)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        if _convert_gguf(model, tok, gguf, out, sha):
             return _from_dir(out, dtype, device), _load_tokenizer(tok_dir or out), sha
-    except ModelError as e:
-        warnings.warn(f"the cached conversion of smollm2-135m is corrupt ({e}); rebuilding it", RuntimeWarning)
-    if out.exists():  # a corrupt or unfinished conversion
-        shutil.rmtree(out, ignore_errors=True)
-    model = _from_gguf(gguf, torch.float32, torch.device("cpu"))
-    tok = _gguf_tokenizer(gguf)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    if _convert_gguf(model, tok, gguf, out, sha):
-        return _from_dir(out, dtype, device), _load_tokenizer(tok_dir or out), sha
-    return _place(model.to(dtype=dtype), device), _load_tokenizer(tok_dir) if tok_dir else tok, sha
+        return _place(model.to(dtype=dtype), device), _load_tokenizer(tok_dir) if tok_dir else tok, sha
 
 
 def _convert_gguf(model: nn.Module, tok: Any, gguf: Path, out: Path, sha: str) -> bool:

@@ -12,7 +12,7 @@ import contextvars
 import hashlib
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from editfast.core import distributed as dist
 from editfast.core.errors import HParamsError, ModelError
-from editfast.core.paths import cache_dir, write_cache
+from editfast.core.paths import cache_dir, cache_lock, write_cache
 from editfast.data.corpus import HUB, Corpus, open_corpus
 from editfast.engine.kv import right_pad
 from editfast.kernels.second_moment import mirror_upper_, second_moment_accumulate_
@@ -275,32 +275,53 @@ def second_moments(lm, layers: Sequence[int], hp, progress: bool = True, use_cac
     key = lambda l, size: _cache_file(lm, l, corpus.key, size, hp.mom2_max_tokens, hp.mom2_dtype)
     files = {l: key(l, n) for l in layers}
     out: dict[int, torch.Tensor] = {}
-    missing = []
     info = {} if info is None else info
     record = lambda l, tokens, used, cached: info.__setitem__(l, {
         "corpus": hp.mom2_dataset, "n_samples_requested": hp.mom2_n_samples, "n_samples": used,
         "tokens": tokens, "cached": cached})
-    for l in layers:
-        found = None
-        if use_cache:
-            found = _load_moment(files[l], d, dtype)
-            if found is None and n < hp.mom2_n_samples and corpus.kind == "bundled":
-                found = _load_moment(key(l, hp.mom2_n_samples), d, dtype)  # written before the cap
-        if found is not None:
-            out[l] = found[0]
-            record(l, int(found[1]["tokens"]), n, True)
-        else:
-            missing.append(l)
-    union = set().union(*dist.gather_objects(missing))  # torchrun: every rank runs the same pass
+
+    def lookup(ls: Sequence[int]) -> list[int]:  # the layers the cache does not give (the others go to out)
+        missing = []
+        for l in ls:
+            found = None
+            if use_cache:
+                found = _load_moment(files[l], d, dtype)
+                if found is None and n < hp.mom2_n_samples and corpus.kind == "bundled":
+                    found = _load_moment(key(l, hp.mom2_n_samples), d, dtype)  # written before the cap
+            if found is not None:
+                out[l] = found[0]
+                record(l, int(found[1]["tokens"]), n, True)
+            else:
+                missing.append(l)
+        return missing
+
+    union = set().union(*dist.gather_objects(lookup(layers)))  # torchrun: every rank runs the same pass
     missing = [l for l in layers if l in union]
     if not missing:
         return out
+    # Another process (a second test worker, a parallel run) may be computing the same statistics:
+    # one computes them under the lock, the others wait and then read them from the cache.
+    # (torchrun's ranks compute together, without it.)
+    locking = use_cache and not dist.active()
+    tag = cache_tag(corpus.key, n, hp.mom2_max_tokens, hp.mom2_dtype, lm.dtype)
+    with cache_lock(files[missing[0]].with_name(f".{tag}.lock")) if locking else nullcontext():
+        if locking and not (missing := lookup(missing)):
+            return out
+        return _compute(lm, missing, hp, corpus, n, key, out, record, progress, use_cache, checkpoint_every)
+
+
+def _compute(lm, missing: list[int], hp, corpus: Corpus, n: int, key, out: dict, record, progress: bool,
+             use_cache: bool, checkpoint_every: int) -> dict[int, torch.Tensor]:
+    """`second_moments`' pass over the corpus for the ``missing`` layers; adds them to ``out``."""
+    dtype = DTYPES[hp.mom2_dtype]
+    d = lm.adapter.d_mlp(lm.model)
+    files = {l: key(l, n) for l in missing}
     texts = corpus.texts(n)
     if len(texts) < n:  # a hub corpus smaller than asked
         warnings.warn(f"mom2_n_samples={hp.mom2_n_samples} but the corpus {hp.mom2_dataset!r} has {len(texts):,} "
-                      f"texts; using {len(texts):,}", UserWarning, stacklevel=2)
+                      f"texts; using {len(texts):,}", UserWarning, stacklevel=3)
         n = len(texts)
-        files = {l: key(l, n) for l in layers}
+        files = {l: key(l, n) for l in missing}
     texts = [texts[i] for i in dist.shard([len(t) for t in texts])]  # torchrun: this rank's texts
     rank = f"rank{dist.rank()}of{dist.world_size()}-" if dist.active() else ""
     partial = files[missing[0]].with_name(f"partial-{rank}{'-'.join(map(str, missing))}-{files[missing[0]].name}")
