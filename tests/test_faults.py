@@ -109,7 +109,7 @@ EDIT_CASES = {
     "negative edits": (["--n", "-3"], "--n"),
     "zero batch": (["--batch-size", "0"], "batch-size"),
     "negative offset": (["--offset", "-1"], "offset"),
-    "beyond the 500 records": (["--n", "2", "--offset", "499"], "counterfact-full"),
+    "beyond the 500 records": (["--n", "2", "--offset", "499", "--dataset", "counterfact"], "counterfact-full"),
     "n larger than dataset": (["--n", "100000", "--dataset", "zsre"], "100000"),
     "n larger than counterfact": (["--n", "100000"], "100000"),
     "wrong hparam type": (["--set", "v_lr=fast"], "v_lr"),

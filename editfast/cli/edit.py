@@ -24,7 +24,7 @@ from editfast.cli.options import (
     sets_option,
 )
 from editfast.cli.shared import join_ranks, preflight, save_model_to
-from editfast.core.distributed import agree, rank_out
+from editfast.core.distributed import agree, launched, rank_out
 from editfast.data.requests import dataset_schema, default_dataset, load_dataset
 from editfast.eval.edit_metrics import headline_edit_metric
 from editfast.eval.runner import EvalResult, markdown_table, write_report
@@ -193,9 +193,11 @@ def edit_cmd(method, n, model, dataset, offset, batch_size, seed, out, save_mode
     with stats_location(file_opts.get("stats_dir")):  # the corpus check may find imported statistics there
         hp = preflight(model, method, hparams_file, overrides, dtype=dtype)
     check_trained_network(hp)
+    if out is None and launched():
+        raise click.UsageError("under torchrun, name the run folder with --out (every rank writes to the same one)")
     out = out or new_run_dir(Path("runs"), f"{method}-{n}")
-    click.echo(f"editfast: {method}, {n} edits of {dataset} from {offset} ({dataset_schema(dataset)}); run folder {out}")
     device, quiet = join_ranks(device, quiet, {"hparams": hp.to_dict()})
+    click.echo(f"editfast: {method}, {n} edits of {dataset} from {offset} ({dataset_schema(dataset)}); run folder {out}")
     with stats_location(file_opts.get("stats_dir")), rank_out(out, resume) as out, \
             OutputDir(out, resume=resume, force=force, keep=lambda d: Journal(d).exists()) as od:
         lm = load_model(model, dtype=dtype, device=device, max_memory=max_memory)
