@@ -101,7 +101,7 @@ class EditfastLM(LM):
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "EditfastLM":
-        from lm_eval.utils import simple_parse_args_string
+        from lm_eval.utils import simple_parse_args_string  # optional dependency (the harness extra)
 
         return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
@@ -152,7 +152,7 @@ if "editfast" not in model_registry:  # once, also when this file also runs as _
 def main(argv: list[str] | None = None) -> None:
     """lm-eval's command line with the ``editfast`` model registered; editfast's errors (a bad run
     directory, an unknown model) are one line on stderr and exit code 2."""
-    from lm_eval.__main__ import cli_evaluate
+    from lm_eval.__main__ import cli_evaluate  # optional dependency (the harness extra)
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]

@@ -100,3 +100,25 @@ def test_the_layer_table_is_written_down():
     for r in LAYERS:
         if r not in ("editfast", "editfast.__main__"):
             assert f"`{r.removeprefix('editfast.')}" in doc, r
+
+
+def test_function_level_imports_say_why():
+    """Imports sit at the top; one inside a function is for an optional or heavy third-party package
+    (or keeps torch out of ``editfast --help``) and says so on its line or the line above. None of them
+    imports editfast, except the CLI group's, which runs after its command module loaded torch."""
+    bad = []
+    for mod, path in MODULES.items():
+        text = path.read_text()
+        tree, lines = ast.parse(text), text.split("\n")
+        top = {id(n) for n in tree.body}
+        for node in tree.body:
+            if isinstance(node, (ast.Try, ast.If)):
+                top |= {id(x) for x in ast.walk(node)}
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)) or id(node) in top:
+                continue
+            name = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+            said = "#" in lines[node.lineno - 1] or lines[node.lineno - 2].strip().startswith("#")
+            if name.split(".")[0] == "editfast" and mod != "editfast.cli" or not said:
+                bad.append(f"{path.relative_to(PKG.parent)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+    assert not bad, "function-level imports without a reason (or of editfast):\n" + "\n".join(bad)

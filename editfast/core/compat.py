@@ -43,7 +43,7 @@ def output_cache(out):
 def versions(device=None) -> dict:
     """Software versions and the device, recorded in every result file."""
 
-    import torch
+    import torch  # torch: core stays torch-free (``import editfast``, ``editfast --help``)
 
     out = {"python": platform.python_version(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     for pkg in ("editfast", "torch", "transformers"):

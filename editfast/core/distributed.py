@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
+import torch.distributed as dist
 
 from editfast.core.errors import EditfastError
 
@@ -47,20 +48,14 @@ def launched() -> bool:
 
 
 def active() -> bool:
-    import torch.distributed as dist
-
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def rank() -> int:
-    import torch.distributed as dist
-
     return dist.get_rank() if active() else 0
 
 
 def world_size() -> int:
-    import torch.distributed as dist
-
     return dist.get_world_size() if active() else 1
 
 
@@ -78,7 +73,6 @@ def local_device(device: str) -> str:
 def init(device: str = "cpu") -> bool:
     """Join torchrun's process group (once): NCCL for a CUDA device, else gloo. Returns whether
     this process is one of several ranks."""
-    import torch.distributed as dist
 
     if not launched():
         return False
@@ -95,8 +89,6 @@ def init(device: str = "cpu") -> bool:
 
 
 def _comm_device() -> torch.device:
-    import torch.distributed as dist
-
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -123,7 +115,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """The sum of ``t`` over all ranks, in float64 for floating point, in ``t``'s dtype and device."""
     if not active():
         return t
-    import torch.distributed as dist
 
     x = t.to(device=_comm_device(), dtype=torch.float64 if t.is_floating_point() else torch.int64)
     dist.all_reduce(x)
@@ -134,7 +125,6 @@ def gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj`` (picklable; only ever exchanged between this job's ranks), in rank order."""
     if not active():
         return [obj]
-    import torch.distributed as dist
 
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
@@ -143,7 +133,6 @@ def gather_objects(obj: Any) -> list[Any]:
 
 def barrier() -> None:
     if active():
-        import torch.distributed as dist
 
         dist.barrier()
 
@@ -195,7 +184,6 @@ def agree(config: dict[str, Any]) -> None:
 def leave() -> None:
     """Leave the process group (at exit, on success or error): a gloo group still open when the
     interpreter exits can abort the process (its threads outlive it) instead of exiting 2."""
-    import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -72,7 +72,7 @@ class Corpus:
 
     def _iter(self):
         if self.kind == "hub":
-            from datasets import Dataset
+            from datasets import Dataset  # optional: only a local Hub dataset corpus needs it
 
             if not self.files:  # not in the local datasets cache: the one-line error
                 open_corpus(self.name)
@@ -115,7 +115,7 @@ class Corpus:
     def size(self, limit: int | None = None) -> int:
         """How many texts the corpus has, counted up to ``limit`` (hub: rows of the cached split)."""
         if self.kind == "hub":
-            from datasets import Dataset
+            from datasets import Dataset  # optional: only a local Hub dataset corpus needs it
 
             return sum(len(Dataset.from_file(str(p))) for p in self.files)
         n = 0

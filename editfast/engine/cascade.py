@@ -47,7 +47,7 @@ def cascade_attention(module, query, key, value, attention_mask, dropout: float 
     ``sdpa_attention_forward`` ([B, q, heads, head_dim]), which it calls when no prefix is active."""
     prefix = _ACTIVE["prefix"]
     if prefix is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward  # internals: at first use
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
@@ -112,8 +112,8 @@ def _fused(qg, pk, pv, key, value, allowed, scale: float) -> torch.Tensor:
 
 
 def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers import AttentionInterface  # transformers internals: only when cascade attention is on
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # (idem)
 
     AttentionInterface.register(NAME, cascade_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)

@@ -55,8 +55,8 @@ def kv_cache(model, kv: Sequence[tuple[torch.Tensor, torch.Tensor] | None] = (),
     then write into buffers of that size instead of concatenating (``_growing_layer_class``). With
     no ``kv`` the cache starts empty.
     """
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
+    from transformers import DynamicCache  # transformers' cache classes: at first use (version-specific)
+    from transformers.cache_utils import DynamicLayer  # the subclass is built at first use (version-specific)
 
     cache = DynamicCache(config=model.config)
     if room is not None:
@@ -84,7 +84,7 @@ def kv_cache(model, kv: Sequence[tuple[torch.Tensor, torch.Tensor] | None] = (),
 
 @functools.cache
 def _growing_layer_class():
-    from transformers.cache_utils import DynamicLayer
+    from transformers.cache_utils import DynamicLayer  # the subclass is built at first use (version-specific)
 
     class GrowingLayer(DynamicLayer):
         """A decoding cache layer that writes each step's keys/values into a preallocated buffer and

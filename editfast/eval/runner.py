@@ -236,10 +236,10 @@ def change_plot(before: EvalResult, after: EvalResult, path) -> None:
     """PNG bar chart of each task's relative change of its headline metric (damage is negative), with
     ± one standard error of the change: sqrt(se_before² + se_after²) / |before| (the two evaluations
     treated as independent, which overstates the error of a paired change)."""
-    import matplotlib
+    import matplotlib  # ~0.5 s: only when a plot is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # (idem)
 
     names, changes, errs = [], [], []
     after_by = {t.task: t for t in after.tasks}

@@ -35,6 +35,12 @@ from typing import Any, Mapping
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+)
+from transformers.pytorch_utils import Conv1D
 
 from editfast.core.errors import ModelError
 from editfast.models.adapters import _BY_MODEL_TYPE, Adapter, supported_architectures
@@ -49,7 +55,6 @@ FOUND_BY_STRUCTURE = ("or any decoder-only causal LM whose decoder layers and de
 
 
 def unsupported(model_type: Any, reason: str) -> ModelError:
-
     return ModelError(f"unsupported architecture {model_type!r}: {reason}; supported model types: "
                       f"{', '.join(supported_architectures())}, {FOUND_BY_STRUCTURE}")
 
@@ -60,11 +65,6 @@ def _get(config: Any, key: str) -> Any:
 
 def check_causal_lm(model_type: str, config: Any) -> None:
     """Raise unless transformers builds `model_type` as a decoder-only causal LM (no weights read)."""
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
-
     if _get(config, "is_encoder_decoder"):
         raise unsupported(model_type, "an encoder-decoder model, not a decoder-only causal LM")
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
@@ -75,7 +75,6 @@ def check_causal_lm(model_type: str, config: Any) -> None:
 
 def meta_model(config: Any) -> nn.Module:
     """The causal LM of `config` with every tensor on the meta device (module names and shapes only)."""
-    from transformers import AutoModelForCausalLM
 
 
     try:
@@ -88,8 +87,6 @@ def meta_model(config: Any) -> nn.Module:
 
 def _widths(m: nn.Module) -> tuple[int, int, bool] | None:
     """(in, out, stored [in, out]) of a Linear or transformers' Conv1D; None for other modules."""
-    from transformers.pytorch_utils import Conv1D
-
     if isinstance(m, Conv1D):
         return m.weight.shape[0], m.weight.shape[1], True
     if isinstance(m, nn.Linear):
@@ -110,7 +107,6 @@ def _under(name: str, prefix: str) -> bool:
 
 def find_adapter(model: nn.Module, model_type: str):
     """The `Adapter` of `model` (real or meta weights) found from its module tree (see the module doc)."""
-
     config = model.config
     moe = [(k, _get(config, k)) for k in MOE_KEYS if isinstance(_get(config, k), int) and _get(config, k) > 1]
     if moe:

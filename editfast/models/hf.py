@@ -10,6 +10,7 @@ from contextlib import contextmanager, nullcontext, redirect_stderr
 
 import torch
 from safetensors import SafetensorError
+from transformers.utils import logging as hf_logging
 
 
 def _one_line(e: BaseException, limit: int = 300) -> str:
@@ -24,9 +25,8 @@ _LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, IndexError, AttributeE
 
 
 def _load_error(e: BaseException) -> bool:
-
     try:  # a config value of the wrong type (transformers' strict config dataclasses)
-        from huggingface_hub.errors import StrictDataclassError
+        from huggingface_hub.errors import StrictDataclassError  # newer huggingface_hub only
     except ImportError:  # pragma: no cover
         StrictDataclassError = SafetensorError
     return (isinstance(e, (*_LOAD_ERRORS, SafetensorError, StrictDataclassError))
@@ -38,7 +38,6 @@ def _hf_errors_only():
     """Silence transformers' warnings (its multi-line load report becomes editfast's own error).
     Where transformers' progress bars are off (``--quiet``), the bars it draws with plain tqdm
     (GGUF de-quantisation) are kept off stderr too."""
-    from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()

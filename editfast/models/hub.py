@@ -29,8 +29,8 @@ def is_hub_id(spec: str) -> bool:
 
 def hub_snapshot(spec: str) -> Path:
     """The cached snapshot directory of the Hub id `spec`, with local_files_only (no network)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub import snapshot_download  # only Hub ids need it
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError  # (idem)
 
     repo_id, _, revision = spec.partition("@")
     cache = hub_cache_dir()

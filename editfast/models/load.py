@@ -25,9 +25,17 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from editfast.core.errors import ModelError
-from editfast.core.paths import PACKAGE_DATA, cache_dir, cache_lock, io_error, warn_not_cached, write_cache
+from editfast.core.paths import (
+    PACKAGE_DATA,
+    cache_dir,
+    cache_lock,
+    io_error,
+    warn_not_cached,
+    write_cache,
+)
 from editfast.models.adapters import Adapter, supported_architectures
 from editfast.models.archs import adapter_for, check_causal_lm
 from editfast.models.hf import _hf_errors_only, _load_error, _one_line
@@ -176,9 +184,7 @@ def load_model(spec: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
 
 class _Auto:
     """``device="auto"``: accelerate's device map within ``max_memory``, disk offload in a temporary folder."""
-
     def __init__(self, max_memory):
-
         self.max_memory = rank_max_memory(parse_max_memory(max_memory))
         # made only if layers go to disk
         self.offload = os.path.join(tempfile.gettempdir(), f"editfast-offload-{os.getpid()}-{id(self):x}")
@@ -187,7 +193,6 @@ class _Auto:
         return {"device_map": "auto", "max_memory": self.max_memory, "offload_folder": self.offload}
 
     def place(self, model: nn.Module) -> nn.Module:
-
         return dispatch(model, self.max_memory, self.offload)
 
 
@@ -201,7 +206,6 @@ def model_config(spec: str | os.PathLike, tokenizer: str | os.PathLike | None = 
     before a slow load): a random preset's config, a directory's config.json (with the same checks
     as `load_model`), the cached SmolLM2 conversion's or else the GGUF's metadata. Raises ModelError
     like `load_model` (an architecture without findable edit sites is `adapter_for`'s error)."""
-    from transformers import AutoConfig
 
     spec, tok_dir = _spec_str(spec), _tok_dir(tokenizer)
     path = _local_path(spec)
@@ -290,8 +294,6 @@ def _resolve_device(device: str | torch.device) -> torch.device:
 
 
 def _load_tokenizer(path: Path) -> Any:
-    from transformers import AutoTokenizer
-
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # the tokenizers library raises plain Exception on a corrupt file
@@ -302,8 +304,6 @@ def _load_tokenizer(path: Path) -> Any:
 
 
 def _gguf_tokenizer(path: Path) -> Any:
-    from transformers import AutoTokenizer
-
     try:
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as e:
@@ -341,8 +341,6 @@ def _check_config(path: Path) -> dict:
 
 
 def _dir_config(path: Path) -> Any:
-    from transformers import AutoConfig
-
     _check_config(path)
     try:
         with _hf_errors_only():
@@ -354,8 +352,6 @@ def _dir_config(path: Path) -> Any:
 
 
 def _gguf_config(path: Path) -> Any:
-    from transformers import AutoConfig
-
     try:
         with _hf_errors_only():
             return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
@@ -386,8 +382,6 @@ def _check_loaded(where: Path, info: dict) -> None:
 
 
 def _from_dir(path: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
     _check_config(path)
     if not any(path.glob("*.safetensors")):
         raise ModelError(f"no *.safetensors weights in {str(path)!r} (editfast never loads pickles)")
@@ -406,8 +400,6 @@ def _from_dir(path: Path, dtype: torch.dtype, device: torch.device) -> nn.Module
 
 
 def _from_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
     try:
         with _hf_errors_only():
             model, info = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
@@ -431,7 +423,6 @@ def _random_config(preset: str, n_tokens: int) -> tuple[str, dict]:
 
 def _random_model(preset: str, dtype: torch.dtype, device: torch.device, seed: int,
                   n_tokens: int) -> tuple[nn.Module, str]:
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type, kwargs = _random_config(preset, n_tokens)
     config = AutoConfig.for_model(model_type, **kwargs)

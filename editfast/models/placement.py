@@ -110,7 +110,7 @@ def rank_max_memory(max_memory: dict | None) -> dict | None:
 
 def dispatch(model: nn.Module, max_memory: dict | None, offload_dir: str) -> nn.Module:
     """Place a model built in CPU memory (a random preset) as ``device_map="auto"`` would load it."""
-    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate import dispatch_model, infer_auto_device_map  # only device maps need it
 
     device_map = infer_auto_device_map(model, max_memory=max_memory,
                                        no_split_module_classes=getattr(model, "_no_split_modules", None) or [],

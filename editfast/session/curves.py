@@ -79,10 +79,10 @@ def sum_weight_changes(per_matrix: dict[str, dict]) -> dict:
 # ---- plots --------------------------------------------------------------------------------------
 
 def _plt():
-    import matplotlib
+    import matplotlib  # ~0.5 s: only when a plot is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # (idem)
 
     return plt
 
