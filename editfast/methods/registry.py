@@ -1,7 +1,7 @@
-"""Editing methods, one file each, found through one registry.
+"""The registry of editing methods, and building a method's hyper-parameters.
 
-Every module in this package that defines ``METHOD`` (an instance of ``base.Method``) is a
-method; the CLI's choices, the API, template generation and hyper-parameter loading all read
+Every module or package in ``editfast.methods`` that defines ``METHOD`` (an instance of
+``base.Method``) is a method; the CLI's choices, the API, template generation and hyper-parameter loading all read
 ``METHODS``. Nothing outside this package names a method.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from editfast.core.errors import EditfastError, HParamsError
-from editfast.methods.base import Method, State
+from editfast.methods.base import Method
 from editfast.methods.hparams import (
     OPTION_KEYS,
     HParams,
@@ -25,7 +25,6 @@ from editfast.methods.hparams import (
     read_hparams_file,
     warn_ignored,
 )
-from editfast.methods.locate_then_edit.base import LocateThenEdit
 
 
 def _discover() -> dict[str, Method]:
@@ -47,9 +46,6 @@ def get_method(name: str) -> Method:
     if key not in METHODS:
         raise EditfastError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     return METHODS[key]
-
-
-__all__ = ["METHODS", "Method", "LocateThenEdit", "State", "get_method"]
 
 
 def make_hparams(method: str, values: dict[str, Any]) -> HParams:
