@@ -26,6 +26,7 @@ from editfast.models.update import (
     snapshot,
     validate_updates,
 )
+from editfast.session.journal import CHECKSUM, checksum
 from editfast.session.session import EditSession
 
 W1 = "model.layers.1.mlp.down_proj.weight"  # [64, 256] on random:tiny-llama
@@ -60,7 +61,8 @@ def entry(run, b=1):
 
 
 def rewrite(fn, b=1):
-    """A corruption that rewrites entry ``b`` as valid safetensors: fn(meta, tensors, index, header)."""
+    """A corruption that rewrites entry ``b`` as valid safetensors: fn(meta, tensors, index, header); its
+    checksum is made anew (an entry as a faulty writer would make it: the checks behind the checksum)."""
     def corrupt(run):
         with safe_open(str(entry(run, b)), "pt") as f:
             meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
@@ -69,6 +71,8 @@ def rewrite(fn, b=1):
         for key, obj in (("updates", index), ("entry", header)):
             if key in meta and meta[key] == orig[key]:  # fn changed the objects, not the text
                 meta[key] = json.dumps(obj)
+        if CHECKSUM in meta:
+            meta[CHECKSUM] = checksum(meta, tensors)
         save_file(tensors, str(entry(run, b)), metadata=meta)
     return corrupt
 

@@ -9,10 +9,18 @@ An entry that reads but is not what editfast wrote (another header, a malformed 
 foreign tensors, a missing batch) is an error wherever it is. ``load_run`` validates a whole run
 (its config document, the model fingerprint, every update against the model) before any of it is
 used.
+
+Each entry carries a checksum (``sha256`` in its header: SHA-256 over its header, update index and
+every tensor's name, dtype, shape and bytes), verified wherever a journal is read (``undo``,
+``export``, ``eval --edits``, ``--resume``, the lm-eval bridge): an entry whose bytes changed after
+editfast wrote it is an error naming the entry and its file. A journal written before checksums
+existed (no entry has one) is accepted with one warning; a journal where some entries have one
+and others not is refused (a checksum was removed).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -35,6 +43,7 @@ from editfast.models.update import (
 )
 
 FORMAT = "editfast-journal-1"
+CHECKSUM = "sha256"  # the header key of an entry's checksum (see ``checksum``)
 SESSION_FILE, RESULTS_FILE = "session.json", "results.json"
 
 
@@ -77,6 +86,7 @@ class Journal:
         tensors.update({f"state.{k}": v.detach().cpu().contiguous() for k, v in entry.state.items()})
         header = {"format": FORMAT, "batch": entry.batch, "start": entry.start, "end": entry.end, **entry.info}
         meta = {"entry": json.dumps(header, default=str), "updates": dumps_index(index)}
+        meta[CHECKSUM] = checksum(meta, tensors)
         final = self.path(entry.batch)
         tmp = final.with_name(f".{final.name}.tmp")
         save_file(tensors, str(tmp), metadata=meta)
@@ -96,6 +106,7 @@ class Journal:
             tmp.unlink(missing_ok=True)
         files = sorted(self.dir.glob("batch-*.safetensors"))
         out: list[Entry] = []
+        unsummed: list[str] = []  # entries without a checksum (written before checksums existed)
         for i, f in enumerate(files):
             try:
                 with safe_open(str(f), "pt") as st:  # one read: header, then the tensors
@@ -114,6 +125,11 @@ class Journal:
                 entry = _entry(meta, tensors)
             except EditfastError as e:
                 raise EditfastError(f"journal entry {f}: {e}") from None
+            if CHECKSUM not in meta:
+                unsummed.append(f.name)
+            elif meta[CHECKSUM] != checksum(meta, tensors):
+                raise EditfastError(f"journal entry {f} (batch {entry.batch}, edits {entry.start}..{entry.end - 1}) "
+                                    "does not match its checksum: its bytes changed after editfast wrote it")
             if f.name != self.path(entry.batch).name:
                 raise EditfastError(f"journal {self.dir}: entry {f.name} holds batch {entry.batch}, whose file is "
                                     f"{self.path(entry.batch).name} (renamed or out of place)")
@@ -123,7 +139,26 @@ class Journal:
                                     f"{entry.start}, expected batch {expect[0]} at edit {expect[1]} (a batch is "
                                     "missing or out of place)")
             out.append(entry)
+        if unsummed and len(unsummed) < len(out):
+            raise EditfastError(f"journal {self.dir}: entry {unsummed[0]} has no checksum while other entries have "
+                                "one (it was removed or the entry replaced)")
+        if unsummed:
+            warnings.warn(f"journal {self.dir} was written before entries carried checksums: its {len(out)} "
+                          "entries are not verified against changes on disk", RuntimeWarning, stacklevel=2)
         return out
+
+
+def checksum(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of an entry: its header and update index as written, then every tensor (sorted by
+    name) as its name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for key in ("entry", "updates"):
+        h.update(f"{key}\0{meta.get(key, '')}\0".encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _entry(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> Entry:
