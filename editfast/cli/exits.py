@@ -1,8 +1,10 @@
 """The exit-code policy and the signals, for every command (``run``).
 
 An error a user can cause is one line on stderr, ``editfast: error: ...``, and exit code 2: a bad
-option or value (click's usage errors), bad input (``EditfastError``), or a full disk, a quota, a
-refused permission or a read-only file system on a path (the line names the path). Ctrl-C
+option or value (click's usage errors), bad input (``EditfastError``), a full disk, a quota, a
+refused permission or a read-only file system on a path, or a path of the wrong kind (a file where
+a folder is needed or the other way round, a name too long, a loop of links): the line names the
+path, whichever step met it, so no command needs its own try/except for them. Ctrl-C
 (SIGINT) exits 130 and SIGTERM 143, after the same cleanup. Both signals are remembered, so that
 one Python swallowed (in a ``__del__``) is raised again at the next batch boundary
 (``raise_if_terminated``). Anything else is a bug: raised on, with its traceback. ``NOTES`` are said
@@ -31,6 +33,14 @@ from editfast.core.errors import (
 
 NOTES: list[str] = []  # said after an error or interruption (e.g. how to resume)
 ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}  # the machine's, not a bug
+PATH_ERRNOS = {  # a path of the wrong kind, as the user gave it (said only when the error names the path)
+    errno.ENOTDIR: "a file is where a folder is needed",
+    errno.EEXIST: "a file is where a folder is needed",
+    errno.EISDIR: "a folder is where a file is needed",
+    errno.ENAMETOOLONG: None,
+    errno.ELOOP: None,
+    errno.EFBIG: None,
+}
 
 
 def outcome(e: BaseException) -> tuple[int, str] | None:
@@ -43,9 +53,10 @@ def outcome(e: BaseException) -> tuple[int, str] | None:
         return 2, e.format_message().replace("\n", " ")
     if isinstance(e, EditfastError):
         return 2, str(e).replace("\n", " ")
-    if isinstance(e, OSError) and e.errno in ENV_ERRNOS:
+    if isinstance(e, OSError) and (e.errno in ENV_ERRNOS or (e.errno in PATH_ERRNOS and e.filename)):
         where = f"{e.filename}: " if e.filename else ""
-        return 2, f"{where}{e.strerror or e}"
+        why = f" ({PATH_ERRNOS[e.errno]})" if PATH_ERRNOS.get(e.errno) else ""
+        return 2, f"{where}{e.strerror or e}{why}"
     return None
 
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import click
 
-from editfast.cli.options import DTYPES, quiet_option
+from editfast.cli.options import DTYPES, directory, quiet_option
 from editfast.session.export import lora_from_run
 
 
 @click.command("export")
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--lora", "lora", type=click.Path(file_okay=False, path_type=Path), required=True,
+@click.option("--lora", "lora", type=click.Path(file_okay=False), required=True, callback=lambda c, p, v: directory(v),
               help="Directory for a PEFT LoRA adapter of the run's edits (adapter_config.json, "
                    "adapter_model.safetensors, README.md).")
 @click.option("--model", default=None, help="The run's base model, if it was loaded from another path.")
@@ -25,8 +25,6 @@ from editfast.session.export import lora_from_run
 def export_cmd(run, lora, model, to, dtype, force, quiet):
     """A PEFT LoRA adapter of the run's edits: loaded with peft on the base model it is the edited
     model (servable by vLLM's multi-LoRA where the rank is at most 512)."""
-    if not str(lora).strip():
-        raise click.UsageError("--lora must name a directory, got an empty path")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the summary's warnings are said below, once
         s = lora_from_run(run, lora, model=model, to=to, dtype=dtype, force=force)

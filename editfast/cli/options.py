@@ -36,14 +36,17 @@ def method_option(help: str | None = None, locate_then_edit: bool = False):
                         show_default=True, help=method_help() if help is None else help)
 
 
+def directory(value: str | None) -> Path | None:
+    """An option's directory (``~`` expanded); an empty path refused."""
+    if value is not None and not str(value).strip():
+        raise click.BadParameter("must name a directory, got an empty path")
+    return Path(value).expanduser() if value is not None else None
+
+
 def out_option(help: str, required: bool = True):
     """--out, a directory (an empty path refused)."""
-    def check(ctx, param, value):
-        if value is not None and not str(value).strip():
-            raise click.BadParameter("must name a directory, got an empty path")
-        return Path(value).expanduser() if value is not None else None
-
-    return click.option("--out", "out", type=click.Path(file_okay=False), callback=check, required=required, help=help)
+    return click.option("--out", "out", type=click.Path(file_okay=False), callback=lambda c, p, v: directory(v),
+                        required=required, help=help)
 
 
 class DeviceType(click.ParamType):

@@ -169,7 +169,22 @@ def _check_range(name: str, value: Any, rule: str | tuple[str, ...] | None) -> N
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML with the 1.2 core schema's floats: ``1e4``, ``5e-1``, ``.5`` are floats (YAML 1.1 reads strings)."""
+    """YAML with the 1.2 core schema's floats: ``1e4``, ``5e-1``, ``.5`` are floats (YAML 1.1 reads strings),
+    and a key given twice in one mapping refused (PyYAML would keep the last value silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                again = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: SafeLoader's own error says so
+                continue
+            if again and key != "<<":
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _NUMBER, list("-+0123456789."))

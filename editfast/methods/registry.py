@@ -103,6 +103,8 @@ def split_options(values: dict[str, Any],
         return HParamsError(f"hparams: {key}={values[key]!r} is not allowed; {key} must be {must}")
 
     if "alg_name" in values:
+        if not isinstance(values["alg_name"], str):
+            raise bad("alg_name", "a method's name (a string)")
         by_alg = {_alg(n): n for n in METHODS}
         name = by_alg.get(_alg(values["alg_name"]))
         if name is None:

@@ -41,6 +41,8 @@ from editfast.models.archs import adapter_for, check_causal_lm
 from editfast.models.hf import _hf_errors_only, _load_error, _one_line
 from editfast.models.hub import hub_snapshot, is_hub_id
 from editfast.models.placement import (
+    OffloadFolder,
+    check_device_map,
     dispatch,
     input_device,
     parse_max_memory,
@@ -153,22 +155,31 @@ def load_model(spec: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
                          f"the device is {str(device)!r}")
     torch_dtype, device = _resolve_dtype(dtype), _Auto(max_memory) if auto else _resolve_device(device)
     path = _local_path(spec)
-    if spec.startswith("random:"):
-        tok = _load_tokenizer(tok_dir or BUNDLED_TOKENIZER)
-        model, fingerprint = _random_model(spec.removeprefix("random:"), torch_dtype, device, seed, len(tok))
-    elif spec in ALIASES:
-        model, tok, fingerprint = _smollm2(torch_dtype, device, tok_dir)
-    elif path.is_file() and path.suffix == ".gguf":
-        model = _from_gguf(path, torch_dtype, device)
-        tok = _load_tokenizer(tok_dir) if tok_dir else _gguf_tokenizer(path)
-        fingerprint = file_sha256(path)
-    elif path.is_dir() and (path / "config.json").is_file():
-        model = _from_dir(path, torch_dtype, device)
-        has_tok = any((path / f).is_file() for f in TOKENIZER_FILES)
-        tok = _load_tokenizer(tok_dir or (path if has_tok else BUNDLED_TOKENIZER))
-        fingerprint = _dir_fingerprint(path)
-    else:
-        raise _unknown(spec)
+    try:
+        if spec.startswith("random:"):
+            tok = _load_tokenizer(tok_dir or BUNDLED_TOKENIZER)
+            model, fingerprint = _random_model(spec.removeprefix("random:"), torch_dtype, device, seed, len(tok))
+        elif spec in ALIASES:
+            model, tok, fingerprint = _smollm2(torch_dtype, device, tok_dir)
+        elif path.is_file() and path.suffix == ".gguf":
+            model = _from_gguf(path, torch_dtype, device)
+            tok = _load_tokenizer(tok_dir) if tok_dir else _gguf_tokenizer(path)
+            fingerprint = file_sha256(path)
+        elif path.is_dir() and (path / "config.json").is_file():
+            model = _from_dir(path, torch_dtype, device)
+            has_tok = any((path / f).is_file() for f in TOKENIZER_FILES)
+            tok = _load_tokenizer(tok_dir or (path if has_tok else BUNDLED_TOKENIZER))
+            fingerprint = _dir_fingerprint(path)
+        else:
+            raise _unknown(spec)
+        if auto:
+            check_device_map(getattr(model, "hf_device_map", None), device.asked)
+    except BaseException:
+        if auto:
+            device.folder.remove()  # whatever accelerate offloaded before the failure
+        raise
+    if auto:
+        device.folder.keep_while(model)
     try:
         adapter: Adapter | ModelError = adapter_for(model)
     except ModelError as e:  # evaluation needs no edit sites; editing asks lm.adapter and gets this
@@ -186,14 +197,14 @@ class _Auto:
     """``device="auto"``: accelerate's device map within ``max_memory``, disk offload in a temporary folder."""
     def __init__(self, max_memory):
         self.max_memory = rank_max_memory(parse_max_memory(max_memory))
-        # made only if layers go to disk
-        self.offload = os.path.join(tempfile.gettempdir(), f"editfast-offload-{os.getpid()}-{id(self):x}")
+        self.asked = dict(self.max_memory or {})  # as given: loading converts the sizes in place
+        self.folder = OffloadFolder()  # made only if layers go to disk
 
     def from_pretrained(self) -> dict:
-        return {"device_map": "auto", "max_memory": self.max_memory, "offload_folder": self.offload}
+        return {"device_map": "auto", "max_memory": self.max_memory, "offload_folder": self.folder.path}
 
     def place(self, model: nn.Module) -> nn.Module:
-        return dispatch(model, self.max_memory, self.offload)
+        return dispatch(model, self.max_memory, self.folder.path, self.asked)
 
 
 def _place(model: nn.Module, device) -> nn.Module:
@@ -290,6 +301,12 @@ def _resolve_device(device: str | torch.device) -> torch.device:
         raise ModelError(f"bad device {device!r}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"device {str(device)!r} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ModelError(f"device {str(device)!r} requested but this machine has {torch.cuda.device_count()} "
+                         "CUDA device(s)")
+    mps = getattr(torch.backends, "mps", None)
+    if device.type == "mps" and not (mps is not None and mps.is_available()):
+        raise ModelError("device 'mps' requested but Apple's MPS is not available here")
     return device
 
 

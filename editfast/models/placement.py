@@ -13,12 +13,21 @@ before each forward. Everything that reads or writes a weight therefore asks thi
   the error says to give the model more memory;
 - ``execution_device(module)``: where a module computes (its hook's device, else its weights');
 - ``input_device(model)``: where token ids go (the input embedding's execution device).
+
+Layers that go to disk are written to a temporary folder (``OffloadFolder``), removed when the
+model is collected or the process ends, and at once when loading fails. A device map that puts
+the whole model on disk (too little GPU and CPU memory for even its largest piece) is refused with
+one line before anything is offloaded (``check_device_map``).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
+import weakref
+from typing import Any
 
 import torch
 from torch import nn
@@ -86,6 +95,7 @@ def parse_max_memory(text: str | dict | None) -> dict | None:
                 r"\d+(\.\d+)?\s*([KMGT]i?B)?", size, re.IGNORECASE):
             raise ModelError(f"--max-memory {text!r}: expected DEVICE=SIZE pairs such as 0=20GiB,cpu=60GiB "
                              f"(DEVICE a GPU index or cpu), got {part!r}")
+        size = int(size) if size.isdigit() else size  # bytes: accelerate reads a bare "0" as no size at all
         out[int(key.removeprefix("cuda:")) if key != "cpu" and key != "disk" else key] = size
     return out or None
 
@@ -108,12 +118,36 @@ def rank_max_memory(max_memory: dict | None) -> dict | None:
     return out
 
 
-def dispatch(model: nn.Module, max_memory: dict | None, offload_dir: str) -> nn.Module:
+class OffloadFolder:
+    """Where accelerate writes the layers a device map puts on disk: a name in the temporary
+    directory (made only if layers go there), removed by ``remove`` (a failed load) or, once a model
+    uses it (``keep_while``), when that model is collected or the process ends."""
+
+    def __init__(self):
+        self.path = os.path.join(tempfile.gettempdir(), f"editfast-offload-{os.getpid()}-{id(self):x}")
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def keep_while(self, model: nn.Module) -> None:
+        weakref.finalize(model, shutil.rmtree, self.path, True)
+
+
+def check_device_map(device_map: dict[str, Any] | None, max_memory: dict | None) -> None:
+    """Refuse a device map that puts the whole model on disk: nothing would compute anywhere."""
+    if device_map and all(d == "disk" for d in device_map.values()):
+        given = ",".join(f"{k}={v}" for k, v in (max_memory or {}).items()) or "the free memory"
+        raise ModelError(f"--max-memory {given} is too little: no layer of the model fits on a GPU or in CPU "
+                         "memory, so the whole model would be offloaded to disk; give the GPUs or the CPU more")
+
+
+def dispatch(model: nn.Module, max_memory: dict | None, offload_dir: str, asked: dict | None = None) -> nn.Module:
     """Place a model built in CPU memory (a random preset) as ``device_map="auto"`` would load it."""
     from accelerate import dispatch_model, infer_auto_device_map  # only device maps need it
 
     device_map = infer_auto_device_map(model, max_memory=max_memory,
                                        no_split_module_classes=getattr(model, "_no_split_modules", None) or [],
                                        dtype=next(model.parameters()).dtype)
+    check_device_map(device_map, max_memory if asked is None else asked)
     model.hf_device_map = device_map
     return dispatch_model(model, device_map, offload_dir=offload_dir)

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from editfast.core.errors import DataError, HParamsError
-from editfast.core.paths import atomic_path, write_cache
+from editfast.core.paths import atomic_path, io_error
 from editfast.methods.locate_then_edit.stats import (
     DTYPES,
     _cache_file,
@@ -120,10 +120,14 @@ def import_npz(path: str | Path, lm, layer: int | None, hp) -> tuple[int, Path]:
     target = _cache_file(lm, layer, corpus.key, n, hp.mom2_max_tokens, hp.mom2_dtype)
     meta = stats_metadata(hp.mom2_dataset, corpus.key, hp.mom2_n_samples, n, hp.mom2_max_tokens, count,
                           imported_from=str(Path(path).resolve()))
-    ok = write_cache(target, lambda tmp: save_file({"mom2": C.contiguous(), "count": torch.tensor(count)}, str(tmp),
-                                                   metadata=meta))
-    if not ok:
-        raise DataError(f"cannot write the statistics cache {target}")
+    try:  # the import is the point: a cache that cannot be written is this command's error, not a warning
+        with atomic_path(target) as tmp:
+            save_file({"mom2": C.contiguous(), "count": torch.tensor(count)}, str(tmp), metadata=meta)
+    except Exception as e:
+        if not io_error(e):
+            raise
+        reason = getattr(e, "strerror", None) or " ".join(str(e).split())
+        raise DataError(f"cannot write the statistics cache {target}: {reason}") from None
     return layer, target
 
 
