@@ -184,7 +184,7 @@ OTHER_CASES = {
     "undo off boundary": (lambda t, r: ["undo", str(r), "--to", "3", "--out", str(t / "out")], "boundary"),
     "undo beyond run": (lambda t, r: ["undo", str(r), "--to", "100", "--out", str(t / "out")], "100"),
     "undo negative": (lambda t, r: ["undo", str(r), "--to", "-1", "--out", str(t / "out")], "--to"),
-    "undo into the run": (lambda t, r: ["undo", str(r), "--to", "2", "--out", str(r)], "differ"),
+    "undo into the run": (lambda t, r: ["undo", str(r), "--to", "2", "--out", str(r)], "would replace"),
     "undo not a run": (lambda t, r: ["undo", str(t), "--to", "2", "--out", str(t / "out")], "not an edit run"),
     "study resume and force": (lambda t, r: ["study", write(t / "s.yaml", None, "x: 1"), "--resume", "--force",
                                              "--out", str(t / "out")], "exclude"),

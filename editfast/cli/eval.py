@@ -75,7 +75,7 @@ def eval_cmd(model, edits, tasks, protocol, limit, seed, batch_tokens, out, dtyp
     if edits is not None:
         load_journal(edits)  # the run's files, whole, before the model loads
     device, quiet = join_ranks(device, quiet, {"tasks": resolved})
-    with rank_out(out) as out, OutputDir(out, staged=True, force=force) as od:
+    with rank_out(out) as out, OutputDir(out, staged=True, force=force, inputs=[edits] if edits else []) as od:
         lm = load_model(model, dtype=dtype, device=device, max_memory=max_memory)
         agree({"model_fingerprint": lm.fingerprint})
         journal = load_journal(edits, lm)[1] if edits else None  # names, shapes, fingerprint: before evaluating

@@ -36,9 +36,7 @@ def undo_cmd(run, to, out, save_model, model, force, quiet):
     if to not in ends:
         raise click.UsageError(f"--to {to} is not a batch boundary of the run (batches end at "
                                f"{', '.join(map(str, ends[1:]))})")
-    if out.resolve() == run.resolve():
-        raise click.UsageError("--out must differ from the run directory")
-    with OutputDir(out, staged=True, force=force) as od:
+    with OutputDir(out, staged=True, force=force, inputs=[run]) as od:
         keep = entries[: ends.index(to)]
         lm = None
         if save_model:

@@ -44,7 +44,7 @@ from editfast.data.requests import load_dataset
 from editfast.models.load import ALIASES, load_model
 from editfast.models.update import LowRank, Update, weight_param
 from editfast.session.journal import RESULTS_FILE, Entry, load_run
-from editfast.session.outputs import OutputDir
+from editfast.session.outputs import OutputDir, check_apart
 from editfast.session.session import requests_digest
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -183,8 +183,7 @@ def lora_from_run(run_dir: str | Path, out_dir: str | Path, *, model=None, to: i
     if dtype not in DTYPES:
         raise EditfastError(f"adapter dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     run, out = Path(run_dir), Path(out_dir).expanduser()
-    if out.resolve() == run.resolve() or out.resolve() in run.resolve().parents:
-        raise EditfastError(f"the adapter directory {str(out)!r} would replace the run {str(run)!r}: choose another")
+    check_apart(out, [run])  # before the model loads; OutputDir checks again
     config, entries = load_run(run)  # the run's files, whole, before the model loads
     keep = entries_up_to(run, entries, to)
     lm = base_model(config, model)
@@ -200,7 +199,7 @@ def lora_from_run(run_dir: str | Path, out_dir: str | Path, *, model=None, to: i
     edits = keep[-1].end
     summary = {"run": str(run), "edits": edits, "batches": len(keep), "method": config.get("method"), **facts,
                "dtype": dtype, "base_model": base, "warnings": notes}
-    with OutputDir(out, staged=True, force=force) as od:
+    with OutputDir(out, staged=True, force=force, inputs=[run]) as od:
         save_file(tensors, str(od.path / ADAPTER_WEIGHTS),
                   metadata={"format": "pt", "editfast_run": str(run.resolve()), "edits": str(edits)})
         write_json(od.path / ADAPTER_CONFIG, adapter_config(facts, base))

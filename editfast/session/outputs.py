@@ -15,6 +15,9 @@
   back as it was (removed if this run made it).
 - Leftovers of a killed run (hidden staging siblings, ``.model.*`` folders, ``.*.tmp`` files) are
   removed, with a notice, by the next run that takes the lock.
+- ``inputs``: the runs the command reads (``undo``, ``export``, ``eval --edits``). OUT may
+  not be one of them, hold one, or be a part of one that exists: ``--force`` would replace what the
+  command reads.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from editfast.core.errors import EditfastError, raise_if_terminated, terminated
 from editfast.core.paths import normal_permissions
@@ -46,10 +49,11 @@ def _oserror(e: OSError, what: Path) -> OutputError:
 
 class OutputDir:
     def __init__(self, out: str | Path, *, staged: bool = False, resume: bool = False, force: bool = False,
-                 keep: Callable[[Path], bool] = lambda p: False):
+                 keep: Callable[[Path], bool] = lambda p: False, inputs: Sequence[str | Path] = ()):
         if not str(out).strip():
             raise OutputError("--out must name a directory, got an empty path")
         self.out = Path(out).expanduser()
+        check_apart(self.out, inputs)
         self.staged, self.resume, self.force, self.keep = staged, resume, force, keep
         self.path = self.out  # where the command writes (the staging sibling when staged)
         self._lock = None
@@ -193,6 +197,17 @@ class OutputDir:
                 shutil.rmtree(self.out, ignore_errors=True)
             elif self._was_empty or (self.force and self._started):  # only this run's files are in OUT
                 _empty(self.out)
+
+
+def check_apart(out: str | Path, inputs: Sequence[str | Path]) -> None:
+    """Refuse an output directory that is one of the runs ``inputs``, holds one, or is a part of one
+    that exists (``OutputDir``'s ``inputs``; callable early, before a model loads)."""
+    dst = Path(out).expanduser().resolve()
+    for given in inputs:
+        src = Path(given).expanduser().resolve()
+        if dst == src or dst in src.parents or (src in dst.parents and dst.exists()):
+            raise OutputError(f"output directory {str(out)!r} would replace the run {str(given)!r} (or a part of "
+                              "it) that the command reads: choose a directory outside it")
 
 
 def new_run_dir(root: Path, stem: str) -> Path:
