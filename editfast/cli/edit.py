@@ -209,17 +209,17 @@ def edit_cmd(method, n, model, dataset, offset, batch_size, seed, out, save_mode
                                        "schema": dataset_schema(dataset)})
         od.start()
         with note_on_failure(lambda: f"{out} keeps the journal of {session.edits_done} edits: continue with --resume"
-                             if session.entries else None):
+                             if session.entries else None):  # also while the report and the model are written
             result = session.run(resume=resume)
-        before = after = None
-        if pair:  # --eval without --eval-at: the checkpoints 0 and N as a before/after report
-            pts = result.curve["points"]
-            before, after = (EvalResult.from_json({"model": lm.spec, "protocol": protocol, "seed": seed,
-                                                   "limit": eval_limit, "seconds": 0.0, "engine": {},
-                                                   "tasks": p["tasks"]}) for p in (pts[0], pts[-1]))
-            write_report(out / "eval", before, after, lm.device)
-        if save_model:
-            save_model_to(lm, out, model_card(session.config, session.hp.to_dict(), result.per_request))
+            before = after = None
+            if pair:  # --eval without --eval-at: the checkpoints 0 and N as a before/after report
+                pts = result.curve["points"]
+                before, after = (EvalResult.from_json({"model": lm.spec, "protocol": protocol, "seed": seed,
+                                                       "limit": eval_limit, "seconds": 0.0, "engine": {},
+                                                       "tasks": p["tasks"]}) for p in (pts[0], pts[-1]))
+                write_report(out / "eval", before, after, lm.device)
+            if save_model:
+                save_model_to(lm, out, model_card(session.config, session.hp.to_dict(), result.per_request))
     click.echo(summary_table(result))
     if after is not None:
         click.echo("\n" + markdown_table(before, after))
