@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from helpers import run_cli
 
 import editfast
 from editfast.core.errors import EditfastError
@@ -163,3 +164,16 @@ def test_statistics_in_the_cache_serve_a_file_with_stats_dir(pristine_tiny, tmp_
     with pytest.raises(SecondPass):
         stats.second_moments(lm, [1], hp, progress=True)
     assert "edited since it was loaded" in capsys.readouterr().err
+
+
+def test_edit_shows_progress_unless_quiet(tmp_path, capsys, cache):
+    """`editfast edit` says why statistics are computed and where they go, and shows the scoring
+    before and after the edits; with --quiet it prints nothing on stderr."""
+    args = ["edit", "--method", "rome", "--n", "1", "--model", "random:tiny-llama", "--templates", "fixed",
+            "--set", "mom2_n_samples=40", "--set", "mom2_max_tokens=32"]
+    code, _, err = run_cli([*args, "--out", str(tmp_path / "a")], capsys)
+    assert code == 0, err
+    assert f"are not in {cache / 'stats'}: computing them in one pass, to be written to {cache / 'stats'}" in err
+    assert "scoring before the edits" in err and "scoring after the edits" in err and "rome edits" in err
+    code, _, err = run_cli([*args, "--out", str(tmp_path / "b"), "--quiet"], capsys)
+    assert code == 0 and err == ""

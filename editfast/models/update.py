@@ -213,7 +213,7 @@ def tensor_digest(h, t: torch.Tensor) -> None:
     """Feed ``t``'s dtype, shape and bytes to the hash ``h``."""
     t = t.detach().cpu().contiguous()
     h.update(f"{t.dtype}|{list(t.shape)}|".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(t.reshape(-1).view(torch.uint8).numpy())  # the bytes in place, not copied
 
 
 def update_digest(u: Update, alpha: float = 1.0) -> str:
