@@ -71,6 +71,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from editfast.core.errors import EditfastError, HParamsError, RequestError
 from editfast.core.paths import write_json
@@ -90,6 +91,18 @@ from editfast.models.update import guard, restore, snapshot
 from editfast.session.session import check_lengths, edit_batch
 
 LOG = logging.getLogger(__name__)
+_LOG_FORMAT = "%(asctime)s - %(levelname)s - %(name)s -   %(message)s"  # EasyEdit's (editors/editor.py)
+
+
+def _say(msg: str, *args) -> None:
+    """An EasyEdit log line ("Execution 0 editing took 1.2"): through logging as configured; where logging
+    is not configured at all, on stderr in EasyEdit's format (EasyEdit configures it when imported)."""
+    if not LOG.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(_LOG_FORMAT, datefmt="%m/%d/%Y %H:%M:%S"))
+        LOG.addHandler(handler)
+        LOG.setLevel(logging.INFO)
+    LOG.info(msg, *args)
 
 # The editor's own key (EasyEdit's BaseEditor reads it), not one of the files' bookkeeping keys
 # (hparams.OPTION_KEYS, which split_options checks and maps).
@@ -450,7 +463,8 @@ class BaseEditor:
                 raise RequestError(f"pre_edit must be a list of {len(requests)} metrics dicts (one per request)")
             all_metrics = opts["pre_edit"]
         else:
-            all_metrics = [{"pre": edit_quality(self.lm, r)} for r in requests]
+            all_metrics = [{"pre": edit_quality(self.lm, r)} for r in tqdm(requests, desc="pre-edit metrics",
+                                                                            unit="req")]
             if opts["pre_file"] is not None:
 
                 write_json(opts["pre_file"], all_metrics)
@@ -557,8 +571,9 @@ class BaseEditor:
         if self._state is None:
             self._templates = self.method.templates(self.lm, self.hp, seed=42)  # EasyEdit seeds 42
 
-            with stats_location(self.stats_dir):  # the file's stats_dir, as the CLI's edit honours it
-                self._state = self.method.prepare(self.lm, self.hp, progress=verbose)
+            with stats_location(self.stats_dir):  # the file's stats_dir, then editfast's cache
+                # statistics show their progress whatever verbose says, as EasyEdit's do
+                self._state = self.method.prepare(self.lm, self.hp, progress=True)
 
     @contextmanager
     def _transaction(self, verbose: bool):
@@ -600,13 +615,19 @@ class BaseEditor:
         ups = edit_batch(self.lm, self.method, reqs, self.hp, self._state, self._templates, backend="fast",
                          progress=verbose)
         seconds = time.perf_counter() - t
+        if timed:
+            _say("Execution editing took %s", seconds)
+        else:
+            _say("Execution %d editing took %s", start, seconds)
         self._state.take_changed()
         changed = {u.weight for u in ups}
         weights_copy = {name: w for name, w in before.items() if name in changed}
+        t = time.perf_counter()
         for m, r in zip(metrics, chunk):
             if timed:
                 m["time"] = seconds
             m["post"] = edit_quality(self.lm, r)
+        _say("Evaluation took %s", time.perf_counter() - t)
         if not sequential:
             restore(self.lm, before)
             self._state.tensors.clear()

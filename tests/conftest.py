@@ -43,10 +43,11 @@ def smol():
 
 @pytest.fixture
 def pristine(smol):
-    """SmolLM2, every weight restored after the test."""
-    saved = weights(smol)
+    """SmolLM2, every weight restored after the test (and the weights' identity with them)."""
+    saved, changes = weights(smol), dict(smol.changes)
     yield smol
     smol.model.load_state_dict(saved)
+    smol.changes = changes
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,8 @@ def tiny():
 
 @pytest.fixture
 def pristine_tiny(tiny):
-    """The module's tiny llama, every weight restored after the test."""
-    saved = weights(tiny)
+    """The module's tiny llama, every weight restored after the test (and the weights' identity with them)."""
+    saved, changes = weights(tiny), dict(tiny.changes)
     yield tiny
     tiny.model.load_state_dict(saved)
+    tiny.changes = changes

@@ -6,6 +6,7 @@ against a direct computation with the HF model, not against the facade's own hel
 """
 
 import json
+import logging
 import textwrap
 import warnings
 from pathlib import Path
@@ -192,7 +193,8 @@ def check_structure(metrics, n, rephrase, loc_key="neighborhood", por_key="synon
 
 @pytest.mark.parametrize("cls,file,call", [("ROMEHyperParams", "rome", ZSRE_EXAMPLE_CALL),
                                            ("MEMITHyperParams", "memit", README_CALL)], ids=["rome", "memit"])
-def test_easyedit_script_runs_unchanged(hparams_dir, cls, file, call):
+def test_easyedit_script_runs_unchanged(hparams_dir, cls, file, call, caplog):
+    caplog.set_level(logging.INFO, logger="editfast.easyedit")
     code = textwrap.dedent(SCRIPT.format(cls=cls, path=hparams_dir / file, call=call))
     scope: dict = {}
     with warnings.catch_warnings():
@@ -203,6 +205,8 @@ def test_easyedit_script_runs_unchanged(hparams_dir, cls, file, call):
     assert [m["case_id"] for m in metrics] == [0, 1]
     assert edited_model is editor.model
     assert metrics[1]["requested_rewrite"]["prompt"] == "Grant Hill is a professional"
+    said = [r.getMessage() for r in caplog.records]  # EasyEdit's log lines, whatever verbose says
+    assert any(m.startswith("Execution 1 editing took ") for m in said) and "Evaluation took" in caplog.text
 
 
 def test_metrics_mean_what_easyedit_means(rome):

@@ -17,7 +17,7 @@ import editfast
 from editfast.core.errors import EditfastError
 from editfast.data.requests import load_dataset
 from editfast.methods.registry import METHODS
-from editfast.models.update import snapshot
+from editfast.models.update import restore, snapshot
 from editfast.session.journal import Journal
 from editfast.session.session import EditSession
 
@@ -50,8 +50,7 @@ def test_undo_replays_exactly(pristine):
     s = session(lm, n=2)
     s.run()
     after2 = weights(lm, s.sites)
-    for k, v in s.base.items():
-        lm.model.get_parameter(k).data.copy_(v)
+    restore(lm, s.base)  # the base weights and their identity
     s2 = session(lm, n=6)  # the same first two requests, then four more, from the base
     s2.run()
     s2.undo(2)
@@ -64,7 +63,8 @@ def test_undo_replays_exactly(pristine):
 
 def test_checkpoints_write_curve(pristine, tmp_path):
     out = tmp_path / "run"
-    res = session(pristine, n=4, evaluate=True, eval_tasks="sst2", eval_limit=4, eval_at=[0, 2, 4], out=out).run()
+    s = session(pristine, n=4, evaluate=True, eval_tasks="sst2", eval_limit=4, eval_at=[0, 2, 4], out=out)
+    res = s.run()
     curve = json.loads((out / "curve.json").read_text())
     assert [p["edits"] for p in curve["points"]] == [0, 2, 4] and res.curve["points"][-1]["edits"] == 4
     p = curve["points"][-1]
@@ -76,7 +76,8 @@ def test_checkpoints_write_curve(pristine, tmp_path):
     assert w["total"]["l1"] > curve["points"][1]["weights"]["total"]["l1"] > 0 == curve["points"][0]["weights"]["total"]["l1"]
     assert {"0.077", "0.171"} == set(w["total"]["rel_share"]) and w["total"]["spectral"] > 0
     assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG"
-    # the unedited results are cached: a second session reads them instead of evaluating
+    # the unedited results are cached: a second session on the unedited weights reads them instead of evaluating
+    restore(pristine, s.base)  # the base weights, and their identity, again
     out2 = tmp_path / "run2"
     session(pristine, n=2, eval_tasks="sst2", eval_limit=4, eval_at=[0, 2], out=out2).run()
     first = json.loads((out2 / "curve.json").read_text())["points"][0]["tasks"]["sst2"]
@@ -116,8 +117,7 @@ def test_torn_tail_dropped_and_replayed(pristine, tmp_path):
     s = session(lm, n=4, out=out)
     s.run()
     full = weights(lm, s.sites)
-    for k, v in s.base.items():
-        lm.model.get_parameter(k).data.copy_(v)
+    restore(lm, s.base)  # the base weights and their identity
     last = Journal(out).path(1)
     last.write_bytes(last.read_bytes()[:100])  # torn by a crash
     (out / "journal" / ".batch-000002.safetensors.tmp").write_bytes(b"half")
@@ -132,7 +132,9 @@ def test_torn_tail_dropped_and_replayed(pristine, tmp_path):
 
 def test_resume_refuses_a_different_run(pristine, tmp_path):
     out = tmp_path / "run"
-    session(pristine, n=2, out=out).run()
+    s = session(pristine, n=2, out=out)
+    s.run()
+    restore(pristine, s.base)
     with pytest.raises(EditfastError, match="batch_size"):
         session(pristine, n=2, batch_size=1, out=out).run(resume=True)
     with pytest.raises(EditfastError, match="dataset"):

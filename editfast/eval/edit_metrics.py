@@ -38,7 +38,8 @@ class ContinuationScore:
 
 @torch.no_grad()
 def score_continuations(
-    model: torch.nn.Module, tokenizer: Any, pairs: Sequence[tuple[str, str]], batch_size: int = 32
+    model: torch.nn.Module, tokenizer: Any, pairs: Sequence[tuple[str, str]], batch_size: int = 32,
+    progress: bool = False, desc: str = "edit metrics"
 ) -> list[ContinuationScore]:
     """Score each (context, continuation) pair; the continuation carries its own leading space.
 
@@ -46,7 +47,7 @@ def score_continuations(
     as ROME/MEMIT's evaluation does. Identical pairs are scored once. The scoring itself is the
     evaluation engine's (``Engine.score_ids``): contexts run once and are KV-cached, and the
     fused log-prob kernel never materialises [B, T, V] logits. ``batch_size`` sets the engine's
-    token budget (64 tokens a row).
+    token budget (64 tokens a row). ``progress``: a bar named ``desc`` over the pairs.
     """
 
     if batch_size < 1:
@@ -61,14 +62,14 @@ def score_continuations(
         if not c_ids or not t_ids:
             raise RequestError(f"cannot score {t!r} after {c!r}: context and continuation must be non-empty")
     lm = SimpleNamespace(model=model, tokenizer=tokenizer, spec=type(model).__name__)
-    results = Engine(lm, batch_tokens=64 * batch_size, progress=False).score_ids(seqs, desc="edit metrics")
+    results = Engine(lm, batch_tokens=64 * batch_size, progress=progress).score_ids(seqs, desc=desc)
     scores = {p: ContinuationScore(r.logprob, r.n_tokens, -r.logprob / r.n_tokens, r.n_greedy)
               for p, r in zip(unique, results)}
     return [scores[p] for p in pairs]
 
 
 def counterfact_metrics(
-    model: torch.nn.Module, tokenizer: Any, requests: Sequence[Request], batch_size: int = 32
+    model: torch.nn.Module, tokenizer: Any, requests: Sequence[Request], batch_size: int = 32, **progress
 ) -> list[dict[str, Any]]:
     """Per request: `p_new`, `p_true` on the rewrite prompt; `efficacy_success` (P(new) > P(true))
     and `efficacy_magnitude` (P(new) - P(true)); `paraphrase_success` / `_magnitude` (means over
@@ -84,7 +85,7 @@ def counterfact_metrics(
             pairs += [(p, new), (p, true)]
         for p in r.neighborhood_prompts:
             pairs += [(p, new), (p, nb_true)]
-    scores = iter(score_continuations(model, tokenizer, pairs, batch_size))
+    scores = iter(score_continuations(model, tokenizer, pairs, batch_size, **progress))
 
     def take(n: int) -> list[tuple[ContinuationScore, ContinuationScore]]:
         return [(next(scores), next(scores)) for _ in range(n)]
@@ -110,7 +111,7 @@ def counterfact_metrics(
 
 
 def zsre_metrics(
-    model: torch.nn.Module, tokenizer: Any, requests: Sequence[Request], batch_size: int = 32
+    model: torch.nn.Module, tokenizer: Any, requests: Sequence[Request], batch_size: int = 32, **progress
 ) -> list[dict[str, Any]]:
     """Per request, MEMIT's token accuracies (teacher-forced argmax hits, pooled over the
     prompts of a kind): `rewrite_acc` and `paraphrase_acc` of " " + target_new,
@@ -122,7 +123,7 @@ def zsre_metrics(
         new = " " + r.target_new
         pairs += [(p, new) for p in (r.filled(), *r.paraphrase_prompts)]
         pairs += [(p, " " + str(r.neighborhood_target)) for p in r.neighborhood_prompts]
-    scores = iter(score_continuations(model, tokenizer, pairs, batch_size))
+    scores = iter(score_continuations(model, tokenizer, pairs, batch_size, **progress))
 
     def acc(n: int) -> float | None:
         """Token accuracy pooled over the ``n`` next prompts' target tokens."""
@@ -166,9 +167,12 @@ def metric_kind(requests: Sequence[Request]) -> str:
     return "counterfact" if all(r.target_true for r in requests) else "zsre"
 
 
-def edit_metrics(lm, requests: Sequence[Request], kind: str, batch_size: int = 32) -> list[dict]:
+def edit_metrics(lm, requests: Sequence[Request], kind: str, batch_size: int = 32, progress: bool = False,
+                 desc: str = "edit metrics") -> list[dict]:
+    """Per request, ``kind``'s metrics (``counterfact_metrics`` or ``zsre_metrics``); ``progress``: a bar named
+    ``desc`` over the scored pairs."""
     fn = {"counterfact": counterfact_metrics, "zsre": zsre_metrics}[kind]
-    return fn(lm.model, lm.tokenizer, list(requests), batch_size=batch_size)
+    return fn(lm.model, lm.tokenizer, list(requests), batch_size=batch_size, progress=progress, desc=desc)
 
 
 def headline_edit_metric(metrics: dict | None) -> tuple[str, float] | None:

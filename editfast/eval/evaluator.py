@@ -1,5 +1,7 @@
 """General-ability evaluation at a session's checkpoints: the tasks' requests built once, one
-engine, the unedited model's results cached by the model's fingerprint.
+engine, the unedited model's results cached by the fingerprint of the weights they measured
+(``LoadedModel.weights_fingerprint``: a model edited since it was loaded has its own). Each cache
+file holds the key it was written under, and is read only under that key.
 """
 
 from __future__ import annotations
@@ -48,9 +50,13 @@ class Evaluator:
     def key(self, task: str, protocol: str) -> str:
         return f"{task}:{protocol}" if self.keyed else task
 
+    def cache_key(self, task: str, protocol: str, limit: int | None) -> list:
+        """What a cached result is keyed by: the weights as they are now, the task and its settings."""
+        return [self.lm.weights_fingerprint, task, protocol, limit, self.seed, str(self.lm.dtype),
+                self.lm.device.type]
+
     def cache_file(self, task: str, protocol: str, limit: int | None) -> Path:
-        key = json.dumps([self.lm.fingerprint, task, protocol, limit, self.seed, str(self.lm.dtype),
-                          self.lm.device.type])
+        key = json.dumps(self.cache_key(task, protocol, limit))
         return cache_dir() / "eval" / f"{task}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
 
     def run(self, base: bool = False) -> dict[str, dict]:
@@ -66,9 +72,12 @@ class Evaluator:
                     if not f.is_file():
                         continue
                     try:
-                        doc = TaskResult.from_json(json.loads(f.read_text())).to_json(self.lm.spec, self.seed)
+                        saved = json.loads(f.read_text())
+                        if saved.get("cache_key") != self.cache_key(name, p, lim):
+                            continue  # written under another key (or before keys were kept): a miss, rewritten
+                        doc = TaskResult.from_json(saved).to_json(self.lm.spec, self.seed)
                         out[self.key(name, p)] = {**doc, "cached": True}
-                    except (OSError, ValueError, KeyError, TypeError) as e:
+                    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
                         warnings.warn(f"ignoring the corrupt cache file {f} ({e}); evaluating again", RuntimeWarning,
                                       stacklevel=2)
                 missing = [n for n in names if self.key(n, p) not in out]
@@ -78,7 +87,9 @@ class Evaluator:
             for t in plan.run(self.lm, engine=self.engine, progress=self.progress).tasks:
                 doc = t.to_json(self.lm.spec, self.seed)
                 if base:
-                    write_cache(self.cache_file(t.task, p, lim), json.dumps(doc, indent=2, default=str) + "\n")
+                    key = self.cache_key(t.task, p, lim)
+                    write_cache(self.cache_file(t.task, p, lim),
+                                json.dumps({**doc, "cache_key": key}, indent=2, default=str) + "\n")
                 out[self.key(t.task, p)] = doc
         order = [self.key(t.name, p) for p, _, plan in self.plans for t, _, _ in plan.entries]
         return {k: out[k] for k in order}

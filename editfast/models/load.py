@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -107,9 +107,33 @@ class LoadedModel:
     tokenizer: Any  # HF tokenizer; pad token set, padding on the right
     sites: Adapter | ModelError  # the adapter, or why the edit sites were not found (see `adapter`)
     spec: str  # what the user passed
-    fingerprint: str  # sha256 hex identifying the weights (for cache keys); independent of dtype
+    fingerprint: str  # sha256 hex identifying the weights as loaded (the file or folder); independent of dtype
     dtype: torch.dtype
     device: torch.device
+    # what changed the weights since loading: per weight (or installed module), the digests of the
+    # updates applied to it, in order (``models.update`` keeps it; see ``weights_fingerprint``)
+    changes: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
+
+    @property
+    def weights_fingerprint(self) -> str:
+        """The identity of the weights as they are now, for whatever records or caches a result:
+        ``fingerprint`` while nothing changed them since loading, else the sha256 of it and every
+        weight's chain of update digests (updates to different weights commute, so the chains are
+        taken by weight name, not in the order they came)."""
+        if not self.changes:
+            return self.fingerprint
+        doc = json.dumps([self.fingerprint, sorted([k, list(v)] for k, v in self.changes.items())])
+        return hashlib.sha256(doc.encode()).hexdigest()
+
+    @property
+    def edited(self) -> bool:
+        """Whether the weights changed since loading (through editfast's updates or installed modules)."""
+        return bool(self.changes)
+
+    def advance(self, name: str, digest: str) -> None:
+        """Record that ``name`` (a weight, or a module a routed method installs) changed by ``digest``
+        (the change's content: an update's tensors, or the digest of a method's journaled state)."""
+        self.changes[name] = (*self.changes.get(name, ()), digest)
 
     @property
     def adapter(self) -> Adapter:

@@ -12,6 +12,11 @@ journaled (``to_tensors``/``from_tensors``) and undone (by replay from the base 
 same way. ``guard`` snapshots the weights a block may write so a failed edit leaves them exactly
 as they were.
 
+Every write keeps the model's weights identity (``LoadedModel.weights_fingerprint``): ``apply_update``
+appends the update's digest (``update_digest``) to the chain of the weight it changes, ``restore``
+puts back the chains a ``snapshot`` took with the weights, so caches and run folders are keyed by
+the weights they measured.
+
 Nothing malformed or non-finite reaches the weights: ``from_tensors`` refuses a journal index or
 tensors that are not a well-formed update (``check_update``), ``validate_updates`` checks a whole
 journal against a model before any of it is applied, and ``apply_update`` refuses non-finite
@@ -21,6 +26,7 @@ was. Every refusal is an ``EditfastError`` naming the update and the weight.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -200,6 +206,23 @@ def apply_update(lm, update: Update, alpha: float = 1.0) -> None:
         if not _all_finite(new):
             _overflow(update, W)
         W_oi.copy_(new)
+    lm.advance(update.weight, update_digest(update, alpha))
+
+
+def tensor_digest(h, t: torch.Tensor) -> None:
+    """Feed ``t``'s dtype, shape and bytes to the hash ``h``."""
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}|{list(t.shape)}|".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy())  # the bytes in place, not copied
+
+
+def update_digest(u: Update, alpha: float = 1.0) -> str:
+    """sha256 of an update's kind, weight, scale and tensors: the content of one change of a weight."""
+    h = hashlib.sha256(json.dumps([_KIND_OF[type(u)], u.weight, float(alpha)]).encode())
+    for part, t in u.tensors().items():
+        h.update(part.encode())
+        tensor_digest(h, t)
+    return h.hexdigest()
 
 
 def _cannot_overflow(W: torch.Tensor, U: torch.Tensor, V: torch.Tensor, alpha: float) -> bool:
@@ -302,14 +325,32 @@ def guard(lm, weights: Sequence[str]) -> Iterator[None]:
         raise
 
 
+class Snapshot(dict):
+    """Copies of weights by name, and each weight's chain of changes when it was taken (``changes``)."""
+    changes: dict[str, tuple[str, ...]]
+
+
 @torch.no_grad()
 def restore(lm, saved: dict[str, torch.Tensor]) -> None:
-    """Put back the weights of a ``snapshot`` bit for bit (the exact undo of any updates since)."""
+    """Put back the weights of a ``snapshot`` bit for bit (the exact undo of any updates since), and
+    their identity with them. Tensors from elsewhere (a plain dict) are a change of their own: each
+    weight's chain takes the digest of what was written."""
     for w, t in saved.items():
         weight_param(lm.model, w)[0].copy_(t)
+        if isinstance(saved, Snapshot):
+            if saved.changes.get(w):
+                lm.changes[w] = saved.changes[w]
+            else:
+                lm.changes.pop(w, None)
+        else:
+            h = hashlib.sha256(b"restore|")
+            tensor_digest(h, t)
+            lm.advance(w, h.hexdigest())
 
 
-def snapshot(lm, weights: Sequence[str | Update]) -> dict[str, torch.Tensor]:
+def snapshot(lm, weights: Sequence[str | Update]) -> Snapshot:
     """Copies of ``weights`` (parameter names, or updates standing for the weight each changes)."""
     names = (w if isinstance(w, str) else w.weight for w in weights)
-    return {w: weight_param(lm.model, w)[0].detach().clone() for w in dict.fromkeys(names)}
+    saved = Snapshot({w: weight_param(lm.model, w)[0].detach().clone() for w in dict.fromkeys(names)})
+    saved.changes = {w: lm.changes.get(w, ()) for w in saved}
+    return saved

@@ -212,10 +212,11 @@ def load_run(run_dir: str | Path, lm=None) -> tuple[dict[str, Any], list[Entry]]
     config = doc["config"]
     config["_hparams"] = doc.get("hparams")
     config["_templates"] = doc.get("templates") or doc.get("context_templates")
-    if lm is not None and config.get("model_fingerprint") != lm.fingerprint:
+    if lm is not None and config.get("model_fingerprint") != lm.weights_fingerprint:  # edited since loading: not it
         raise EditfastError(f"edit run {run} was made on model {config.get('model')!r} "
                             f"(fingerprint {str(config.get('model_fingerprint'))[:12]}), not on {lm.spec!r} "
-                            f"(fingerprint {lm.fingerprint[:12]})")
+                            f"({'edited since loading, weights' if lm.edited else 'fingerprint'} "
+                            f"{lm.weights_fingerprint[:12]})")
     entries = Journal(run).read()
     if not entries:
         raise EditfastError(f"{run} holds no journal entries")

@@ -160,6 +160,11 @@ class EditResult:
 
     def save(self, out_dir: str | Path) -> Path:
         """results.json, the journal (one file per batch) and, with checkpoints, curve.json/png."""
+        if self.config.get("weights_fingerprint", self.config.get("model_fingerprint")) != \
+                self.config.get("model_fingerprint"):
+            raise EditfastError(f"this run started on {self.config.get('model')} edited since it was loaded (weights "
+                                f"{self.config['weights_fingerprint'][:12]}); its journal cannot be replayed onto the "
+                                "loaded weights, so it is not saved as a run folder")
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         if self.entries and not Journal(out).exists():
@@ -226,13 +231,18 @@ class EditSession:
         if self.checkpoints and not (self.evaluator or evaluate):
             raise EditfastError("--eval-at needs something to evaluate (edit metrics or --eval tasks)")
         self.out = Path(out) if out is not None else None
+        if lm.edited and self.out is not None:
+            raise EditfastError(f"{lm.spec} was edited in this process since it was loaded; a run folder's journal "
+                                "is replayed onto the loaded weights (undo, export, --resume), so it cannot start "
+                                "here: load the model again for a run with out=, or run without out=")
         self.kind = metric_kind(self.requests)
         self.sites = self.method.sites(lm, self.hp)
         self.base = snapshot(lm, self.sites)  # W0 of every weight the method writes
         self.entries: list[Entry] = []
         self.state = None
         self.config = {
-            "model": lm.spec, "model_fingerprint": lm.fingerprint, "dtype": str(lm.dtype), "device": str(lm.device),
+            "model": lm.spec, "model_fingerprint": lm.fingerprint, "weights_fingerprint": lm.weights_fingerprint,
+            "dtype": str(lm.dtype), "device": str(lm.device),
             "method": self.method.name, "n": len(self.requests), "batch_size": self.batch_size, "seed": seed,
             "backend": backend, "templates": self.template_mode, "dataset": dataset or {},
             "requests_sha256": requests_digest(self.requests), "eval_tasks": eval_tasks, "eval_limit": eval_limit,
@@ -338,7 +348,8 @@ class EditSession:
         point: dict[str, Any] = {"edits": k, "batches": len(self.entries), "seconds": edit_seconds}
         if self.evaluate:
             reqs = self.requests[:k] if k else self.requests
-            per = edit_metrics(self.lm, reqs, self.kind, self.eval_batch_size)
+            per = edit_metrics(self.lm, reqs, self.kind, self.eval_batch_size, progress=self.progress,
+                               desc=f"edit metrics at {k} edits")
             point["edit_metrics"] = {key: v for key, v in summarize(per).items() if key != "n"}
             point["edit_metrics_of"] = "edited so far" if k else "all requests, unedited"
             if k == len(self.requests):
@@ -370,7 +381,8 @@ class EditSession:
         n = len(self.requests)
         if self.evaluate and self._pre is None:
             t = time.perf_counter()
-            self._pre = edit_metrics(self.lm, self.requests, self.kind, self.eval_batch_size)
+            self._pre = edit_metrics(self.lm, self.requests, self.kind, self.eval_batch_size,
+                                     progress=self.progress, desc="scoring before the edits")
             self.timings["eval_pre_s"] = time.perf_counter() - t
             if self.out is not None:
                 write_json(self.out / "journal" / "pre.json", self._pre)
@@ -417,7 +429,8 @@ class EditSession:
     def _result(self, edit_s: float, wall_edit_s: float, total_s: float) -> EditResult:
         if self.evaluate and self._post is None:
             t = time.perf_counter()
-            self._post = edit_metrics(self.lm, self.requests, self.kind, self.eval_batch_size)
+            self._post = edit_metrics(self.lm, self.requests, self.kind, self.eval_batch_size,
+                                      progress=self.progress, desc="scoring after the edits")
             self.timings["eval_post_s"] = time.perf_counter() - t
         n = len(self.requests)
         tm = self.timings

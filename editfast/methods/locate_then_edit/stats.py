@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import sys
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -124,8 +125,14 @@ _ROOT: contextvars.ContextVar[Path | None] = contextvars.ContextVar("editfast_st
 
 
 def stats_root() -> Path:
-    """Where cached statistics live: the ``stats_location`` in effect, else ``cache_dir()/stats``."""
+    """Where statistics are written: the ``stats_location`` in effect (a hparams file's ``stats_dir``), else
+    ``cache_dir()/stats``."""
     return _ROOT.get() or cache_dir() / "stats"
+
+
+def stats_roots() -> list[Path]:
+    """Where statistics are looked for, in order: the ``stats_location`` in effect, then ``cache_dir()/stats``."""
+    return list(dict.fromkeys([stats_root(), cache_dir() / "stats"]))
 
 
 @contextmanager
@@ -143,12 +150,16 @@ def cache_tag(corpus_key: str, n_samples: int, max_tokens: int, mom2_dtype: str,
     return hashlib.sha256(f"{corpus_key}|{n_samples}|{max_tokens}|{mom2_dtype}|{model_dtype}".encode()).hexdigest()[:16]
 
 
-def cache_file(fingerprint: str, layer: int, tag: str) -> Path:
-    return stats_root() / fingerprint[:24] / f"layer{layer}-{tag}.safetensors"
+def cache_file(fingerprint: str, layer: int, tag: str, root: Path | None = None) -> Path:
+    """The statistics file of ``layer`` for the weights ``fingerprint`` under ``root`` (default: where they are
+    written, ``stats_root()``)."""
+    return (root or stats_root()) / fingerprint[:24] / f"layer{layer}-{tag}.safetensors"
 
 
-def _cache_file(lm, layer: int, corpus: str, n_samples: int, max_tokens: int, dtype: str) -> Path:
-    return cache_file(lm.fingerprint, layer, cache_tag(corpus, n_samples, max_tokens, dtype, lm.dtype))
+def _cache_file(lm, layer: int, corpus: str, n_samples: int, max_tokens: int, dtype: str,
+                root: Path | None = None) -> Path:
+    """Keyed by the weights as they are now: a model edited since loading has statistics of its own."""
+    return cache_file(lm.weights_fingerprint, layer, cache_tag(corpus, n_samples, max_tokens, dtype, lm.dtype), root)
 
 
 def _save_partial(path: Path, state: dict) -> bool:
@@ -248,7 +259,7 @@ def check_corpus(hp, model_dtype: str = "float32") -> None:
         if hp.mom2_dataset in HUB:
             dt = str(getattr(torch, str(model_dtype).removeprefix("torch."), model_dtype))
             tag = cache_tag(hp.mom2_dataset, hp.mom2_n_samples, hp.mom2_max_tokens, hp.mom2_dtype, dt)
-            if all(any(stats_root().glob(f"*/layer{l}-{tag}.safetensors")) for l in hp.layers):
+            if all(any(any(r.glob(f"*/layer{l}-{tag}.safetensors")) for r in stats_roots()) for l in hp.layers):
                 return
         raise
 
@@ -272,7 +283,7 @@ def second_moments(lm, layers: Sequence[int], hp, progress: bool = True, use_cac
                            "tokens (C would be 0/0); it must be >= 1")
     corpus, n = corpus_plan(hp)
     d = lm.adapter.d_mlp(lm.model)
-    key = lambda l, size: _cache_file(lm, l, corpus.key, size, hp.mom2_max_tokens, hp.mom2_dtype)
+    key = lambda l, size, root=None: _cache_file(lm, l, corpus.key, size, hp.mom2_max_tokens, hp.mom2_dtype, root)
     files = {l: key(l, n) for l in layers}
     out: dict[int, torch.Tensor] = {}
     info = {} if info is None else info
@@ -284,10 +295,11 @@ def second_moments(lm, layers: Sequence[int], hp, progress: bool = True, use_cac
         missing = []
         for l in ls:
             found = None
-            if use_cache:
-                found = _load_moment(files[l], d, dtype)
-                if found is None and n < hp.mom2_n_samples and corpus.kind == "bundled":
-                    found = _load_moment(key(l, hp.mom2_n_samples), d, dtype)  # written before the cap
+            sizes = [n, hp.mom2_n_samples] if n < hp.mom2_n_samples and corpus.kind == "bundled" else [n]
+            for root in stats_roots() if use_cache else ():  # the hparams' stats_dir, then editfast's cache
+                for size in sizes:  # a file of the bundled corpus written under the requested size, before the cap
+                    if found is None:
+                        found = _load_moment(key(l, size, root), d, dtype)
             if found is not None:
                 out[l] = found[0]
                 record(l, int(found[1]["tokens"]), n, True)
@@ -307,7 +319,24 @@ def second_moments(lm, layers: Sequence[int], hp, progress: bool = True, use_cac
     with cache_lock(files[missing[0]].with_name(f".{tag}.lock")) if locking else nullcontext():
         if locking and not (missing := lookup(missing)):
             return out
+        if progress and dist.is_main():
+            tqdm.write(computing_line(lm, missing, hp, n, files[missing[0]].parent if use_cache else None),
+                       file=sys.stderr)
         return _compute(lm, missing, hp, corpus, n, key, out, record, progress, use_cache, checkpoint_every)
+
+
+def computing_line(lm, layers: Sequence[int], hp, n: int, where: Path | None) -> str:
+    """The line said before statistics are computed: what, why (looked for where, or the model edited since
+    it was loaded) and where they will be written."""
+    ls = ", ".join(map(str, layers))
+    what = (f"statistics of layer{'s' if len(layers) > 1 else ''} {ls} ({hp.mom2_dataset}, {n:,} texts, "
+            f"<= {hp.mom2_max_tokens} tokens each, {hp.mom2_dtype})")
+    if where is None:
+        return f"{what}: computing them (the cache is not used)"
+    why = " or ".join(str(r) for r in stats_roots())
+    if lm.edited:
+        why += f" for these weights ({lm.spec} edited since it was loaded: {lm.weights_fingerprint[:12]})"
+    return f"{what} are not in {why}: computing them in one pass, to be written to {where}"
 
 
 def _compute(lm, missing: list[int], hp, corpus: Corpus, n: int, key, out: dict, record, progress: bool,
