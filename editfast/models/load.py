@@ -290,8 +290,9 @@ def _tok_dir(tokenizer: Any) -> Path | None:
 
 def _unknown(spec: str) -> ModelError:
     return ModelError(f"unknown model {spec!r}: expected a Hugging Face directory with config.json "
-                      f"and safetensors, a .gguf file, one of {', '.join(ALIASES)}, or random:<preset> "
-                      f"with preset in {', '.join(RANDOM_PRESETS)}")
+                      f"and safetensors, a Hub id already in the local Hugging Face cache (org/name, e.g. "
+                      f"openai-community/gpt2; editfast never downloads), a .gguf file, one of {', '.join(ALIASES)}, "
+                      f"or random:<preset> with preset in {', '.join(RANDOM_PRESETS)}")
 
 
 def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
