@@ -327,10 +327,10 @@ def model_card(config: dict[str, Any], hparams: dict[str, Any] | None, edits: Se
             ""]
     if adapter:
         body += [f"LoRA rank {adapter['r']} on {len(adapter['target_modules'])} module(s) "
-                 f"({', '.join(adapter['target_modules'])}); lora_alpha = r (scaling 1). Merged into the base "
-                 "model it gives the edited model's weights:", "",
-                 "```python", "from peft import PeftModel",
-                 "model = PeftModel.from_pretrained(base_model, ADAPTER_DIR)  # .merge_and_unload() to merge",
+                 f"({', '.join(adapter['target_modules'])}); lora_alpha = r (scaling 1). On the base model it is "
+                 "the edited model (`.merge_and_unload()`: its weights):", "",
+                 "```python", "from peft import AutoPeftModelForCausalLM",
+                 "model = AutoPeftModelForCausalLM.from_pretrained(ADAPTER_DIR)  # loads base_model, offline",
                  "```", ""]
     body += ["## Hyper-parameters", "", "| key | value |", "|---|---|"]
     body += [f"| {_cell(k)} | {_cell(json.dumps(v))} |" for k, v in sorted((hparams or {}).items())]
