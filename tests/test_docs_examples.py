@@ -28,7 +28,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-FENCE = re.compile(r"^(?P<fence>```|~~~)(?P<lang>[^\n`]*)\n(?P<code>.*?)^(?P=fence)[ \t]*$", re.M | re.S)
+FENCE = re.compile(r"^(?P<fence>```|~~~)(?P<lang>[^\n`]*)\n(?P<code>.*?)^(?P=fence)[ \t]*$", re.MULTILINE | re.DOTALL)
 MARK = re.compile(r"<!--\s*not run:\s*(?P<why>\S.*?)\s*-->\s*$")
 TEXT = {"", "text"}  # output, synopses: not code
 
@@ -96,8 +96,8 @@ def home(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(home)
     try:
-        for cmd in ["editfast edit --method memit --n 2 --model random:tiny-llama --templates fixed --no-eval --quiet "
-                    "--set v_num_grad_steps=3 --out runs/memit-10",
+        for cmd in [("editfast edit --method memit --n 2 --model random:tiny-llama --templates fixed --no-eval --quiet "
+                     "--set v_num_grad_steps=3 --out runs/memit-10"),
                     "editfast export-base random:tiny-llama base/tiny-llama --quiet",
                     "editfast export runs/memit-10 --lora adapters/memit-10 --base base/tiny-llama --quiet"]:
             run_command(cmd)
