@@ -58,6 +58,7 @@ DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's default for generate_until
 TASKS_DIR = PACKAGE_DATA / "lm_eval"  # lm-eval task files of editfast's bundled tasks (offline)
 MODEL_ARGS = ("pretrained", "model", "dtype", "device", "edits", "batch_tokens", "max_length", "progress")
 IGNORED_ARGS = ("batch_size", "max_batch_size")  # lm-eval's; the engine batches by tokens
+DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")  # what load_model takes
 
 
 def task_manager(include_path: str | Path | list | None = None, include_defaults: bool = True):
@@ -85,7 +86,8 @@ def check_model_args(args: dict) -> dict:
                             "give one")
     if pretrained is not None:
         args["model"] = pretrained
-    if args.get("dtype") is not None and str(args["dtype"]) not in ("float32", "bfloat16", "float16"):
+    dtype = args.get("dtype")
+    if dtype is not None and not isinstance(dtype, torch.dtype) and str(dtype) not in DTYPE_NAMES:
         raise EditfastError(f"editfast model: dtype={args['dtype']}: use float32, bfloat16 or float16")
     for key in ("batch_tokens", "max_length"):
         v = args.get(key)

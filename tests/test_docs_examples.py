@@ -115,7 +115,9 @@ def home(tmp_path_factory):
 
 @pytest.fixture
 def workdir(home, tmp_path, monkeypatch):
-    """A fresh working directory holding a copy of ``home`` (the base model linked, not copied)."""
+    """A fresh working directory holding a copy of ``home`` (the base model linked, not copied) and,
+    as in a checkout, the repository's ``studies/``."""
+    (tmp_path / "studies").symlink_to(ROOT / "studies")
     for entry in home.iterdir():
         if entry.name == "base":
             (tmp_path / "base").symlink_to(entry)

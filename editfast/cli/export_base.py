@@ -17,9 +17,12 @@ from editfast.session.export import export_base
 @click.option("--force", is_flag=True, help="Replace what OUT holds (only once the model has loaded).")
 @quiet_option
 def export_base_cmd(model, out, dtype, force, quiet):
-    """The model MODEL (smollm2-135m, a .gguf file, random:<preset>, a Hub id in the local cache, a
-    folder) written into OUT in Hugging Face layout: transformers' from_pretrained(OUT) loads it, and
-    'editfast export RUN --lora DIR --base OUT' names it in the adapter."""
+    """A model (smollm2-135m, a .gguf file, a random: preset, ...) as a folder in Hugging Face layout,
+    for transformers and PEFT's AutoPeftModelForCausalLM.
+
+    MODEL is any model editfast loads (also a Hub id in the local cache, or a folder); OUT gets its
+    config, safetensors and tokenizer: transformers' from_pretrained(OUT) loads it, and 'editfast
+    export RUN --lora DIR --base OUT' names it in the adapter."""
     if not str(out).strip():
         raise click.UsageError("OUT must name a directory, got an empty path")
     s = export_base(model, out, dtype=dtype, force=force)
