@@ -15,20 +15,24 @@ cannot rot or mislead.
   fails unless marked.
 
 SUBSTITUTIONS is the one place where the examples are changed to run in the test suite's time:
-SmolLM2 becomes the tiny random Llama and the documented sizes small ones. Nothing else is changed.
+SmolLM2 becomes the tiny random Llama and the documented sizes small ones. Nothing else is changed:
+a new block runs at the sizes it states, so keep examples small, add its substitution here, or
+mark it.
 """
 
 import os
 import re
 import shlex
 import shutil
+import textwrap
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-FENCE = re.compile(r"^(?P<fence>```|~~~)(?P<lang>[^\n`]*)\n(?P<code>.*?)^(?P=fence)[ \t]*$", re.MULTILINE | re.DOTALL)
+FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>```|~~~)(?P<lang>[^\n`]*)\n(?P<code>.*?)^(?P=indent)(?P=fence)[ \t]*$",
+                   re.MULTILINE | re.DOTALL)  # also a block indented in a list item
 MARK = re.compile(r"<!--\s*not run:\s*(?P<why>\S.*?)\s*-->\s*$")
 TEXT = {"", "text"}  # output, synopses: not code
 
@@ -36,7 +40,7 @@ SUBSTITUTIONS = [  # (pattern, replacement, why): applied to every runnable bloc
     (r"smollm2-135m", "random:tiny-llama", "the tiny random Llama instead of SmolLM2 (seconds, not minutes)"),
     (r"\bn=10\b", "n=2", "2 requests instead of 10"),
     (r"eval_limit=50\b", "eval_limit=2", "2 examples per task"),
-    (r"eval_at=\[0, 5, 10\]", "eval_at=[0, 1, 2]", "checkpoints within the 2 edits"),
+    (r"eval_at=\[0, 5, 10\]", "eval_at=[0, 2]", "checkpoints within the 2 edits"),
     (r"\.undo\(5\)", ".undo(1)", "undo within the 2 edits"),
     (r"task_manager\(\)", "task_manager(include_defaults=False)",
      "editfast's task files only: lm-eval's own index costs seconds and is not what the example runs"),
@@ -60,7 +64,8 @@ def blocks() -> list:
             line = text.count("\n", 0, m.start()) + 1
             before = text[: m.start()].rstrip("\n").rsplit("\n", 1)[-1]
             mark = MARK.search(before)
-            out.append(pytest.param(page, line, m["lang"].strip().lower(), m["code"], mark and mark["why"],
+            code = textwrap.dedent(m["code"])
+            out.append(pytest.param(page, line, m["lang"].strip().lower(), code, mark and mark["why"],
                                     id=f"{page.relative_to(ROOT).as_posix()}:{line}"))
     return out
 
