@@ -1,8 +1,8 @@
 """Exports of an edit run: a PEFT LoRA adapter of its journal, and the model card of a saved model.
 
     lora_from_run("runs/memit-10", "adapters/memit-10")          # editfast export RUN --lora DIR
-    base = AutoModelForCausalLM.from_pretrained(...)               # the run's base model
-    model = peft.PeftModel.from_pretrained(base, "adapters/memit-10")   # = the edited model
+    model = peft.AutoPeftModelForCausalLM.from_pretrained("adapters/memit-10")   # = the edited model
+    export_base("random:tiny-llama", "base/tiny-llama")          # editfast export-base MODEL DIR
 
 A run's journal already is a LoRA: every update is ΔW = U Vᵀ on one named weight (``update.py``),
 and the edited weight is W₀ + Σ ΔW. For each edited module the adapter holds one LoRA whose
