@@ -143,6 +143,10 @@ def test_the_runner_finds_the_blocks():
         ["editfast a --b 1", "python -m editfast.harness run"]
     assert substituted('load_model("smollm2-135m"); load_dataset("counterfact", n=10)') == \
         'load_model("random:tiny-llama"); load_dataset("counterfact", n=2)'
+    assert MARK.search("<!-- not run: needs a GPU -->")["why"] == "needs a GPU"
+    assert MARK.search("<!-- not run: -->") is None  # a marker states its reason
+    with pytest.raises(pytest.fail.Exception, match="mark its block"):
+        run_command("pip install editfast")
 
 
 @pytest.mark.parametrize("page, line, lang, code, not_run", blocks())
