@@ -280,6 +280,9 @@ def test_export_base_makes_a_random_base_loadable(runs, tmp_path, capsys):
     code, out, err = run_cli(["export-base", spec, str(tmp_path / "base")], capsys)
     assert code == 0 and (tmp_path / "base" / "config.json").is_file(), err
     assert_refused(["export-base", spec, str(tmp_path / "base")], capsys, "not empty")
+    assert_refused(["export-base", str(tmp_path / "base"), str(tmp_path / "base"), "--force"], capsys,
+                   "the model's own folder")
+    assert (tmp_path / "base" / "config.json").is_file()
     lora = tmp_path / "lora"
     code, out, err = run_cli(["export", str(run), "--lora", str(lora), "--base", str(tmp_path / "base")], capsys)
     assert code == 0 and err == "" and str((tmp_path / "base").resolve()) in out, err

@@ -266,6 +266,8 @@ def export_base(model, out_dir: str | Path, *, dtype: str = "float32", force: bo
     names it in an adapter. Returns {"model", "model_fingerprint", "path"}."""
     if dtype not in DTYPES:
         raise EditfastError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if isinstance(model, (str, Path)) and Path(model).expanduser().resolve() == Path(out_dir).expanduser().resolve():
+        raise EditfastError(f"{str(out_dir)!r} is the model's own folder: write it elsewhere")
     lm = model if not isinstance(model, (str, Path)) else load_model(str(model), dtype=dtype)
     meta = {"model": lm.spec, "model_fingerprint": lm.fingerprint, "dtype": dtype}
     with OutputDir(out_dir, staged=True, force=force) as od:
