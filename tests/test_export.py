@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import assert_refused, run_cli
-from peft import PeftModel
+from peft import AutoPeftModelForCausalLM, PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 
+import editfast
 from editfast.core.errors import EditfastError
 from editfast.models.load import load_model
 from editfast.models.update import Dense, LowRank, Sparse, apply_update
@@ -248,3 +249,52 @@ def test_saved_models_permissions_and_card(runs):
 def test_api_refuses_an_unknown_dtype(runs, tmp_path):
     with pytest.raises(EditfastError, match="dtype"):
         lora_from_run(runs["memit"][0], tmp_path / "x", dtype="int8")
+
+
+def test_auto_peft_loads_a_smollm2_adapter_offline(pristine, tmp_path, monkeypatch):
+    """AutoPeftModelForCausalLM.from_pretrained(adapter) alone, offline: the adapter names SmolLM2's
+    folder in Hugging Face layout (the cache's conversion), and the model it loads is the edited one."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    reqs = editfast.load_dataset("counterfact", n=1)
+    editfast.edit(pristine, reqs, method="rome", seed=0, templates="fixed", evaluate=False, progress=False,
+                  overrides={"v_num_grad_steps": 3, "mom2_adjustment": False}).save(tmp_path / "run")
+    s = lora_from_run(tmp_path / "run", tmp_path / "lora")
+    assert s["warnings"] == [] and Path(s["base_model"]).is_dir()
+    cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == s["base_model"]
+    assert f"base_model: {json.dumps(s['base_model'])}" in (tmp_path / "lora" / "README.md").read_text()
+    model = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "lora"))
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, pristine.model(ids).logits, rtol=1e-5, atol=1e-4)
+
+
+def test_export_base_makes_a_random_base_loadable(runs, tmp_path, capsys):
+    """A random: base has no Hugging Face folder: the export warns how to get one; export-base writes
+    it, --base names it, and AutoPeftModelForCausalLM then loads the edited model; --base of another
+    model or of no model folder is refused, nothing written."""
+    run, saved_dir, spec = runs["memit"]
+    code, _, err = run_cli(["export", str(run), "--lora", str(tmp_path / "plain")], capsys)
+    assert code == 0 and "export-base random:tiny-llama DIR" in err, err
+    assert json.loads((tmp_path / "plain" / "adapter_config.json").read_text())["base_model_name_or_path"] == spec
+    code, out, err = run_cli(["export-base", spec, str(tmp_path / "base")], capsys)
+    assert code == 0 and (tmp_path / "base" / "config.json").is_file(), err
+    assert_refused(["export-base", spec, str(tmp_path / "base")], capsys, "not empty")
+    assert_refused(["export-base", str(tmp_path / "base"), str(tmp_path / "base"), "--force"], capsys,
+                   "the model's own folder")
+    assert (tmp_path / "base" / "config.json").is_file()
+    lora = tmp_path / "lora"
+    code, out, err = run_cli(["export", str(run), "--lora", str(lora), "--base", str(tmp_path / "base")], capsys)
+    assert code == 0 and err == "" and str((tmp_path / "base").resolve()) in out, err
+    model = AutoPeftModelForCausalLM.from_pretrained(str(lora))
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, load_model(saved_dir).model(ids).logits, rtol=1e-5, atol=1e-5)
+    gpt2 = tmp_path / "gpt2"
+    assert run_cli(["export-base", "random:tiny-gpt2", str(gpt2)], capsys)[0] == 0
+    out = tmp_path / "bad"
+    assert_refused(["export", str(run), "--lora", str(out), "--base", str(gpt2)], capsys, "another model",
+                   absent=[out])
+    assert_refused(["export", str(run), "--lora", str(out), "--base", str(tmp_path)], capsys, "no config.json",
+                   absent=[out])
+    assert_refused(["export-base", "gpt2", str(out)], capsys, "gpt2", absent=[out])

@@ -8,6 +8,8 @@ import random
 
 import pytest
 
+from editfast.core.errors import EditfastError
+
 lm_eval = pytest.importorskip("lm_eval")
 
 MC_YAML = """task: ef_mc
@@ -281,3 +283,71 @@ def test_change_plot_has_error_bars(tmp_path, tiny):
     bare = lambda r: dataclasses.replace(r, tasks=[dataclasses.replace(t, stderr={}) for t in r.tasks])
     change_plot(bare(before), bare(after), tmp_path / "b.png")
     assert (tmp_path / "a.png").read_bytes() != (tmp_path / "b.png").read_bytes()
+
+
+# ---- the bridge as lm-eval users call it: pretrained=, editfast's own tasks offline, early errors ----------
+
+def test_bundled_task_equals_editfast_eval(tiny):
+    """`editfast_rte` (lm-eval YAML over the bundled data, offline) with `pretrained=` gives
+    `editfast eval`'s RTE accuracy on the same model, every one of the 277 pairs."""
+    import editfast.harness as h
+    from editfast.eval.runner import evaluate
+
+    tm = h.task_manager(include_defaults=False)  # editfast's task files alone: no index of lm-eval's
+    assert {"editfast_rte", "editfast_sst2"} <= set(tm.all_tasks)
+    res = lm_eval.simple_evaluate(model="editfast", model_args="pretrained=random:tiny-llama", tasks=["editfast_rte"],
+                                  task_manager=tm, bootstrap_iters=0, verbosity="ERROR")
+    assert res["n-samples"]["editfast_rte"] == {"original": 277, "effective": 277}
+    ours = evaluate(tiny, "rte", progress=False).tasks[0]
+    assert res["results"]["editfast_rte"]["acc,none"] == ours.metrics["accuracy"]
+
+
+@pytest.mark.parametrize("model_args, words", [
+    ("pretrained=random:tiny-llama,bogus=1", ["unknown model_args bogus", "pretrained"]),
+    ("pretrained=random:tiny-llama,model=random:tiny-gpt2", ["two models"]),
+    ("pretrained=gpt2", ["unknown model 'gpt2'", "Hub id", "local Hugging Face cache"]),
+    ("pretrained=random:tiny-llama,dtype=int8", ["dtype=int8"]),
+    ("pretrained=random:tiny-llama,batch_tokens=lots", ["batch_tokens=lots"]),
+    ("pretrained=random:tiny-llama,edits=/no/such/run", ["/no/such/run"]),
+    ("pretrained", ["'pretrained' is not key=value"]),
+])
+def test_bad_model_args_fail_before_lm_eval_starts(model_args, words, monkeypatch, capsys):
+    """One line, exit 2, before lm-eval's command line (its task index) runs at all."""
+    import lm_eval.__main__
+
+    import editfast.harness as h
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", lambda: pytest.fail("lm-eval started"))
+    with pytest.raises(SystemExit) as e:
+        h.main(["run", "--model", "editfast", "--model_args", model_args, "--tasks", "editfast_rte"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("editfast: error:"), lines
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+def test_python_callers_get_the_same_checks():
+    from editfast.harness import EditfastLM
+
+    with pytest.raises(EditfastError, match="unknown model_args bogus"):
+        EditfastLM(pretrained="random:tiny-llama", bogus=1)
+    with pytest.raises(EditfastError, match="unknown model 'gpt2'.*Hub id"):
+        EditfastLM(pretrained="gpt2")
+
+
+def test_main_adds_editfast_tasks_to_the_include_path():
+    import editfast.harness as h
+
+    argv = ["run", "--model", "editfast", "--model_args", "pretrained=random:tiny-llama", "--tasks", "editfast_rte"]
+    assert h.precheck(argv) == [*argv, "--include_path", str(h.TASKS_DIR)]
+    assert h.precheck([*argv, "--include_path", "mine"]) == [*argv, "--include_path", "mine"]
+    assert h.precheck(["ls", "tasks"]) == ["ls", "tasks"]
+
+
+def test_an_lm_eval_task_in_editfast_eval_points_at_the_harness(capsys, tmp_path):
+    from helpers import assert_refused
+
+    out = tmp_path / "out"
+    line = assert_refused(["eval", "--model", "random:tiny-llama", "--tasks", "hellaswag", "--out", str(out)], capsys,
+                          "hellaswag", absent=[out])
+    assert "python -m editfast.harness run --model editfast" in line and "--tasks hellaswag" in line

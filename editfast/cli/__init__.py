@@ -1,4 +1,4 @@
-"""Command line: ``editfast edit | eval | undo | export | study | train-mend | stats``.
+"""Command line: ``editfast edit | eval | undo | export | export-base | study | train-mend | stats``.
 
 ``main`` chooses the CPU threads' wait policy before torch loads (``core.threads``), then runs the
 command under the exit-code policy (``exits``): bad input is one line on stderr and exit code 2,
@@ -29,6 +29,9 @@ COMMANDS = {
     "eval": ("editfast.cli.eval:eval_cmd", "Measure general abilities (eight task categories + WikiText perplexity)."),
     "export": ("editfast.cli.export:export_cmd", "A PEFT LoRA adapter of the run's edits: loaded with peft on the "
                "base model it is the edited model (servable by vLLM's multi-LoRA where the rank is at most 512)."),
+    "export-base": ("editfast.cli.export_base:export_base_cmd", ("A model (smollm2-135m, a .gguf file, a random: "
+                    "preset, ...) as a folder in Hugging Face layout, for transformers and PEFT's "
+                    "AutoPeftModelForCausalLM.")),
     "stats": ("editfast.cli.stats:stats_group", "Import the originals' statistics files (.npz) into editfast's "
               "cache, or export them."),
     "study": ("editfast.cli.study:study_cmd", "A grid of sequential editing sessions (methods x settings) on one "

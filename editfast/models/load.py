@@ -267,6 +267,25 @@ def model_config(spec: str | os.PathLike, tokenizer: str | os.PathLike | None = 
     return config
 
 
+def hf_folder(spec: str | os.PathLike) -> Path | None:
+    """The local folder in Hugging Face layout (config.json, safetensors, tokenizer) that
+    ``load_model(spec)`` reads, which transformers' ``from_pretrained`` loads as it is: a model
+    directory, a Hub id's cached snapshot, smollm2-135m's conversion in the cache (written by its
+    first load). None for a .gguf file, a ``random:`` preset, or smollm2-135m not yet converted."""
+    spec = _spec_str(spec)
+    if spec.startswith("random:"):
+        return None
+    if spec in ALIASES:
+        sha = _smollm2_gguf()[1]
+        out = _smollm2_dir(sha)
+        try:
+            return out if _cached_conversion(out, sha) else None
+        except ModelError:  # corrupt: the next load rebuilds it
+            return None
+    path = _local_path(spec)
+    return path.resolve() if path.is_dir() and (path / "config.json").is_file() else None
+
+
 def max_positions(config_or_model: Any) -> int | None:
     """The longest sequence (prompt + target tokens) the model's positions cover, from its config
     (n_positions, max_position_embeddings, n_ctx, ...), or None when the config does not say."""
@@ -306,8 +325,9 @@ def _tok_dir(tokenizer: Any) -> Path | None:
 
 def _unknown(spec: str) -> ModelError:
     return ModelError(f"unknown model {spec!r}: expected a Hugging Face directory with config.json "
-                      f"and safetensors, a .gguf file, one of {', '.join(ALIASES)}, or random:<preset> "
-                      f"with preset in {', '.join(RANDOM_PRESETS)}")
+                      f"and safetensors, a Hub id already in the local Hugging Face cache (org/name, e.g. "
+                      f"openai-community/gpt2; editfast never downloads), a .gguf file, one of {', '.join(ALIASES)}, "
+                      f"or random:<preset> with preset in {', '.join(RANDOM_PRESETS)}")
 
 
 def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -1,8 +1,8 @@
 """Exports of an edit run: a PEFT LoRA adapter of its journal, and the model card of a saved model.
 
     lora_from_run("runs/memit-10", "adapters/memit-10")          # editfast export RUN --lora DIR
-    base = AutoModelForCausalLM.from_pretrained(...)               # the run's base model
-    model = peft.PeftModel.from_pretrained(base, "adapters/memit-10")   # = the edited model
+    model = peft.AutoPeftModelForCausalLM.from_pretrained("adapters/memit-10")   # = the edited model
+    export_base("random:tiny-llama", "base/tiny-llama")          # editfast export-base MODEL DIR
 
 A run's journal already is a LoRA: every update is ΔW = U Vᵀ on one named weight (``update.py``),
 and the edited weight is W₀ + Σ ΔW. For each edited module the adapter holds one LoRA whose
@@ -25,6 +25,12 @@ B A = Σ Uᵢ Vᵢᵀ exactly. PEFT scales B A by lora_alpha / r; lora_alpha = r
   gets ``fan_in_fan_out: true``; the factors stay in the logical [out, in] orientation.
 - The adapter refers to the run's base model: it is loaded (``--model``, else the run's own spec)
   and checked against the run's fingerprint, so an adapter is never written for another model.
+  ``base_model_name_or_path`` (and the card's ``base_model``) is what transformers loads offline:
+  a Hub id as it is, else the base's folder in Hugging Face layout (a model directory, smollm2-135m's
+  conversion in the cache, or ``--base DIR`` written by ``export_base``), so
+  ``AutoPeftModelForCausalLM.from_pretrained(adapter_dir)`` is the edited model. A base without
+  such a folder (a ``random:`` preset, a .gguf file) keeps its spec, with a warning saying how to
+  write one.
 """
 
 from __future__ import annotations
@@ -41,13 +47,15 @@ from editfast.core.compat import VERSION as __version__
 from editfast.core.errors import EditfastError, ModelError
 from editfast.core.paths import normal_permissions, write_json, write_text
 from editfast.data.requests import load_dataset
-from editfast.models.load import ALIASES, load_model
+from editfast.models.hub import is_hub_id
+from editfast.models.load import ALIASES, _dir_fingerprint, hf_folder, load_model
 from editfast.models.update import LowRank, Update, weight_param
 from editfast.session.journal import RESULTS_FILE, Entry, load_run
 from editfast.session.outputs import OutputDir, check_apart
 from editfast.session.session import requests_digest
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+BASE_META = "editfast.json"  # in a folder written by export_base: the spec and fingerprint it was written from
 VLLM_MAX_LORA_RANK = 512  # the largest of vLLM's max_lora_rank choices (1, 8, 16, 32, 64, 128, 256, 320, 512)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -171,13 +179,15 @@ def base_model(config: dict[str, Any], model=None):
 
 
 def lora_from_run(run_dir: str | Path, out_dir: str | Path, *, model=None, to: int | None = None,
-                  dtype: str = "float32", force: bool = False) -> dict[str, Any]:
+                  dtype: str = "float32", force: bool = False, base: str | Path | None = None) -> dict[str, Any]:
     """Write a PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors, README.md) of the
     run's first ``to`` edits (all by default) into ``out_dir``, a transaction: complete or absent.
 
     ``model``: the base model (a spec, or a LoadedModel to reuse) when the run's own spec no longer
-    loads; it must be the model the run was made on (fingerprint checked). Returns a summary
-    (rank, per-module ranks, target modules, edits, warnings)."""
+    loads; it must be the model the run was made on (fingerprint checked). ``base``: a folder in
+    Hugging Face layout holding that model (``export_base``'s), named in the adapter instead of the
+    spec (see ``base_reference``). Returns a summary (rank, per-module ranks, target modules,
+    edits, base_model, warnings)."""
 
 
     if dtype not in DTYPES:
@@ -186,11 +196,13 @@ def lora_from_run(run_dir: str | Path, out_dir: str | Path, *, model=None, to: i
     check_apart(out, [run])  # before the model loads; OutputDir checks again
     config, entries = load_run(run)  # the run's files, whole, before the model loads
     keep = entries_up_to(run, entries, to)
+    spec = str(config.get("model")) if model is None or not isinstance(model, (str, Path)) else str(model)
+    if base is not None:  # checked before the model loads
+        base_reference(spec, str(config.get("model_fingerprint")), base)
     lm = base_model(config, model)
     config, entries = load_run(run, lm)  # fingerprint, names and shapes checked against the model
     tensors, facts = lora_tensors(lm, [u for e in keep for u in e.updates], DTYPES[dtype])
-    base = _base_name(config["model"] if model is None or not isinstance(model, (str, Path)) else str(model))
-    notes = []
+    base, notes = base_reference(spec, str(config.get("model_fingerprint")), base)
     if facts["r"] > VLLM_MAX_LORA_RANK:
         notes.append(f"rank {facts['r']} exceeds {VLLM_MAX_LORA_RANK}, the largest max_lora_rank vLLM accepts: "
                      "PEFT loads it, vLLM does not (export fewer edits with --to, or merge the model)")
@@ -209,10 +221,60 @@ def lora_from_run(run_dir: str | Path, out_dir: str | Path, *, model=None, to: i
     return summary
 
 
-def _base_name(spec: str) -> str:
-    """base_model_name_or_path: an existing local path made absolute, any other spec as it is."""
-    p = Path(spec).expanduser()
-    return str(p.resolve()) if p.exists() else spec
+def base_reference(spec: str, fingerprint: str, base: str | Path | None = None) -> tuple[str, list[str]]:
+    """``base_model_name_or_path`` for a run's base model ``spec`` (weights ``fingerprint``), and the
+    warnings to give: ``base`` (a folder holding that model in Hugging Face layout; checked) made
+    absolute, else a Hub id as it is, else the spec's Hugging Face folder (``hf_folder``), else the
+    spec itself with a warning that AutoPeftModelForCausalLM cannot load it."""
+    if base is not None:
+        folder = Path(base).expanduser().resolve()
+        if not (folder / "config.json").is_file():
+            raise EditfastError(f"--base {str(base)!r} is not a model folder in Hugging Face layout (no config.json): "
+                                f"write one with 'editfast export-base {spec} DIR'")
+        if fingerprint not in _folder_fingerprints(folder):
+            raise EditfastError(f"--base {str(base)!r} holds another model than the run's {spec!r} (fingerprint "
+                                f"{fingerprint[:12]}): write it with 'editfast export-base {spec} DIR'")
+        return str(folder), []
+    if is_hub_id(spec):
+        return spec, []
+    folder = hf_folder(spec)
+    if folder is not None:
+        return str(folder), []
+    return spec, [(f"the base model {spec!r} has no folder in Hugging Face layout, so AutoPeftModelForCausalLM "
+                   f"cannot load the adapter by itself: write one with 'editfast export-base {spec} DIR' and "
+                   "export with --base DIR (PeftModel.from_pretrained(base_model, adapter) works as it is)")]
+
+
+def _folder_fingerprints(folder: Path) -> set[str]:
+    """The fingerprints a Hugging Face folder stands for: its own weights', and the model it was
+    written from (``export_base``'s editfast.json, or smollm2-135m's conversion's GGUF)."""
+    try:
+        meta = json.loads((folder / BASE_META).read_text())
+    except (OSError, ValueError):
+        meta = {}
+    named = {meta.get("model_fingerprint"), meta.get("gguf_sha256")} if isinstance(meta, dict) else set()
+    own = {_dir_fingerprint(folder)} if any(folder.glob("*.safetensors")) else set()
+    return {f for f in named | own if isinstance(f, str)}
+
+
+def export_base(model, out_dir: str | Path, *, dtype: str = "float32", force: bool = False) -> dict[str, Any]:
+    """Write the model ``model`` (a spec or a LoadedModel) into ``out_dir`` in Hugging Face layout
+    (config.json, generation_config.json, model.safetensors, the tokenizer, and editfast.json naming
+    the spec and fingerprint it was written from), a transaction: complete or absent.
+    ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads it; ``lora_from_run(..., base=out_dir)``
+    names it in an adapter. Returns {"model", "model_fingerprint", "path"}."""
+    if dtype not in DTYPES:
+        raise EditfastError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if isinstance(model, (str, Path)) and Path(model).expanduser().resolve() == Path(out_dir).expanduser().resolve():
+        raise EditfastError(f"{str(out_dir)!r} is the model's own folder: write it elsewhere")
+    lm = model if not isinstance(model, (str, Path)) else load_model(str(model), dtype=dtype)
+    meta = {"model": lm.spec, "model_fingerprint": lm.fingerprint, "dtype": dtype}
+    with OutputDir(out_dir, staged=True, force=force) as od:
+        lm.model.save_pretrained(od.path, safe_serialization=True)
+        lm.tokenizer.save_pretrained(od.path)
+        write_json(od.path / BASE_META, meta)
+        normal_permissions(od.path, recursive=True)
+    return {**meta, "path": str(Path(out_dir).expanduser().resolve())}
 
 
 # ---------------------------------------------------------------------------------------------- model card
@@ -266,10 +328,10 @@ def model_card(config: dict[str, Any], hparams: dict[str, Any] | None, edits: Se
             ""]
     if adapter:
         body += [f"LoRA rank {adapter['r']} on {len(adapter['target_modules'])} module(s) "
-                 f"({', '.join(adapter['target_modules'])}); lora_alpha = r (scaling 1). Merged into the base "
-                 "model it gives the edited model's weights:", "",
-                 "```python", "from peft import PeftModel",
-                 "model = PeftModel.from_pretrained(base_model, ADAPTER_DIR)  # .merge_and_unload() to merge",
+                 f"({', '.join(adapter['target_modules'])}); lora_alpha = r (scaling 1). On the base model it is "
+                 "the edited model (`.merge_and_unload()`: its weights):", "",
+                 "```python", "from peft import AutoPeftModelForCausalLM",
+                 "model = AutoPeftModelForCausalLM.from_pretrained(ADAPTER_DIR)  # loads base_model, offline",
                  "```", ""]
     body += ["## Hyper-parameters", "", "| key | value |", "|---|---|"]
     body += [f"| {_cell(k)} | {_cell(json.dumps(v))} |" for k, v in sorted((hparams or {}).items())]

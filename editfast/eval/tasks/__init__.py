@@ -30,7 +30,10 @@ def get_task(name: str) -> Task:
     try:
         return TASKS[name]
     except KeyError:
-        raise EditfastError(f"unknown task {name!r} (choose from {', '.join(TASKS)}, or 'all')") from None
+        raise EditfastError(f"unknown task {name!r} (choose from {', '.join(TASKS)}, or 'all'); lm-eval's tasks run "
+                            "on editfast's engine through lm-evaluation-harness: python -m editfast.harness run "
+                            f"--model editfast --model_args pretrained=MODEL[,edits=RUN] --tasks {name} "
+                            "(docs/interop.md)") from None
 
 
 def resolve_tasks(spec: str | Iterable[str]) -> list[Task]:
