@@ -92,6 +92,7 @@ SPLIT_MARGIN = 1e-5  # the originals' margin: the old key's radius becomes d/2 -
 class GraceHyperParams(HParams):
     # the routed module under the decoder layer of ``layers`` (one layer): "rewrite" (the model's MLP
     # output projection) or a dotted name ("mlp.c_fc"); EasyEdit's ``inner_params`` sets both
+    layers: list[int] = field(default_factory=list)  # or named by inner_params
     module: str = "rewrite"
     inner_params: list[str] | None = None
     edit_lr: float = 1.0
@@ -113,9 +114,9 @@ class GraceHyperParams(HParams):
                               "num_pert": ">= 0", "dropout": ">= 0 and <= 1"}
 
     def validate(self) -> None:
-        super().validate()
         if self.inner_params is not None:
-            if len(self.inner_params) != 1:
+            if not isinstance(self.inner_params, list) or len(self.inner_params) != 1 \
+                    or not isinstance(self.inner_params[0], str):
                 raise HParamsError(f"hparams: inner_params={self.inner_params} must name one weight (GRACE routes "
                                    "one module)")
             m = re.fullmatch(r"(.+?)\.(\d+)\.(.+?)(?:\.weight|\.bias)?",
@@ -124,6 +125,7 @@ class GraceHyperParams(HParams):
                 raise HParamsError(f"hparams: inner_params={self.inner_params} must name a weight of a decoder "
                                    "layer, e.g. model.layers[27].mlp.down_proj.weight")
             self.layers, self.module = [int(m.group(2))], m.group(3)
+        super().validate()
         if len(self.layers) != 1:
             raise HParamsError(f"hparams: layers={self.layers} must name one layer (GRACE routes one module)")
         if not self.module or self.module != self.module.strip() or self.module.startswith(".") \
