@@ -80,20 +80,18 @@ def test_codebook_step_float64(expand):
 
 def test_grace_efficacy_on_smollm2_weights_untouched(pristine):
     """Three known facts in one batch: each rewritten, the unrelated neighbourhood prompts as they
-    were, and no weight changed (the curve reports zero drift and the codebook's size)."""
+    were, and no weight changed (zero drift reported, the codebook's size)."""
     lm = pristine
     reqs = load_dataset("counterfact", 3)
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    s = EditSession(lm, "grace", reqs, batch_size=3, templates="fixed", overrides={"n_iter": 25}, eval_at=[3],
-                    progress=False)
+    s = EditSession(lm, "grace", reqs, batch_size=3, templates="fixed", overrides={"n_iter": 25}, progress=False)
     try:
         res = s.run()
         pre, post = res.summary["pre"], res.summary["post"]
         assert post["efficacy_success"] == 1.0 > pre["efficacy_success"]
         assert post["neighborhood_success"] == pre["neighborhood_success"]
         assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
-        point = res.curve["points"][-1]
-        assert point["weights"]["total"]["l1"] == 0 and point["memory"]["keys"] == 3
+        assert s.weight_changes()["total"]["l1"] == 0 and s.method.memory_size(s.state)["keys"] == 3
     finally:
         routing.uninstall(lm.model)
 
@@ -151,6 +149,7 @@ def test_saved_model_export_and_bad_hparams(tmp_path, capsys):
     assert code == 0, err
     saved = load_model(out / "model")
     assert list(routing.routes(saved.model)) == ["model.layers.1.mlp.down_proj"]
+    assert "base model without it" in (out / "model" / "README.md").read_text()  # the card says so
     base = load_model("random:tiny-llama")
     edited = load_dataset("counterfact", 1)[0].filled()  # routed at its last token
     plain = _logits(base, edited)

@@ -269,8 +269,9 @@ class Grace(Method):
     def prepare(self, lm, hp, progress: bool = True) -> State:
         name = self.module_name(lm, hp)
         if name in routing.routes(lm.model):
-            raise EditfastError(f"the model already routes {name} through a memory (a saved routed model): edit its "
-                                "base model and keep the run's journal instead")
+            raise EditfastError(f"the model already routes {name} through a memory (an earlier session's or a saved "
+                                "model's): start from the base model (editfast.models.routing.uninstall, or load it "
+                                "again); to continue a run, resume it")
         return State()
 
     # ---- state
