@@ -110,8 +110,10 @@ def _same(a, b):
 def test_resume_and_undo_are_bit_identical(tiny, tmp_path):
     reqs = load_dataset("counterfact", 4)
     kw = dict(batch_size=1, templates="fixed", evaluate=False, progress=False)
-    full = EditSession(tiny, "grace", reqs, out=tmp_path / "a", **kw)
-    full.run()
+    full = EditSession(tiny, "grace", reqs, out=tmp_path / "a", **{**kw, "evaluate": True}, eval_at=[0, 4])
+    pts = full.run().curve["points"]  # the curve: zero drift of the routed module, the codebook's size
+    assert [p["memory"]["keys"] for p in pts] == [0, len(full.state.tensors["codebook.keys"])]
+    assert pts[-1]["memory"]["keys"] >= 1 and all(p["weights"]["total"]["l1"] == 0 for p in pts)
     after4, logits4 = _codebook(full), _logits(tiny)
     # undo to 2 edits = a run of the first two requests alone (codebook, routed logits)
     full.undo(2)
@@ -126,7 +128,7 @@ def test_resume_and_undo_are_bit_identical(tiny, tmp_path):
         f.unlink()
     assert len(Journal(b).read()) == 2
     routing.uninstall(tiny.model)
-    again = EditSession(tiny, "grace", reqs, out=b, **kw)
+    again = EditSession(tiny, "grace", reqs, out=b, **{**kw, "evaluate": True}, eval_at=[0, 4])
     again.run(resume=True)
     assert _same(_codebook(again), after4) and torch.equal(_logits(tiny), logits4)
     again.undo(0)
