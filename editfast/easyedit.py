@@ -218,6 +218,10 @@ class R_ROMEHyperParams(HyperParams):  # noqa: N801 (EasyEdit's name)
     alg_name = "R-ROME"
 
 
+class GraceHyperParams(HyperParams):
+    alg_name = "GRACE"
+
+
 # --------------------------------------------------------------------------- requests
 
 
@@ -588,6 +592,7 @@ class BaseEditor:
         except BaseException:
             self._state.tensors.clear()
             self._state.tensors.update(saved_state)
+            self.method.install(self.lm, self.hp, self._state)  # a routed method's memory as it was
             raise
 
     def _sync(self) -> None:
@@ -620,6 +625,7 @@ class BaseEditor:
         else:
             _say("Execution %d editing took %s", start, seconds)
         self._state.take_changed()
+        self.method.install(self.lm, self.hp, self._state)  # a routed method's memory (GRACE): evaluated next
         changed = {u.weight for u in ups}
         weights_copy = {name: w for name, w in before.items() if name in changed}
         t = time.perf_counter()
@@ -632,9 +638,10 @@ class BaseEditor:
             restore(self.lm, before)
             self._state.tensors.clear()
             self._state.tensors.update(saved_state)
+            self.method.install(self.lm, self.hp, self._state)
         return weights_copy
 
 
 __all__ = ["BaseEditor", "HyperParams", "ROMEHyperParams", "MEMITHyperParams", "AlphaEditHyperParams",
-           "EMMETHyperParams", "R_ROMEHyperParams", "summary_metrics", "prepare_requests", "edit_quality",
+           "EMMETHyperParams", "R_ROMEHyperParams", "GraceHyperParams", "summary_metrics", "prepare_requests", "edit_quality",
            "predictions"]

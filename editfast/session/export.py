@@ -47,6 +47,7 @@ from editfast.core.compat import VERSION as __version__
 from editfast.core.errors import EditfastError, ModelError
 from editfast.core.paths import normal_permissions, write_json, write_text
 from editfast.data.requests import load_dataset
+from editfast.methods.registry import METHODS, get_method
 from editfast.models.hub import is_hub_id
 from editfast.models.load import ALIASES, _dir_fingerprint, hf_folder, load_model
 from editfast.models.update import LowRank, Update, weight_param
@@ -195,6 +196,11 @@ def lora_from_run(run_dir: str | Path, out_dir: str | Path, *, model=None, to: i
     run, out = Path(run_dir), Path(out_dir).expanduser()
     check_apart(out, [run])  # before the model loads; OutputDir checks again
     config, entries = load_run(run)  # the run's files, whole, before the model loads
+    method = get_method(config.get("method", ""))
+    if method.routes:
+        raise EditfastError(f"run {run} edited with {method.name}, which leaves the weights as they were and routes "
+                            "through a memory instead: there is no weight change to export as a LoRA (save the "
+                            "model with --save-model; editfast loads it with its memory)")
     keep = entries_up_to(run, entries, to)
     spec = str(config.get("model")) if model is None or not isinstance(model, (str, Path)) else str(model)
     if base is not None:  # checked before the model loads
@@ -326,6 +332,10 @@ def model_card(config: dict[str, Any], hparams: dict[str, Any] | None, edits: Se
             + (f", dataset {_cell(ds)}" if ds else "") + f". The base model's fingerprint is "
             f"`{str(config.get('model_fingerprint'))[:12]}` ({dtype}).",
             ""]
+    if not adapter and config.get("method") in METHODS and METHODS[config["method"]].routes:
+        body += [f"{method} leaves the weights as they were: the edits are a memory (`routing.json`, "
+                 "`routing.safetensors`) that `editfast.load_model(DIR)` installs on the model. Plain transformers "
+                 "(`AutoModelForCausalLM.from_pretrained(DIR)`) loads the base model without it, i.e. unedited.", ""]
     if adapter:
         body += [f"LoRA rank {adapter['r']} on {len(adapter['target_modules'])} module(s) "
                  f"({', '.join(adapter['target_modules'])}); lora_alpha = r (scaling 1). On the base model it is "
