@@ -1,0 +1,182 @@
+"""WISE: its equations in float64 (activation score, margin and target losses, TIES merge, routing
+rule), one training step against a plain autograd computation, sharding and merging on a tiny
+model, batched routing against rows alone, and bad hyper-parameters."""
+
+import pytest
+import torch
+
+from editfast.core.errors import HParamsError
+from editfast.data.requests import Request
+from editfast.methods.registry import METHODS, make_hparams
+from editfast.methods.wise import (
+    WEIGHT_DECAY,
+    Router,
+    choose,
+    draw_mask,
+    encode_edit,
+    margin_loss,
+    merge,
+    row_score,
+    target_loss,
+    token_distance,
+    train_side,
+    weight_name,
+)
+from editfast.models.load import load_model
+
+WISE = METHODS["wise"]
+D = torch.float64
+F64 = torch.nn.functional
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=D)
+
+
+def test_activation_score_float64():
+    """Δ = mean over a row's real tokens of ‖silu(y) − silu(y0)‖₂; at inference a row over 100 tokens
+    takes its largest token distance."""
+    y0, y = randn(3, 120, 4, seed=1), randn(3, 120, 4, seed=2)
+    mask = torch.zeros(3, 120, dtype=torch.long)
+    mask[0, :5], mask[1, :120], mask[2, :101] = 1, 1, 1
+    d = token_distance(y0, y, F64.silu)
+    for b in range(3):
+        n = int(mask[b].sum())
+        per = [((F64.silu(y[b, t]) - F64.silu(y0[b, t])) ** 2).sum().sqrt() for t in range(n)]
+        assert torch.allclose(d[b, :n], torch.stack(per), rtol=1e-12, atol=0)
+        mean = sum(per) / n
+        assert torch.allclose(row_score(d, mask)[b], mean, rtol=1e-12, atol=0)
+        assert torch.allclose(row_score(d, mask, infer=True)[b], max(per) if n > 100 else mean, rtol=1e-12, atol=0)
+
+
+def mean_pos(x):
+    x = x.flatten()
+    pos = [v for v in x.tolist() if v > 0]
+    return sum(pos) / len(pos) if pos else 0.0
+
+
+@pytest.mark.parametrize("d_out", [0.5, 30.0])
+def test_margin_loss_float64(d_out):
+    """L_a = mean₊(Δ_out − Δ_in + γ) + mean₊(Δ_out − α) + mean₊(β − Δ_in): the mean of the positive
+    entries of each hinge (the original's reduction), 0 where none is positive."""
+    d_in = torch.tensor([1.0, 25.0, 18.0, 40.0], dtype=D)
+    out = torch.tensor([d_out], dtype=D)
+    alpha, beta, gamma = 5.0, 20.0, 10.0
+    want = (mean_pos(out.view(-1, 1) - d_in + gamma) + mean_pos(out - alpha) + mean_pos(beta - d_in))
+    assert margin_loss(d_in, out, alpha, beta, gamma).item() == pytest.approx(want, rel=1e-14)
+    assert margin_loss(torch.tensor([50.0], dtype=D), torch.tensor([0.0], dtype=D), 5, 20, 10).item() == 0.0
+
+
+def test_target_loss_float64():
+    """Per row Σ CE over its target tokens / (target tokens + 1), the mean over rows."""
+    logits = randn(5, 11, seed=3)
+    labels = torch.tensor([1, 2, 3, 4, 5])
+    row = torch.tensor([0, 0, 1, 1, 1])
+    n = torch.tensor([2, 3])
+    ce = [-torch.log_softmax(logits[i], 0)[labels[i]] for i in range(5)]
+    want = ((ce[0] + ce[1]) / 3 + (ce[2] + ce[3] + ce[4]) / 4) / 2
+    assert torch.allclose(target_loss(logits, labels, row, n), want, rtol=1e-14, atol=0)
+
+
+def ties_by_hand(weights, base, tensors, density):
+    """TIES as the original's GTA('magnitude', 'sum', normalize=True), element by element."""
+    deltas = []
+    for t in tensors:
+        d = (t - base).flatten()
+        k = int(density * d.numel())
+        keep = set(d.abs().argsort(descending=True)[:k].tolist())
+        deltas.append([d[j].item() if j in keep else 0.0 for j in range(d.numel())])
+    out = []
+    for j in range(base.numel()):
+        wd = [w * d[j] for w, d in zip(weights, deltas)]
+        major = 1.0 if sum(wd) >= 0 else -1.0
+        agree = [i for i, v in enumerate(wd) if v != 0 and (1.0 if v > 0 else -1.0) == major]
+        div = sum(weights[i] for i in agree) or 1.0
+        out.append(base.flatten()[j].item() + sum(wd[i] for i in agree) / div)
+    return torch.tensor(out, dtype=D).view_as(base)
+
+
+def test_ties_merge_float64():
+    base = randn(4, 5, seed=4)
+    tensors = [base + randn(4, 5, seed=s) for s in (5, 6, 7)]
+    weights = [1.0 / 3] * 3
+    got = merge("ties", weights, base, tensors, 0.53)
+    assert torch.allclose(got, ties_by_hand(weights, base, tensors, 0.53), rtol=1e-13, atol=1e-15)
+    # one memory, density 1: the merge is that memory; "linear" reads the first weight and tensor only
+    assert torch.allclose(merge("ties", [1.0], base, tensors[:1], 1.0), tensors[0], rtol=1e-14, atol=1e-15)
+    assert torch.allclose(merge("linear", [0.25, 0.75], base, tensors[:2], 1.0), 0.25 * tensors[0] + 0.75 * base)
+
+
+def test_routing_rule():
+    """WISE-Retrieve: W' if its Δ reaches its threshold, else W; a memory wins over the best so far
+    when its Δ exceeds it and its own threshold. WISE-Merge: W if both are below the threshold, else
+    the larger Δ (the merged weight on a tie is not taken)."""
+    d_side = torch.tensor([1.0, 5.0, 5.0, 1.0, 1.0])
+    d_mem = [torch.tensor([0.5, 6.0, 4.0, 3.0, 9.0]), torch.tensor([0.0, 7.0, 0.0, 2.5, 8.0])]
+    assert choose(d_side, 2.0, d_mem, [2.0, 6.5]).tolist() == [0, 3, 1, 2, 2]
+    d_merged = torch.tensor([1.0, 6.0, 4.0, 1.0, 3.0])
+    assert choose(d_side, 2.0, [], [], d_merged=d_merged).tolist() == [0, -1, 1, 0, -1]
+
+
+def test_masks_are_seeded_per_shard():
+    a, b = draw_mask((30, 40), 0.2, 0, 0), draw_mask((30, 40), 0.2, 0, 1)
+    assert torch.equal(a, draw_mask((30, 40), 0.2, 0, 0)) and not torch.equal(a, b)
+    assert abs(a.double().mean().item() - 0.2) < 0.05
+
+
+@pytest.fixture(scope="module")
+def tiny64():
+    lm = load_model("random:tiny-llama")
+    lm.model.double()
+    return lm
+
+
+def full_loss(lm, hp, rows, w):
+    """The loss of one iteration by plain autograd: the whole model, W' put in place of W."""
+    name = weight_name(lm.adapter, hp)
+    mod = lm.model.get_submodule(name.rsplit(".", 1)[0])
+    got = {}
+
+    def hook(m, args, out):
+        got["y0"], got["y"] = out.detach(), F64.linear(args[0], w)
+        return got["y"]
+
+    h = mod.register_forward_hook(hook)
+    try:
+        b = rows.batch
+        logits = lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+    finally:
+        h.remove()
+    n = rows.n_edit
+    lab = b.labels[:n]
+    loss_rows = []
+    for i in range(n):
+        pos = (lab[i] != -100).nonzero()[:, 0]
+        ce = F64.cross_entropy(logits[i, pos], lab[i, pos], reduction="sum")
+        loss_rows.append(ce / (len(pos) + 1))
+    d = ((F64.silu(got["y"]) - F64.silu(got["y0"])) ** 2).sum(-1).sqrt()
+    m = b.attention_mask.to(D)
+    delta = (d * m).sum(1) / m.sum(1)
+    a, be, g = hp.act_margin
+    return torch.stack(loss_rows).mean() + margin_loss(delta[:n], delta[n:], a, be, g), delta.detach()
+
+
+def test_one_training_step_float64(tiny64):
+    """W'₁ = clamp(W'₀ − lr·(∇L ⊙ mask + 1e-5·W'₀), W ± c), ∇L by autograd through the whole model
+    (the training runs only the layers above the edited one, from recorded hidden states); the
+    recorded activation is the template rows' mean Δ at W'₀ (read before the last step)."""
+    lm = tiny64
+    hp = make_hparams("wise", {**WISE.presets["tiny"], "n_iter": 1, "edit_lr": 0.5, "norm_constraint": 0.01})
+    W = lm.model.get_parameter(weight_name(lm.adapter, hp)).detach().clone()
+    side0 = W + 0.004 * randn(*W.shape, seed=8)
+    mask = draw_mask(W.shape, hp.mask_ratio, 0, 0)
+    r = Request(prompt="{} lives in", subject="Alice", target_new="Paris")
+    rows = encode_edit(lm.tokenizer, r, ["{}", "Yes. {}"], "The weather is mild", hp.loc_tokens, "cpu")
+    w = side0.clone().requires_grad_(True)
+    loss, delta = full_loss(lm, hp, rows, w)
+    (g,) = torch.autograd.grad(loss, w)
+    want = torch.clamp(side0 - hp.edit_lr * (g * mask + WEIGHT_DECAY * side0), W - 0.01, W + 0.01)
+    got, recorded, steps = train_side(lm, hp, rows, W, side0, mask)
+    assert steps == 1
+    assert torch.allclose(got, want, rtol=0, atol=1e-13)
+    assert recorded == pytest.approx(delta[: rows.n_edit].mean().item(), rel=1e-12)
