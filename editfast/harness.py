@@ -38,13 +38,12 @@ except ImportError:  # pragma: no cover - depends on the environment
 
     raise EditfastError("editfast.harness needs lm-evaluation-harness: pip install 'editfast[harness]'") from None
 
-from editfast.api import load_journal
 from editfast.core.errors import EditfastError
 from editfast.engine.engine import Engine
 from editfast.engine.requests import Generate, LogLik, Rolling
 from editfast.models.load import load_model
-from editfast.models.update import apply_update
 from editfast.session.journal import load_run
+from editfast.session.session import apply_entries
 
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's default for generate_until
 
@@ -82,9 +81,7 @@ class EditfastLM(LM):
             spec = model or (config or {}).get("model") or "smollm2-135m"
             lm = load_model(spec, dtype=dtype, device=device or "cpu")
         if edits is not None:
-            for ups in load_journal(edits, lm)[1]:  # names, shapes, fingerprint checked first
-                for u in ups:
-                    apply_update(lm, u)
+            apply_entries(lm, *load_run(edits, lm))  # names, shapes, fingerprint checked first
         self.lm, self.edits = lm, None if edits is None else str(edits)
         if batch_tokens != "auto":
             batch_tokens = int(batch_tokens)

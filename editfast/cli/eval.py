@@ -8,7 +8,6 @@ from pathlib import Path
 
 import click
 
-from editfast.api import load_journal
 from editfast.cli.options import (
     device_option,
     dtype_option,
@@ -24,8 +23,9 @@ from editfast.core.distributed import agree, rank_out
 from editfast.eval.runner import evaluate, markdown_table, write_report
 from editfast.eval.tasks import resolve_tasks
 from editfast.models.load import load_model
-from editfast.models.update import apply_update
+from editfast.session.journal import load_run
 from editfast.session.outputs import OutputDir
+from editfast.session.session import apply_entries
 
 
 def check_engine(engine: str) -> None:
@@ -73,18 +73,16 @@ def eval_cmd(model, edits, tasks, protocol, limit, seed, batch_tokens, out, dtyp
     check_engine(engine)
     resolved = [t.name for t in resolve_tasks(tasks)]
     if edits is not None:
-        load_journal(edits)  # the run's files, whole, before the model loads
+        load_run(edits)  # the run's files, whole, before the model loads
     device, quiet = join_ranks(device, quiet, {"tasks": resolved})
     with rank_out(out) as out, OutputDir(out, staged=True, force=force) as od:
         lm = load_model(model, dtype=dtype, device=device, max_memory=max_memory)
         agree({"model_fingerprint": lm.fingerprint})
-        journal = load_journal(edits, lm)[1] if edits else None  # names, shapes, fingerprint: before evaluating
+        run = load_run(edits, lm) if edits else None  # names, shapes, fingerprint: before evaluating
         before = evaluate(lm, tasks, protocol, limit, seed, batch_tokens, progress=not quiet, log_samples=log_samples)
         after = None
-        if journal is not None:
-            for ups in journal:
-                for u in ups:
-                    apply_update(lm, u)
+        if run is not None:
+            apply_entries(lm, *run)  # the updates, and a routed method's memory
             after = evaluate(lm, tasks, protocol, limit, seed, batch_tokens, progress=not quiet,
                              log_samples=log_samples)
         write_report(od.path, before, after, lm.device)

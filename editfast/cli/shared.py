@@ -18,6 +18,7 @@ from editfast.core.paths import normal_permissions
 from editfast.methods.hparams import check_layers
 from editfast.methods.locate_then_edit.stats import check_corpus
 from editfast.methods.registry import get_method, resolve_hparams
+from editfast.models import routing
 from editfast.models.archs import adapter_for
 from editfast.models.load import model_config
 
@@ -52,12 +53,14 @@ def join_ranks(device: str, quiet: bool, resolved: dict) -> tuple[str, bool]:
 
 
 def save_model_to(lm, out: Path, card: str | None = None) -> None:
-    """The model's safetensors and tokenizer, and its model card ``card`` as README.md, into OUT/model
+    """The model's safetensors and tokenizer (a routed model's memory as routing.json and
+    routing.safetensors beside them, ``models.routing.save``), and its model card ``card`` as README.md, into OUT/model
     (a hidden folder, then renamed; the permissions a plain mkdir/open gives, not mkdtemp's 0700)."""
     target = out / "model"
     tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=out))
     try:
-        lm.model.save_pretrained(tmp, safe_serialization=True)
+        lm.model.save_pretrained(tmp, safe_serialization=True)  # a routed model: its base weights
+        routing.save(lm.model, tmp)  # and its memory beside them, which editfast's loader re-installs
         lm.tokenizer.save_pretrained(tmp)
         if card is not None:
             (tmp / "README.md").write_text(card, encoding="utf-8")

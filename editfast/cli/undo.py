@@ -11,10 +11,10 @@ from editfast.cli.options import force_option, out_option, quiet_option
 from editfast.cli.shared import save_model_to
 from editfast.core.paths import write_json
 from editfast.models.load import load_model
-from editfast.models.update import apply_update
 from editfast.session.export import model_card, run_edits
 from editfast.session.journal import load_run, write_entries
 from editfast.session.outputs import OutputDir
+from editfast.session.session import apply_entries
 
 
 @click.command("undo")
@@ -44,9 +44,7 @@ def undo_cmd(run, to, out, save_model, model, force, quiet):
         if save_model:
             lm = load_model(model or config["model"], dtype=config.get("dtype", "float32").replace("torch.", ""))
             config, entries = load_run(run, lm)  # names, shapes and the model's fingerprint checked
-            for e in keep:
-                for u in e.updates:
-                    apply_update(lm, u)
+            apply_entries(lm, config, keep)  # the updates, and a routed method's memory
         write_entries(od.path, keep)
         cfg = {k: v for k, v in config.items() if not k.startswith("_")}
         write_json(od.path / "session.json", {"config": {**cfg, "undone_from": str(run), "edits": to},

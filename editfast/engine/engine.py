@@ -51,6 +51,7 @@ from editfast.engine.requests import (
     RollingResult,
 )
 from editfast.kernels.logprob import token_logprobs
+from editfast.models import routing
 from editfast.models.archs import logit_softcap
 from editfast.models.placement import input_device, resident_weight
 
@@ -247,8 +248,9 @@ class Engine:
     def _score_alone(self, items: list[tuple[tuple, tuple]]) -> list[LogLikResult]:
         """(context, continuation) pairs as right-padded causal sequences, no cache."""
         dev = self.device
-        ids, _ = right_pad([ctx + cont[:-1] for ctx, cont in items], self.pad_id, dev)
-        h = self.model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+        ids, real = right_pad([ctx + cont[:-1] for ctx, cont in items], self.pad_id, dev)
+        with routing.tokens(self.model, real):  # a routed model leaves the padding alone
+            h = self.model.base_model(input_ids=ids, use_cache=False).last_hidden_state
         rows = torch.tensor([r for r, (_, cont) in enumerate(items) for _ in cont], device=dev)
         cols = torch.tensor([len(ctx) - 1 + j for ctx, cont in items for j in range(len(cont))], device=dev)
         targets = torch.tensor([t for _, cont in items for t in cont], device=dev)
@@ -262,7 +264,8 @@ class Engine:
         # continuations of more than one token run against their context's cache, in runs of
         # similar length (right padding)
         multi = sorted((j for j, c in enumerate(conts) if len(c) > 1), key=lambda j: len(conts[j]), reverse=True)
-        out = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=bool(multi))
+        with routing.tokens(self.model, mask):
+            out = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=bool(multi))
         h_last = out.last_hidden_state[:, -1]  # predicts each continuation's first token
         rows_h = [h_last[[r for r, _ in members]]]
         rows_t = [torch.tensor([c[0] for c in conts], device=dev)]
@@ -275,10 +278,11 @@ class Engine:
             ctx_rows = torch.tensor([members[j][0] for j in run], device=dev)
             ctx_len = mask[ctx_rows].sum(1)
             c_pos = ctx_len[:, None] + torch.arange(cw, device=dev)[None]
-            h = self.model.base_model(input_ids=c_ids, attention_mask=torch.cat([mask[ctx_rows], c_mask], 1),
-                                      position_ids=c_pos, use_cache=True,
-                                      **cache_kwargs(self.model.base_model, kv_cache(self.model, kv, ctx_rows))
-                                      ).last_hidden_state
+            with routing.tokens(self.model, c_mask):
+                h = self.model.base_model(input_ids=c_ids, attention_mask=torch.cat([mask[ctx_rows], c_mask], 1),
+                                          position_ids=c_pos, use_cache=True,
+                                          **cache_kwargs(self.model.base_model, kv_cache(self.model, kv, ctx_rows))
+                                          ).last_hidden_state
             sel = c_mask.bool()
             rows_h.append(h[sel])
             rows_t.append(torch.tensor([t for j in run for t in conts[j][1:]], device=dev))
@@ -413,6 +417,7 @@ class Engine:
     def _prefill_chunk(self, prompts: list[list[int]], reqs: list[Generate], prefix_kv, n_prefix: int):
         dev = self.device
         ids, mask, pos = left_pad(prompts, self.pad_id, dev)
+        real = mask
         room = ids.shape[1] + max(r.max_new_tokens for r in reqs)
         if prefix_kv is None:
             cache = kv_cache(self.model, room=room)
@@ -420,8 +425,9 @@ class Engine:
             cache = kv_cache(self.model, prefix_kv, batch=len(prompts), room=n_prefix + room)
             mask = torch.cat([torch.ones(len(prompts), n_prefix, dtype=mask.dtype, device=dev), mask], 1)
         pos = pos + n_prefix  # positions skip the padding
-        out = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                                    **cache_kwargs(self.model.base_model, cache))
+        with routing.tokens(self.model, real):
+            out = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                                        **cache_kwargs(self.model.base_model, cache))
         return output_cache(out), mask, out.last_hidden_state[:, -1], pos[:, -1] + 1
 
     @staticmethod

@@ -5,6 +5,13 @@
                                 templates(), sites(), prepare() -> State, edit() -> yields [Update]
     State                       what a method keeps across the batches of a session
 
+A routed method (``routes = True``: GRACE, WISE) leaves the weights as they were: its memory is
+``State.tensors`` (journaled per batch like any state), and ``install`` puts that memory on the
+model as a route (``editfast.models.routing``) whenever the session's state changes (prepared,
+after each batch, resumed, replayed, undone), so evaluation, a saved model and the next batch see
+it. Its ``sites`` are the weights of the routed modules: the session snapshots them and reports
+their (zero) drift.
+
 The defaults are neutral: the bare prompt as the only template, no statistics, an empty state;
 ``sites`` and ``edit`` every method defines. The locate-then-edit pipeline (statistics, generated
 context templates, the rewrite module's sites) is ``locate_then_edit.base.LocateThenEdit``.
@@ -61,6 +68,7 @@ class Method:
     locate_then_edit: ClassVar[bool] = False  # takes the post-processes RECT and the norm anchor
     trained_network: ClassVar[bool] = False  # edits with a trained editor network (hparam mend_dir)
     easyedit_alg: ClassVar[str | None] = None  # EasyEdit's alg_name where editfast.easyedit runs it
+    routes: ClassVar[bool] = False  # weights untouched: the model routes through a memory (``install``)
 
     @property
     def batchable(self) -> bool:
@@ -91,6 +99,14 @@ class Method:
         """Take a journaled batch's state tensors back (resume, undo): by default they replace the
         current ones; a method whose journal holds increments (AlphaEdit's keys) accumulates them."""
         state.tensors.update(journaled)
+
+    def install(self, lm, hp, state: State) -> None:
+        """A routed method: make ``lm`` route as ``state`` says (its memory, possibly empty); the
+        session calls it after ``prepare``, after every batch and after a replay (resume, undo)."""
+
+    def memory_size(self, state: State) -> dict[str, int] | None:
+        """A routed method: the size of its memory (entries, bytes), reported at checkpoints."""
+        return None
 
     def edit(self, lm, requests: Sequence[Request], hp, state: State, templates: list[list[str]], *,
              targets: torch.Tensor | None = None, trace: dict | None = None, backend: str = "fast",

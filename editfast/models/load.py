@@ -36,6 +36,7 @@ from editfast.core.paths import (
     warn_not_cached,
     write_cache,
 )
+from editfast.models import routing
 from editfast.models.adapters import Adapter, supported_architectures
 from editfast.models.archs import adapter_for, check_causal_lm
 from editfast.models.hf import _hf_errors_only, _load_error, _one_line
@@ -166,7 +167,8 @@ def load_model(spec: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
         model = _from_dir(path, torch_dtype, device)
         has_tok = any((path / f).is_file() for f in TOKENIZER_FILES)
         tok = _load_tokenizer(tok_dir or (path if has_tok else BUNDLED_TOKENIZER))
-        fingerprint = _dir_fingerprint(path)
+        fingerprint = _dir_fingerprint(path)  # routing.safetensors included: a saved memory is part of it
+        routing.load(model, path)  # a saved routed model's memory (GRACE's codebook ...), if it has one
     else:
         raise _unknown(spec)
     try:

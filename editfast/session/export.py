@@ -41,6 +41,7 @@ from editfast.core.compat import VERSION as __version__
 from editfast.core.errors import EditfastError, ModelError
 from editfast.core.paths import normal_permissions, write_json, write_text
 from editfast.data.requests import load_dataset
+from editfast.methods.registry import get_method
 from editfast.models.load import ALIASES, load_model
 from editfast.models.update import LowRank, Update, weight_param
 from editfast.session.journal import RESULTS_FILE, Entry, load_run
@@ -186,6 +187,11 @@ def lora_from_run(run_dir: str | Path, out_dir: str | Path, *, model=None, to: i
     if out.resolve() == run.resolve() or out.resolve() in run.resolve().parents:
         raise EditfastError(f"the adapter directory {str(out)!r} would replace the run {str(run)!r}: choose another")
     config, entries = load_run(run)  # the run's files, whole, before the model loads
+    method = get_method(config.get("method", ""))
+    if method.routes:
+        raise EditfastError(f"run {run} edited with {method.name}, which leaves the weights as they were and routes "
+                            "through a memory instead: there is no weight change to export as a LoRA (save the "
+                            "model with --save-model; editfast loads it with its memory)")
     keep = entries_up_to(run, entries, to)
     lm = base_model(config, model)
     config, entries = load_run(run, lm)  # fingerprint, names and shapes checked against the model

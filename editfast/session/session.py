@@ -35,7 +35,7 @@ from editfast.eval.edit_metrics import edit_metrics, metric_kind, summarize
 from editfast.eval.evaluator import Evaluator
 from editfast.methods.base import Method, State
 from editfast.methods.hparams import HParams, check_layers
-from editfast.methods.registry import get_method, resolve_hparams
+from editfast.methods.registry import get_method, make_hparams, resolve_hparams
 from editfast.models.load import max_positions
 from editfast.models.update import (
     Update,
@@ -72,6 +72,21 @@ def apply_updates(lm, updates: Sequence[Update]) -> None:
     check_finite(updates)
     for u in updates:
         apply_update(lm, u)
+
+
+def apply_entries(lm, config: dict[str, Any], entries: Sequence[Entry]) -> None:
+    """A run's journaled batches (``journal.load_run``: its config and entries) onto ``lm``, its base
+    model: every update into the weights and, for a routed method, its memory (the batches' state,
+    restored in order) installed, so the model is the run's after those batches."""
+    method = get_method(config["method"])
+    for e in entries:
+        apply_updates(lm, e.updates)
+    if method.routes:
+        hp = make_hparams(method.name, dict(config.get("_hparams") or {}))
+        state = State()
+        for e in entries:
+            method.restore_state(state, {k: v.to(lm.device) for k, v in e.state.items()})
+        method.install(lm, hp, state)
 
 
 def edit_batch(lm, method: Method, requests: Sequence[Request], hp: HParams, state: State,
@@ -258,6 +273,7 @@ class EditSession:
         self.timings["templates_s"] = time.perf_counter() - t
         t = time.perf_counter()
         self.state = self.method.prepare(self.lm, self.hp, progress=self.progress)
+        self.method.install(self.lm, self.hp, self.state)
         self.timings["statistics_s"] = time.perf_counter() - t
         if self.state.statistics:  # the corpus, texts and tokens each layer's statistics used
             self.timings["statistics"] = {str(l): v for l, v in self.state.statistics.items()}
@@ -310,6 +326,7 @@ class EditSession:
             self.entries.append(e)
             self.timings["batches"].append({"seconds": e.info.get("seconds"), "targets_s": e.info.get("targets_s"),
                                             "n": e.end - e.start, "replayed": True})
+        self.method.install(self.lm, self.hp, self.state)  # a routed method's memory as replayed
 
     def undo(self, k: int) -> None:
         """Set the weights (and method state) to the run's after ``k`` edits: base, then batches 1..k."""
@@ -346,6 +363,9 @@ class EditSession:
         if self.evaluator is not None:
             point["tasks"] = self.evaluator.run(base=k == 0)
         point["weights"] = self.weight_changes()
+        memory = self.method.memory_size(self.state)
+        if memory is not None:
+            point["memory"] = memory
         point["eval_s"] = time.perf_counter() - t
         self.curve["points"].append(point)
         if self.out is not None:
@@ -410,6 +430,7 @@ class EditSession:
             info = {"seconds": time.perf_counter() - t, "targets_s": trace.get("targets_s"),
                     "case_ids": [r.case_id for r in chunk]}
             entry = Entry(len(self.entries), start, start + len(chunk), ups, self.state.take_changed(), info)
+            self.method.install(self.lm, self.hp, self.state)
             if self.out is not None:
                 Journal(self.out).append(entry)
         return entry
