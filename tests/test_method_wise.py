@@ -5,24 +5,22 @@ model, batched routing against rows alone, and bad hyper-parameters."""
 import pytest
 import torch
 
-from editfast.core.errors import HParamsError
 from editfast.data.requests import Request
 from editfast.methods.registry import METHODS, make_hparams
 from editfast.methods.wise import (
     WEIGHT_DECAY,
-    Router,
-    choose,
     draw_mask,
     encode_edit,
     margin_loss,
     merge,
-    row_score,
     target_loss,
-    token_distance,
     train_side,
     weight_name,
 )
+from editfast.models import routing
 from editfast.models.load import load_model
+from editfast.models.routing import choose, row_score, token_distance
+from editfast.session.session import EditSession
 
 WISE = METHODS["wise"]
 D = torch.float64
@@ -180,3 +178,79 @@ def test_one_training_step_float64(tiny64):
     assert steps == 1
     assert torch.allclose(got, want, rtol=0, atol=1e-13)
     assert recorded == pytest.approx(delta[: rows.n_edit].mean().item(), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------- sessions
+
+REQS = [Request(prompt="{} lives in", subject=s, target_new=t, case_id=i)
+        for i, (s, t) in enumerate([("Alice", "Paris"), ("Bob", "Rome"), ("Carol", "Oslo"), ("Dan", "Lima"),
+                                    ("Eve", "Kyiv")])]
+PROBE = ["Alice lives in Paris", "Eve lives in Kyiv", "The weather today is mild and", "Bob"]
+
+
+@pytest.fixture
+def routed_tiny(pristine_tiny):
+    yield pristine_tiny
+    routing.uninstall(pristine_tiny.model)
+
+
+def probe_logits(lm):
+    """Logits of a padded batch through the engine's routing (real tokens marked)."""
+    enc = lm.tokenizer(PROBE, return_tensors="pt", padding=True)
+    with torch.no_grad(), routing.tokens(lm.model, enc["attention_mask"]):
+        return lm.model(**enc).logits
+
+
+def used_state(s):
+    """The state tensors in use (a merge leaves a stale memory.{i} behind, which counts for nothing)."""
+    t = s.state.tensors
+    n = int(t["memories"]) if "memories" in t else 0
+    keys = ["side", "side_min", "count", "mask", "memories", *(f"memory.{i}{x}" for i in range(n) for x in ("", ".min"))]
+    return {k: t[k].clone() for k in keys if k in t}
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def test_resume_and_undo_bit_identical(routed_tiny, tmp_path, monkeypatch):
+    """Five edits on tiny-llama (shards of 2, a merge at 4): the routed model after undo(3) is that of
+    a 3-edit run, undo(0) the base, and a run cut in its fourth edit and resumed that of the full
+    run, bit for bit (state and logits); no weight changes."""
+    lm = routed_tiny
+    kw = dict(evaluate=False, progress=False, templates="fixed")
+    base_w = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    base_logits = probe_logits(lm)
+    three = EditSession(lm, "wise", REQS[:3], **kw)
+    three.run()
+    st3, lg3 = used_state(three), probe_logits(lm)
+    full = EditSession(lm, "wise", REQS, out=tmp_path / "run", **kw)
+    full.run()
+    st5, lg5 = used_state(full), probe_logits(lm)
+    assert int(st5["memories"]) == 1 and int(st3["memories"]) == 1  # 3: one shard saved; 5: two merged into one
+    assert not torch.equal(lg5, base_logits)  # some probe row is routed to a memory
+    assert all(torch.equal(v, base_w[k]) for k, v in lm.model.state_dict().items())
+    full.undo(3)
+    assert_same(used_state(full), st3)
+    assert torch.equal(probe_logits(lm), lg3)
+    full.undo(0)
+    assert torch.equal(probe_logits(lm), base_logits)
+
+    calls, edit = [], WISE.edit
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("interrupted (simulated)")
+        return edit(*a, **k)
+
+    monkeypatch.setattr(WISE, "edit", flaky)
+    with pytest.raises(RuntimeError, match="simulated"):
+        EditSession(lm, "wise", REQS, out=tmp_path / "cut", **kw).run()
+    monkeypatch.undo()
+    routing.uninstall(lm.model)
+    r = EditSession(lm, "wise", REQS, out=tmp_path / "cut", **kw)
+    r.run(resume=True)
+    assert_same(used_state(r), st5)
+    assert torch.equal(probe_logits(lm), lg5)

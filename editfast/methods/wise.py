@@ -70,8 +70,9 @@ number) with ``memory.{i}`` and ``memory.{i}.min``, and ``merged`` (WISE-Merge).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -84,21 +85,23 @@ from editfast.methods.base import Method, State
 from editfast.methods.hparams import HParams
 from editfast.methods.locate_then_edit.targets import target_text
 from editfast.methods.mend.net import Above, TokenBatch
+from editfast.models import routing
 from editfast.models.archs import output_logits
+from editfast.models.routing import (
+    ACTS,
+    SideMemory,
+    linear_out,
+    row_score,
+    token_distance,
+)
 from editfast.models.trace import Trace
 
 NO_ACT = 1e9  # the original's EditingMeanAct before any edit: no threshold is reached
-LONG_ROW = 100  # rows longer than this are scored by their largest token distance (the original's infer rule)
 WEIGHT_DECAY = 1e-5  # the original's SGD weight decay
 STARTERS = ["I", "You", "Because", "Yes", "Q: "]
 TEMPLATE_LENGTHS = (5, 10)  # new tokens of the generated templates (length_params [[5, 5], [10, 5]])
 N_LOC = 1000  # loc texts cycled through
 
-# the model's hidden activation (config.hidden_act / activation_function), as transformers' ACT2FN
-ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-}
 MERGES = ("ties", "magnitude_norm", "magnitude", "sign", "dare_ties", "dare_linear", "linear")
 
 
@@ -174,32 +177,16 @@ def weight_name(adapter, hp: WISEHyperParams) -> str:
     return f"{adapter.layer_tmp.format(layer)}.{hp.module}.weight"
 
 
-def activation(config) -> Callable[[torch.Tensor], torch.Tensor]:
+def activation_name(config) -> str:
+    """The model's hidden activation (config.hidden_act / activation_function), which Δ applies."""
     name = getattr(config, "hidden_act", None) or getattr(config, "activation_function", None)
     if name not in ACTS:
         raise EditfastError(f"WISE: the model's activation {name!r} is not one of {', '.join(ACTS)}")
-    return ACTS[name]
+    return name
 
 
 # -----------------------------------------------------------------------------------------------
 # the equations (dtype-generic; tests check them in float64)
-
-
-def token_distance(y0: torch.Tensor, y: torch.Tensor, act) -> torch.Tensor:
-    """‖act(y) − act(y0)‖₂ over the last dimension: [..., T, d] -> [..., T]."""
-    return torch.linalg.vector_norm(act(y) - act(y0), dim=-1)
-
-
-def row_score(dist: torch.Tensor, mask: torch.Tensor, infer: bool = False) -> torch.Tensor:
-    """Each row's Δ: the mean of its real tokens' distances; at inference the max for a row longer
-    than ``LONG_ROW`` tokens. dist [B, T], mask [B, T] (1: real token)."""
-    m = mask.to(dist.dtype)
-    n = m.sum(1)
-    mean = (dist * m).sum(1) / n.clamp_min(1)
-    if not infer:
-        return mean
-    top = dist.masked_fill(m == 0, float("-inf")).amax(1)
-    return torch.where(n > LONG_ROW, top, mean)
 
 
 def _mean_pos(x: torch.Tensor) -> torch.Tensor:
@@ -286,89 +273,6 @@ def merge(alg: str, weights: Sequence[float], base: torch.Tensor, tensors: Seque
     return (base + mixed).to(base.dtype)
 
 
-def choose(d_side: torch.Tensor, thr_side: float, d_mem: Sequence[torch.Tensor], thr_mem: Sequence[float],
-           d_merged: torch.Tensor | None = None) -> torch.Tensor:
-    """Which weight answers each row (W7): 0 the base W, 1 the working side memory W', 2 + i memory
-    i (WISE-Retrieve), or with ``d_merged`` (WISE-Merge) -1 the merged weight."""
-    if d_merged is not None:
-        pick = torch.where(d_merged > d_side, -1, 1)
-        return torch.where((d_merged < thr_side) & (d_side < thr_side), 0, pick)
-    pick = torch.where(d_side < thr_side, 0, 1)
-    best = d_side
-    for i, (d, thr) in enumerate(zip(d_mem, thr_mem)):
-        take = (d > best) & (d > thr)
-        pick = torch.where(take, 2 + i, pick)
-        best = torch.where(take, d, best)
-    return pick
-
-
-def module_forward(module: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The edited module's output with ``weight`` in place of its own (nn.Linear [out, in], or GPT-2's
-    Conv1D [in, out]); its bias kept."""
-    bias = getattr(module, "bias", None)
-    if type(module).__name__ == "Conv1D":
-        y = x.reshape(-1, x.shape[-1]) @ weight
-        return (y if bias is None else y + bias).view(*x.shape[:-1], weight.shape[-1])
-    return F.linear(x, weight, bias)
-
-
-# -----------------------------------------------------------------------------------------------
-# routing at inference
-
-
-class Router:
-    """Routes the edited module's output row by row (W7) from the state's memories: a forward hook
-    on the module, and a pre-hook on the model that keeps the batch's attention mask (the rows'
-    real tokens; the last T columns of it for a forward of T new tokens over a KV cache)."""
-
-    def __init__(self, lm, hp: WISEHyperParams, state: State):
-        self.lm, self.hp, self.state = lm, hp, state
-        self.name = weight_name(lm.adapter, hp)
-        self.module = lm.model.get_submodule(self.name.rsplit(".", 1)[0])
-        self.act = activation(lm.model.config)
-        self.mask: torch.Tensor | None = None
-        self._handles = []
-
-    def install(self) -> "Router":
-        def keep_mask(mod, args, kwargs):
-            self.mask = kwargs.get("attention_mask")
-
-        self._handles = [self.lm.model.register_forward_pre_hook(keep_mask, with_kwargs=True),
-                         self.module.register_forward_hook(lambda mod, args, out: self.route(args[0], out))]
-        return self
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def route(self, x: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
-        t = self.state.tensors
-        if int(t.get("count", torch.zeros(())).item()) == 0 and "merged" not in t:
-            return y0
-        B, T = x.shape[:2]
-        mask = self.mask[:, -T:] if self.mask is not None else torch.ones(B, T, dtype=torch.long, device=x.device)
-        ratio = self.hp.act_ratio
-        score = lambda y: row_score(token_distance(y0, y, self.act), mask, infer=True)  # noqa: E731
-        y_side = module_forward(self.module, x, t["side"])
-        d_side, thr_side = score(y_side), float(t["side_min"]) * ratio
-        outs = {0: y0, 1: y_side}
-        if not self.hp.retrieve:
-            y_m = module_forward(self.module, x, t["merged"]) if "merged" in t else y0
-            pick = choose(d_side, thr_side, [], [], d_merged=score(y_m))
-            outs[-1] = y_m
-        else:
-            n = int(t.get("memories", torch.zeros(())).item())
-            ys = [module_forward(self.module, x, t[f"memory.{i}"]) for i in range(n)]
-            pick = choose(d_side, thr_side, [score(y) for y in ys], [float(t[f"memory.{i}.min"]) * ratio for i in range(n)])
-            outs.update({2 + i: y for i, y in enumerate(ys)})
-        out = y0
-        for k, y in outs.items():
-            if k != 0:
-                out = torch.where((pick == k).view(B, 1, 1), y, out)
-        return out
-
-
 # -----------------------------------------------------------------------------------------------
 # training one edit
 
@@ -407,7 +311,8 @@ def train_side(lm, hp: WISEHyperParams, rows: EditRows, base: torch.Tensor, side
     model, adapter = lm.model, lm.adapter
     name = weight_name(adapter, hp)
     module = model.get_submodule(name.rsplit(".", 1)[0])
-    act = activation(model.config)
+    act = ACTS[activation_name(model.config)]
+    conv1d = type(module).__name__ == "Conv1D"
     alpha, beta, gamma = hp.act_margin
     b = rows.batch
     above = Above(lm, hp.layers[0])
@@ -422,7 +327,7 @@ def train_side(lm, hp: WISEHyperParams, rows: EditRows, base: torch.Tensor, side
     seen: dict[str, torch.Tensor] = {}
 
     def swap(y0: torch.Tensor) -> torch.Tensor:
-        seen["y0"], seen["y"] = y0.detach(), module_forward(module, seen.pop("x"), w)
+        seen["y0"], seen["y"] = y0.detach(), linear_out(seen.pop("x"), w, module.bias, conv1d)
         return seen["y"]
 
     def keep_input(mod, args):
@@ -485,6 +390,7 @@ class WISE(Method):
     summary = "a routed side memory of one MLP weight, sharded and merged; base weights untouched (Wang et al., 2024)"
     hparams_class = WISEHyperParams
     easyedit_alg = "WISE"
+    routes = True
     default_batch_size = 1
     max_batch_size = 1
     presets = {
@@ -503,13 +409,43 @@ class WISE(Method):
         return WISEState(loc=loc_texts(hp.loc_corpus))
 
     def sites(self, lm, hp) -> list[str]:
-        return []  # no weight of the model changes
+        return [weight_name(lm.adapter, hp)]  # routed, never written
+
+    def install(self, lm, hp, state: State) -> None:
+        """Route the edited module through the state's memories (``routing.SideMemory``): W' and the
+        shards' memories (WISE-Retrieve), or W' and the merged weight (WISE-Merge)."""
+        name = weight_name(lm.adapter, hp)
+        module = lm.model.get_submodule(name.rsplit(".", 1)[0])
+        base = module.weight.detach()
+        t = state.tensors
+        weights, mins = [t.get("side", base)], [scalar(state, "side_min", NO_ACT)]
+        merged = not hp.retrieve and "merged" in t
+        if merged:
+            weights.append(t["merged"])
+            mins.append(mins[0])
+        elif hp.retrieve:
+            n = int(scalar(state, "memories", 0))
+            weights += [t[f"memory.{i}"] for i in range(n)]
+            mins += [float(t[f"memory.{i}.min"]) for i in range(n)]
+        bias = getattr(module, "bias", None)
+        memory = SideMemory(torch.stack([w.to(base) for w in weights]), torch.tensor(mins, dtype=torch.float64),
+                            None if bias is None else bias.detach().clone(), act=activation_name(lm.model.config),
+                            act_ratio=hp.act_ratio, merged=merged, conv1d=type(module).__name__ == "Conv1D")
+        routing.install(lm.model, name.rsplit(".", 1)[0], memory)
+
+    def memory_size(self, state: State) -> dict[str, int] | None:
+        """W', the memories in use and the merged weight: how many, and their bytes."""
+        t = state.tensors
+        ts = [t[k] for k in ["side", "merged", *(f"memory.{i}" for i in range(int(scalar(state, "memories", 0))))]
+              if k in t]
+        return {"entries": len(ts), "bytes": sum(x.numel() * x.element_size() for x in ts)}
 
     def templates(self, lm, hp, seed: int = 0, mode: str = "generated", progress: bool = False) -> list[list[str]]:
         """["{}"] and ten greedy continuations of the starters (W1); ``fixed``: the bare prompt alone."""
         if mode == "fixed":
             return [["{}"]]
-        return [["{}", *greedy_prefixes(lm)]]
+        with routing.bypassed(lm.model):  # from the unedited model, as the original's first edit
+            return [["{}", *greedy_prefixes(lm)]]
 
     def edit(self, lm, requests, hp, state: State, templates, *, targets=None, trace=None, backend="fast",
              progress=False):
@@ -526,7 +462,8 @@ class WISE(Method):
         loc = state.loc[count % len(state.loc)]
         rows = encode_edit(lm.tokenizer, requests[0], [t for g in templates for t in g], loc, hp.loc_tokens,
                            base.device)
-        w, recorded, steps = train_side(lm, hp, rows, base, side, state.tensors["mask"].to(base.device))
+        with routing.bypassed(lm.model):  # W' trains against the base module's output
+            w, recorded, steps = train_side(lm, hp, rows, base, side, state.tensors["mask"].to(base.device))
         if trace is not None:
             trace.setdefault("wise", []).append({"steps": steps, "activation": recorded})
         count += 1
