@@ -66,9 +66,10 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 
@@ -203,6 +204,10 @@ class EMMETHyperParams(HyperParams):
 
 class R_ROMEHyperParams(HyperParams):  # noqa: N801 (EasyEdit's name)
     alg_name = "R-ROME"
+
+
+class WISEHyperParams(HyperParams):
+    alg_name = "WISE"
 
 
 # --------------------------------------------------------------------------- requests
@@ -573,6 +578,7 @@ class BaseEditor:
         except BaseException:
             self._state.tensors.clear()
             self._state.tensors.update(saved_state)
+            self.method.install(self.lm, self.hp, self._state)  # a routed method's memory as it was
             raise
 
     def _sync(self) -> None:
@@ -601,6 +607,7 @@ class BaseEditor:
                          progress=verbose)
         seconds = time.perf_counter() - t
         self._state.take_changed()
+        self.method.install(self.lm, self.hp, self._state)  # a routed method (WISE): its memory as edited
         changed = {u.weight for u in ups}
         weights_copy = {name: w for name, w in before.items() if name in changed}
         for m, r in zip(metrics, chunk):
@@ -611,9 +618,10 @@ class BaseEditor:
             restore(self.lm, before)
             self._state.tensors.clear()
             self._state.tensors.update(saved_state)
+            self.method.install(self.lm, self.hp, self._state)
         return weights_copy
 
 
 __all__ = ["BaseEditor", "HyperParams", "ROMEHyperParams", "MEMITHyperParams", "AlphaEditHyperParams",
-           "EMMETHyperParams", "R_ROMEHyperParams", "summary_metrics", "prepare_requests", "edit_quality",
-           "predictions"]
+           "EMMETHyperParams", "R_ROMEHyperParams", "WISEHyperParams", "summary_metrics", "prepare_requests",
+           "edit_quality", "predictions"]

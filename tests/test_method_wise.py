@@ -2,11 +2,17 @@
 rule), one training step against a plain autograd computation, sharding and merging on a tiny
 model, batched routing against rows alone, and bad hyper-parameters."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
+from helpers import assert_refused, run_cli
 
-from editfast.data.requests import Request
-from editfast.methods.registry import METHODS, make_hparams
+from editfast.data.requests import Request, load_dataset
+from editfast.easyedit import WISEHyperParams
+from editfast.methods.registry import METHODS, make_hparams, resolve_hparams
 from editfast.methods.wise import (
     WEIGHT_DECAY,
     draw_mask,
@@ -20,7 +26,8 @@ from editfast.methods.wise import (
 from editfast.models import routing
 from editfast.models.load import load_model
 from editfast.models.routing import choose, row_score, token_distance
-from editfast.session.session import EditSession
+from editfast.session.journal import load_run
+from editfast.session.session import EditSession, apply_entries
 
 WISE = METHODS["wise"]
 D = torch.float64
@@ -254,3 +261,57 @@ def test_resume_and_undo_bit_identical(routed_tiny, tmp_path, monkeypatch):
     r.run(resume=True)
     assert_same(used_state(r), st5)
     assert torch.equal(probe_logits(lm), lg5)
+
+
+def test_cli_saved_model_export_and_bad_hparams(tmp_path, capsys):
+    """`editfast edit --method wise --save-model` on tiny-llama: the saved model, loaded by editfast,
+    routes as the run's journal replayed onto the base (same logits, bit for bit); plain weights are
+    the base's. `editfast export --lora` of the run and bad hyper-parameters: one line, exit 2,
+    nothing written."""
+    out = tmp_path / "run"
+    code, _, err = run_cli(["edit", "--method", "wise", "--model", "random:tiny-llama", "--n", "3", "--templates",
+                            "fixed", "--no-eval", "--quiet", "--save-model", "--out", str(out)], capsys)
+    assert code == 0, err
+    saved = load_model(out / "model")
+    assert [type(m).__name__ for m in routing.routes(saved.model).values()] == ["SideMemory"]
+    replayed = load_model("random:tiny-llama")
+    config, entries = load_run(out, replayed)
+    apply_entries(replayed, config, entries)
+    probe = [f"{r.filled()} {r.target_new}" for r in load_dataset("counterfact", 3)] + ["The weather today is"]
+    lg = {}
+    for key, lm in (("saved", saved), ("replayed", replayed)):
+        enc = lm.tokenizer(probe, return_tensors="pt", padding=True)
+        with torch.no_grad(), routing.tokens(lm.model, enc["attention_mask"]):
+            lg[key] = lm.model(**enc).logits
+        with torch.no_grad(), routing.bypassed(lm.model):
+            lg[key + "-base"] = lm.model(**enc).logits
+    assert torch.equal(lg["saved"], lg["replayed"]) and torch.equal(lg["saved-base"], lg["replayed-base"])
+    assert not torch.equal(lg["saved"], lg["saved-base"])  # the edited facts are routed to the memory
+    assert_refused(["export", str(out), "--lora", str(tmp_path / "lora")], capsys, "wise", "lora",
+                   absent=[tmp_path / "lora"])
+    for setting, word in (("merge_freq=3", "multiple of save_freq"), ("replay=true", "replay"),
+                          ("merge_alg=slerp", "merge_alg"), ("act_margin=[1,2]", "act_margin"),
+                          ("mask_ratio=0", "mask_ratio"), ("layers=[1,2]", "one layer"), ("bogus=1", "bogus")):
+        bad = tmp_path / "bad"
+        assert_refused(["edit", "--method", "wise", "--model", "random:tiny-llama", "--n", "2", "--templates",
+                        "fixed", "--no-eval", "--quiet", "--set", setting, "--out", str(bad)], capsys, word,
+                       absent=[bad])
+
+
+EASYEDIT = sorted((Path(__file__).parent / "data" / "easyedit_wise").glob("*.yaml"))
+
+
+@pytest.mark.filterwarnings("ignore:.*differs from the model edited")
+@pytest.mark.parametrize("path", EASYEDIT, ids=[p.name for p in EASYEDIT])
+def test_easyedit_files_load(path):
+    """EasyEdit's hparams/WISE files (tests/data/easyedit_wise) load through the facade and for
+    `editfast edit --hparams`: inner_params names the layer and module, every other key its field."""
+    raw = yaml.safe_load(path.read_text())
+    hp = WISEHyperParams.from_hparams(path).editfast_hparams()
+    via_cli = resolve_hparams("wise", "smollm2-135m", None, None, path, options={})
+    layer, module = re.fullmatch(r".+\[(\d+)\]\.(.+)\.weight", raw["inner_params"][0]).groups()
+    for h in (hp, via_cli):
+        assert h.layers == [int(layer)] and h.module == module
+        for key in ("edit_lr", "n_iter", "mask_ratio", "act_margin", "act_ratio", "norm_constraint", "save_freq",
+                    "merge_freq", "merge_alg", "densities", "weights", "retrieve", "replay", "objective_optimization"):
+            assert getattr(h, key) == raw[key], key

@@ -136,6 +136,7 @@ class WISEHyperParams(HParams):
         "densities": "> 0 and <= 1", "weights": "> 0", "objective_optimization": ("only_label",),
         "loc_tokens": ">= 1", "mask_seed": ">= 0",
     }
+    LAYERS_FROM: ClassVar[str | None] = "inner_params"
 
     def validate(self) -> None:
         if self.inner_params:  # EasyEdit's name of the edited weight decides the layer and the module
