@@ -166,9 +166,10 @@ def full_loss(lm, hp, rows, w):
     return torch.stack(loss_rows).mean() + margin_loss(delta[:n], delta[n:], a, be, g), delta.detach()
 
 
-def test_one_training_step_float64(tiny64):
+@pytest.mark.parametrize("backend", ["fast", "reference"])
+def test_one_training_step_float64(tiny64, backend):
     """W'₁ = clamp(W'₀ − lr·(∇L ⊙ mask + 1e-5·W'₀), W ± c), ∇L by autograd through the whole model
-    (the training runs only the layers above the edited one, from recorded hidden states); the
+    (the fast backend runs only the layers above the edited one, from recorded hidden states); the
     recorded activation is the template rows' mean Δ at W'₀ (read before the last step)."""
     lm = tiny64
     hp = make_hparams("wise", {**WISE.presets["tiny"], "n_iter": 1, "edit_lr": 0.5, "norm_constraint": 0.01})
@@ -181,7 +182,7 @@ def test_one_training_step_float64(tiny64):
     loss, delta = full_loss(lm, hp, rows, w)
     (g,) = torch.autograd.grad(loss, w)
     want = torch.clamp(side0 - hp.edit_lr * (g * mask + WEIGHT_DECAY * side0), W - 0.01, W + 0.01)
-    got, recorded, steps = train_side(lm, hp, rows, W, side0, mask)
+    got, recorded, steps = train_side(lm, hp, rows, W, side0, mask, backend)
     assert steps == 1
     assert torch.allclose(got, want, rtol=0, atol=1e-13)
     assert recorded == pytest.approx(delta[: rows.n_edit].mean().item(), rel=1e-12)

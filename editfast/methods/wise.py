@@ -307,8 +307,12 @@ def encode_edit(tok, request, templates: Sequence[str], loc_text: str, loc_token
 
 
 def train_side(lm, hp: WISEHyperParams, rows: EditRows, base: torch.Tensor, side: torch.Tensor,
-               mask: torch.Tensor) -> tuple[torch.Tensor, float, int]:
-    """One edit's training of W' (W2–W5) from ``side``; returns (W', recorded activation, steps)."""
+               mask: torch.Tensor, backend: str = "fast") -> tuple[torch.Tensor, float, int]:
+    """One edit's training of W' (W2–W5) from ``side``; returns (W', recorded activation, steps).
+
+    The fast backend runs each iteration from the edited layer up (the layers below see nothing
+    that changes: their output is recorded once) and the LM head at the target predictions only;
+    the reference backend runs the whole model and the head everywhere, as the original."""
     model, adapter = lm.model, lm.adapter
     name = weight_name(adapter, hp)
     module = model.get_submodule(name.rsplit(".", 1)[0])
@@ -317,7 +321,8 @@ def train_side(lm, hp: WISEHyperParams, rows: EditRows, base: torch.Tensor, side
     alpha, beta, gamma = hp.act_margin
     b = rows.batch
     above = Above(lm, hp.layers[0])
-    h = above.hidden(b)
+    ref = backend == "reference"
+    h = None if ref else above.hidden(b)
     lrow, lpos = (b.labels[: rows.n_edit] != -100).nonzero(as_tuple=True)  # the LM head runs there only
     labels = b.labels[lrow, lpos]
     n_lab = (b.labels[: rows.n_edit] != -100).sum(1)
@@ -340,8 +345,8 @@ def train_side(lm, hp: WISEHyperParams, rows: EditRows, base: torch.Tensor, side
     try:
         for i in range(hp.n_iter):
             with Trace(model, outputs=[norm], edit={name.rsplit(".", 1)[0]: swap}, detach=False) as tr:
-                above.logits(b, h, one)
-            logits = head(tr.outputs[norm][lrow, lpos])
+                full = above.logits(b, h, None if ref else one)
+            logits = full[lrow, lpos] if ref else head(tr.outputs[norm][lrow, lpos])
             d = row_score(token_distance(seen["y0"], seen["y"], act), b.attention_mask)
             ft = target_loss(logits if logits.dtype == torch.float64 else logits.float(), labels, lrow, n_lab)
             loss = ft + margin_loss(d[: rows.n_edit], d[rows.n_edit:], alpha, beta, gamma).to(ft.dtype)
@@ -464,7 +469,7 @@ class WISE(Method):
         rows = encode_edit(lm.tokenizer, requests[0], [t for g in templates for t in g], loc, hp.loc_tokens,
                            base.device)
         with routing.bypassed(lm.model):  # W' trains against the base module's output
-            w, recorded, steps = train_side(lm, hp, rows, base, side, state.tensors["mask"].to(base.device))
+            w, recorded, steps = train_side(lm, hp, rows, base, side, state.tensors["mask"].to(base.device), backend)
         if trace is not None:
             trace.setdefault("wise", []).append({"steps": steps, "activation": recorded})
         count += 1
