@@ -292,7 +292,8 @@ def test_cli_saved_model_export_and_bad_hparams(tmp_path, capsys):
                    absent=[tmp_path / "lora"])
     for setting, word in (("merge_freq=3", "multiple of save_freq"), ("replay=true", "replay"),
                           ("merge_alg=slerp", "merge_alg"), ("act_margin=[1,2]", "act_margin"),
-                          ("mask_ratio=0", "mask_ratio"), ("layers=[1,2]", "one layer"), ("bogus=1", "bogus")):
+                          ("mask_ratio=0", "mask_ratio"), ("layers=[1,2]", "one layer"), ("bogus=1", "bogus"),
+                          ("loc_corpus=nowhere.txt", "loc_corpus"), ("module=mlp.nope", "mlp.nope")):
         bad = tmp_path / "bad"
         assert_refused(["edit", "--method", "wise", "--model", "random:tiny-llama", "--n", "2", "--templates",
                         "fixed", "--no-eval", "--quiet", "--set", setting, "--out", str(bad)], capsys, word,

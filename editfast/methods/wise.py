@@ -72,6 +72,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -158,6 +159,9 @@ class WISEHyperParams(HParams):
                          ("use_chat_template", "chat templates")):
             if getattr(self, key):
                 raise HParamsError(f"hparams: {key}=true is not allowed; editfast's WISE does not implement {why}")
+        if self.loc_corpus not in ("counterfact-train", "wikitext") and not Path(self.loc_corpus).expanduser().is_file():
+            raise HParamsError(f"hparams: loc_corpus={self.loc_corpus!r} is not allowed; choose counterfact-train, "
+                               "wikitext or a text file")
         if not self.module or self.module != self.module.strip() or self.module.startswith("."):
             raise HParamsError(f"hparams: module={self.module!r} must be 'rewrite' or a dotted module name "
                                "under the decoder layer (e.g. 'mlp.down_proj')")
@@ -412,6 +416,11 @@ class WISE(Method):
     }
 
     def prepare(self, lm, hp, progress: bool = True) -> State:
+        name = weight_name(lm.adapter, hp)
+        try:
+            lm.model.get_parameter(name)
+        except AttributeError:
+            raise HParamsError(f"hparams: module={hp.module!r}: the model has no weight {name!r}") from None
         return WISEState(loc=loc_texts(hp.loc_corpus))
 
     def sites(self, lm, hp) -> list[str]:
