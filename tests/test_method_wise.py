@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import assert_refused, run_cli
+from helpers import KNOWN, assert_refused, run_cli
 
 from editfast.data.requests import Request, load_dataset
 from editfast.easyedit import WISEHyperParams
+from editfast.eval.edit_metrics import edit_metrics
 from editfast.methods.registry import METHODS, make_hparams, resolve_hparams
 from editfast.methods.wise import (
     WEIGHT_DECAY,
@@ -317,3 +318,29 @@ def test_easyedit_files_load(path):
         for key in ("edit_lr", "n_iter", "mask_ratio", "act_margin", "act_ratio", "norm_constraint", "save_freq",
                     "merge_freq", "merge_alg", "densities", "weights", "retrieve", "replay", "objective_optimization"):
             assert getattr(h, key) == raw[key], key
+
+
+def test_efficacy_on_smollm2(pristine):
+    """One known CounterFact fact on SmolLM2 (the preset, 10 steps, the bare prompt as the only
+    template): the edited prompt is routed to the side memory and says the new target; an unrelated
+    text is routed to the base (same logits); no weight changes."""
+    lm = pristine
+    r = load_dataset("counterfact")[KNOWN[0]]
+    hp = resolve_hparams("wise", "smollm2-135m", lm.model.config, {"n_iter": 10})
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    enc = lm.tokenizer(["The history of the Roman Empire spans many centuries"], return_tensors="pt")
+    with torch.no_grad():
+        unrelated = lm.model(**enc).logits
+    pre = edit_metrics(lm, [r], "counterfact")[0]
+    state = WISE.prepare(lm, hp)
+    try:
+        list(WISE.edit(lm, [r], hp, state, [["{}"]]))
+        WISE.install(lm, hp, state)
+        post = edit_metrics(lm, [r], "counterfact")[0]
+        with torch.no_grad(), routing.tokens(lm.model, enc["attention_mask"]):
+            assert torch.equal(lm.model(**enc).logits, unrelated)
+    finally:
+        routing.uninstall(lm.model)
+    print("pre", pre, "\npost", post)
+    assert not pre["efficacy_success"] and post["efficacy_success"]
+    assert all(torch.equal(v, before[k]) for k, v in lm.model.state_dict().items())
