@@ -66,9 +66,10 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from tqdm.auto import tqdm
@@ -220,6 +221,10 @@ class R_ROMEHyperParams(HyperParams):  # noqa: N801 (EasyEdit's name)
 
 class GraceHyperParams(HyperParams):
     alg_name = "GRACE"
+
+
+class WISEHyperParams(HyperParams):
+    alg_name = "WISE"
 
 
 # --------------------------------------------------------------------------- requests
@@ -625,7 +630,7 @@ class BaseEditor:
         else:
             _say("Execution %d editing took %s", start, seconds)
         self._state.take_changed()
-        self.method.install(self.lm, self.hp, self._state)  # a routed method's memory (GRACE): evaluated next
+        self.method.install(self.lm, self.hp, self._state)  # a routed method's memory (GRACE, WISE): evaluated next
         changed = {u.weight for u in ups}
         weights_copy = {name: w for name, w in before.items() if name in changed}
         t = time.perf_counter()
@@ -643,5 +648,5 @@ class BaseEditor:
 
 
 __all__ = ["BaseEditor", "HyperParams", "ROMEHyperParams", "MEMITHyperParams", "AlphaEditHyperParams",
-           "EMMETHyperParams", "R_ROMEHyperParams", "GraceHyperParams", "summary_metrics", "prepare_requests", "edit_quality",
-           "predictions"]
+           "EMMETHyperParams", "R_ROMEHyperParams", "GraceHyperParams", "WISEHyperParams", "summary_metrics",
+           "prepare_requests", "edit_quality", "predictions"]

@@ -223,9 +223,11 @@ class Engine:
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, (ctx, _) in enumerate(fixed):
             groups[ctx].append(i)
-        alone = sorted((groups[c][0] for c in groups if len(groups[c]) == 1),
+        # a memory routed per sequence (WISE) must see each context with its continuation: no sharing
+        whole = routing.sequence_level(self.model)
+        alone = sorted((i for c in groups for i in groups[c] if whole or len(groups[c]) == 1),
                        key=lambda i: len(fixed[i][0]) + len(fixed[i][1]), reverse=True)
-        shared = sorted((c for c in groups if len(groups[c]) > 1), key=len, reverse=True)
+        shared = [] if whole else sorted((c for c in groups if len(groups[c]) > 1), key=len, reverse=True)
         results: list[LogLikResult] = [None] * len(pairs)  # type: ignore[list-item]
         bar = tqdm(total=len(pairs), desc=desc, unit="req", disable=not self.progress)
         t0 = time.perf_counter()

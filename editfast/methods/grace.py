@@ -95,6 +95,7 @@ class GraceHyperParams(HParams):
     layers: list[int] = field(default_factory=list)  # or named by inner_params
     module: str = "rewrite"
     inner_params: list[str] | None = None
+    LAYERS_FROM: ClassVar[str | None] = "inner_params"
     edit_lr: float = 1.0
     n_iter: int = 50
     eps: float = 1.0  # the initial deferral radius ε

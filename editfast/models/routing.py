@@ -20,7 +20,10 @@ loader can rebuild any of them without importing the methods above it.
 token's output depends only on that token's input (and whether it is real), so padding, batching,
 a KV cache and one-token decoding steps give each token what it gets alone. ``tokens`` tells the
 routes which positions are padding (the evaluation engine sets it around each forward); without it
-every position is routed (plain ``model(...)``/``generate`` calls).
+every position is routed (plain ``model(...)``/``generate`` calls). WISE's ``SideMemory`` decides
+per sequence (``per_token`` False), from the real tokens of the forward: a batch gives each row what
+it gets alone, and the engine scores a model routed so as whole sequences (``sequence_level``), not a
+shared context's cache and then its continuations.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -48,6 +52,9 @@ class Memory:
     to the output; ``tensors`` and ``config`` are what ``save`` writes and ``from_saved`` reads."""
 
     kind: ClassVar[str] = ""
+    # whether a token's output depends on that token alone (GRACE); False (WISE): on its whole
+    # sequence, which the evaluation engine then scores one whole sequence per row (``sequence_level``)
+    per_token: ClassVar[bool] = True
 
     def route(self, x: torch.Tensor, out: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
@@ -166,6 +173,11 @@ def routes(model: nn.Module) -> dict[str, Memory]:
     return {k: m for k, (m, _) in r.routes.items()} if r is not None else {}
 
 
+def sequence_level(model: nn.Module) -> bool:
+    """Whether a memory routed on this model decides per sequence (not ``per_token``)."""
+    return any(not m.per_token for m in routes(model).values())
+
+
 @contextmanager
 def tokens(model: nn.Module, real: torch.Tensor | None) -> Iterator[None]:
     """Within the block, forwards of ``model`` take ``real`` [B, T] (nonzero: a real token, zero:
@@ -193,6 +205,127 @@ def bypassed(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         r.enabled = old
+
+
+# ---------------------------------------------------------------------------------------------- WISE
+# the model's hidden activation (config.hidden_act / activation_function), as transformers' ACT2FN
+ACTS: dict[str, Any] = {
+    "silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+LONG_ROW = 100  # a sequence longer than this is scored by its largest token distance (WISE's inference rule)
+
+
+def token_distance(y0: torch.Tensor, y: torch.Tensor, act) -> torch.Tensor:
+    """‖act(y) − act(y0)‖₂ over the last dimension: [..., T, d] -> [..., T]."""
+    return torch.linalg.vector_norm(act(y) - act(y0), dim=-1)
+
+
+def row_score(dist: torch.Tensor, mask: torch.Tensor, infer: bool = False) -> torch.Tensor:
+    """Each row's activation score Δ: the mean of its real tokens' distances; at inference the max for
+    a row longer than ``LONG_ROW`` tokens. dist [B, T], mask [B, T] (nonzero: a real token)."""
+    m = mask.to(dist.dtype)
+    n = m.sum(1)
+    mean = (dist * m).sum(1) / n.clamp_min(1)
+    if not infer:
+        return mean
+    top = dist.masked_fill(m == 0, float("-inf")).amax(1)
+    return torch.where(n > LONG_ROW, top, mean)
+
+
+def choose(d_side: torch.Tensor, thr_side: float, d_mem, thr_mem, d_merged: torch.Tensor | None = None) -> torch.Tensor:
+    """Which weight answers each row: 0 the base, 1 the working side memory W', 2 + i memory i
+    (WISE-Retrieve: W' if its Δ reaches its threshold, then a memory whose Δ exceeds the best so far
+    and its own threshold), or with ``d_merged`` (WISE-Merge) -1 the merged weight (the base if both
+    Δ are below W''s threshold, else the larger; W' on a tie)."""
+    if d_merged is not None:
+        pick = torch.where(d_merged > d_side, -1, 1)
+        return torch.where((d_merged < thr_side) & (d_side < thr_side), 0, pick)
+    pick = torch.where(d_side < thr_side, 0, 1)
+    best = d_side
+    for i, (d, thr) in enumerate(zip(d_mem, thr_mem)):
+        take = (d > best) & (d > thr)
+        pick = torch.where(take, 2 + i, pick)
+        best = torch.where(take, d, best)
+    return pick
+
+
+def linear_out(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool) -> torch.Tensor:
+    """A linear module's output with ``weight`` ([out, in]; GPT-2's Conv1D [in, out]) and its bias."""
+    if conv1d:
+        y = x.reshape(-1, x.shape[-1]) @ weight
+        return (y if bias is None else y + bias).view(*x.shape[:-1], weight.shape[-1])
+    return F.linear(x, weight, bias)
+
+
+@register
+class SideMemory(Memory):
+    """WISE's memories of one weight (Wang et al., 2024): ``weights`` [M, *W.shape] — the working side
+    memory W', then the shards' memories (WISE-Retrieve) or the merged weight (WISE-Merge,
+    ``merged``) — and ``mins`` [M], the smallest activation each one's edits reached. A sequence's
+    output at the module is the module's own unless a memory's Δ (``row_score`` of ``token_distance``
+    between its output and the module's) clears act_ratio × its min; then the top-1 memory's
+    (``choose``). The decision is per sequence, from the tokens of the forward (``per_token`` False:
+    the evaluation engine scores such a model one whole sequence per row, as the original evaluates);
+    padding keeps the module's output."""
+
+    kind = "wise"
+    per_token = False
+
+    def __init__(self, weights: torch.Tensor, mins: torch.Tensor, bias: torch.Tensor | None = None, *, act: str,
+                 act_ratio: float, merged: bool = False, conv1d: bool = False):
+        if act not in ACTS:
+            raise ModelError(f"a WISE memory needs one of the activations {', '.join(ACTS)}, got {act!r}")
+        if weights.ndim != 3 or mins.shape != weights.shape[:1] or (merged and len(weights) != 2):
+            raise ModelError(f"a WISE memory needs weights [M, out, in] and mins [M], got {tuple(weights.shape)}, "
+                             f"{tuple(mins.shape)}")
+        self.weights, self.mins, self.bias = weights, mins, bias
+        self.act, self.act_ratio, self.merged, self.conv1d = act, float(act_ratio), merged, conv1d
+
+    def route(self, x, out, real=None):
+        thr = (self.mins * self.act_ratio).tolist()
+        if not self.merged and all(t >= 1e8 for t in thr):  # nothing edited yet: no threshold is reached
+            return out
+        flat = out.ndim == 2  # [T, d]: one sequence
+        x3, o3 = (x[None], out[None]) if flat else (x, out)
+        mask = torch.ones(o3.shape[:2], device=o3.device) if real is None else real.reshape(o3.shape[:2])
+        act = ACTS[self.act]
+        ys = [linear_out(x3, w, self.bias, self.conv1d).to(o3.dtype) for w in self.weights]
+        ds = [row_score(token_distance(o3, y, act), mask, infer=True) for y in ys]
+        if self.merged:
+            pick = choose(ds[0], thr[0], [], [], d_merged=ds[1])
+            keys = {1: ys[0], -1: ys[1]}
+        else:
+            pick = choose(ds[0], thr[0], ds[1:], thr[1:])
+            keys = {1 + i: y for i, y in enumerate(ys)}
+        res = o3
+        real_tok = mask.bool()[..., None]
+        for k, y in keys.items():
+            res = torch.where((pick == k).view(-1, 1, 1) & real_tok, y, res)
+        return res.view_as(out)
+
+    def tensors(self):
+        out = {"weights": self.weights, "mins": self.mins}
+        if self.bias is not None:
+            out["bias"] = self.bias
+        return out
+
+    def config(self):
+        return {"act": self.act, "act_ratio": self.act_ratio, "merged": self.merged, "conv1d": self.conv1d}
+
+    def size(self):
+        return {"entries": len(self.weights), "bytes": sum(t.numel() * t.element_size() for t in self.tensors().values())}
+
+    @classmethod
+    def from_saved(cls, tensors, config):
+        if not {"weights", "mins"} <= set(tensors):
+            raise ModelError(f"a saved WISE memory lacks {', '.join(sorted({'weights', 'mins'} - set(tensors)))}")
+        try:
+            return cls(tensors["weights"], tensors["mins"], tensors.get("bias"), act=config["act"],
+                       act_ratio=float(config["act_ratio"]), merged=bool(config.get("merged", False)),
+                       conv1d=bool(config.get("conv1d", False)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelError(f"a saved WISE memory has a malformed config: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------- files
