@@ -634,5 +634,5 @@ class BaseEditor:
 
 
 __all__ = ["BaseEditor", "HyperParams", "ROMEHyperParams", "MEMITHyperParams", "AlphaEditHyperParams",
-           "EMMETHyperParams", "R_ROMEHyperParams", "summary_metrics", "prepare_requests", "edit_quality",
-           "predictions"]
+           "EMMETHyperParams", "R_ROMEHyperParams", "FTHyperParams", "summary_metrics", "prepare_requests",
+           "edit_quality", "predictions"]

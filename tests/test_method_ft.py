@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from helpers import KNOWN, assert_refused, run_cli
+from helpers.golden import logp_first_token
 
 import editfast
 from editfast.core.errors import EditfastError, HParamsError
@@ -249,8 +250,8 @@ def test_bad_hparams_refused(values, words):
 
 
 @pytest.mark.parametrize("method,setting,word", [
-    ("ft-l", "lr=-1e-3", "lr"), ("ft-l", "num_steps=0", "num_steps"), ("ft-l", "norm_constraint=-1", "norm_constraint"),
-    ("ft-m", "layers=[9]", "layers"), ("ft-m", "objective_optimization=prompt_last", "ft-l"),
+    ("ft-l", "norm_constraint=-1", "norm_constraint"), ("ft-m", "layers=[9]", "layers"),
+    ("ft-m", "objective_optimization=prompt_last", "ft-l"),
 ])
 def test_cli_bad_set_exits_2(method, setting, word, tmp_path, capsys):
     out = tmp_path / "run"
@@ -266,16 +267,23 @@ def test_cli_edits_with_ft_m(tmp_path, capsys):
 
 
 def test_ft_on_smollm2_known_facts(pristine):
-    """Three of the test's known facts, one at a time, each method from the unedited model."""
+    """Two of the test's known facts (one-token targets) in one batch (one mini-batch: one Adam step
+    per pass), each method with its SmolLM2 preset from the unedited model: the new object overtakes
+    the true one (CounterFact's efficacy) for both, from behind for both."""
     lm = pristine
     data = load_dataset("counterfact")
-    reqs = [data[i] for i in KNOWN[:3]]
-    base = snapshot(lm, METHODS["ft-l"].sites(lm, resolve_hparams("ft-l", lm.spec, lm.model.config)) +
-                    METHODS["ft-m"].sites(lm, resolve_hparams("ft-m", lm.spec, lm.model.config)))
+    reqs = [data[i] for i in KNOWN[:2]]
+
+    def margins():
+        return [logp_first_token(lm, r.filled(), r.target_new) - logp_first_token(lm, r.filled(), r.target_true)
+                for r in reqs]
+
+    sites = [s for m in ("ft-l", "ft-m") for s in METHODS[m].sites(lm, resolve_hparams(m, lm.spec, lm.model.config))]
+    base, before = snapshot(lm, sites), margins()
+    assert all(m < -3 for m in before), before
     for method in ("ft-m", "ft-l"):
-        res = editfast.edit(lm, reqs, method=method, seed=0, progress=False)
-        pre, post = res.summary["pre"], res.summary["post"]
-        print(method, "pre", pre, "\npost", post, "\ntimings", res.timings)
-        assert pre["efficacy_success"] == 0.0 and post["efficacy_success"] >= 2 / 3
-        assert post["p_new"] > 10 * pre["p_new"]
+        res = editfast.edit(lm, reqs, method=method, batch_size=2, evaluate=False, progress=False)
+        after = margins()
+        print(method, "log p(new) - log p(true):", before, "->", after, res.timings["edit_s"])
+        assert all(m > 0 for m in after), (method, after)
         restore(lm, base)

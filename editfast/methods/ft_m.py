@@ -35,7 +35,7 @@ class FTM(FT):
         "llama-2-7b": dict(layers=[21], num_steps=25, lr=5e-4, weight_decay=0.0, kl_factor=0.0,
                            norm_constraint=False, batch_size=1),
         "smollm2-135m": dict(layers=[0], num_steps=25, lr=5e-4, weight_decay=0.0, kl_factor=0.0,
-                             norm_constraint=False, batch_size=1),
+                             norm_constraint=False, batch_size=64),
         "tiny": dict(layers=[1], num_steps=10, lr=1e-2, norm_constraint=False, batch_size=2),
     }
 
