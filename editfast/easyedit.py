@@ -54,8 +54,10 @@ on the CPU only). EasyEdit's chat template and LLM-judge paths belong to hparams
 MEMIT and AlphaEdit classes do not have. ``summary_metrics`` prints EasyEdit's summary and returns
 it (``edit`` calls it when ``verbose``); it does not write ``./logs/results.json``.
 
-Methods: ROME, MEMIT, AlphaEdit, EMMET and r-ROME, whose EasyEdit files map key for key onto
-editfast's hparams. Left out: PMET (EasyEdit's ``mlp_module_tmp`` names the down projection, the
+Methods: ROME, MEMIT, AlphaEdit, EMMET, r-ROME and FT (FT-L or FT-M by the file's
+``objective_optimization``), whose EasyEdit files map key for key onto editfast's hparams (FT's
+``batch_size`` is, as in EasyEdit, both the editor's requests per ``batch_edit`` and FT's
+mini-batch). Left out: PMET (EasyEdit's ``mlp_module_tmp`` names the down projection, the
 adapter the MLP), KN (its ``batch_size`` is integration steps per pass, which EasyEdit's own ``edit``
 refuses unless it is 1; its ``weights_copy`` is a callable), MEND (a trained network from a pickle)
 and UltraEdit (no shipped hparams files of this shape).
@@ -63,6 +65,7 @@ and UltraEdit (no shipped hparams files of this shape).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import warnings
@@ -85,7 +88,13 @@ from editfast.methods.hparams import (
     warn_ignored,
 )
 from editfast.methods.locate_then_edit.stats import check_corpus, stats_location
-from editfast.methods.registry import METHODS, get_method, make_hparams, split_options
+from editfast.methods.registry import (
+    METHODS,
+    get_method,
+    make_hparams,
+    method_of_alg,
+    split_options,
+)
 from editfast.models.archs import adapter_for
 from editfast.models.load import load_model, model_config
 from editfast.models.update import guard, restore, snapshot
@@ -115,9 +124,10 @@ _LOCALITY_META = {"protocol": "pre_post_argmax_token_match", "scorer": "token_ma
                   "comparable_group": "locality.lm.pre_post_argmax_token_match"}
 
 
-def _method_of(alg_name: str) -> Method:
-    """The method run for EasyEdit's ``alg_name`` (the one whose ``easyedit_alg`` it is)."""
-    return next(m for m in METHODS.values() if m.easyedit_alg == alg_name)
+def _method_of(alg_name: str, config: Mapping[str, Any] | None = None) -> Method:
+    """The method run for EasyEdit's ``alg_name`` (the one whose ``easyedit_alg`` it is; for "FT",
+    FT-L or FT-M by the config's ``objective_optimization``)."""
+    return get_method(method_of_alg(alg_name, dict(config or {})))
 
 
 class HyperParams:
@@ -139,6 +149,7 @@ class HyperParams:
 
     def __init__(self, **config: Any):
         object.__setattr__(self, "_config", dict(config))
+        object.__setattr__(self, "method", _method_of(self.alg_name, config).name)
         values, _, ignored = self._split()
         warn_ignored(ignored, type(self).__name__)
         hp = self.editfast_hparams()
@@ -147,8 +158,9 @@ class HyperParams:
     def _split(self) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
         """``hparams.split_options`` on the keys as they are now: (the method's values, editfast options,
         ignored keys); the bookkeeping keys checked (``alg_name`` must be this class's)."""
+        own = {f.name for f in dataclasses.fields(get_method(self.method).hparams_class)}  # FT's batch_size
         d = {"alg_name": self.alg_name,
-             **{k: v for k, v in self._config.items() if k not in _EDITOR_KEYS}}
+             **{k: v for k, v in self._config.items() if k not in _EDITOR_KEYS or k in own}}
         for key in ("model_name", "device"):  # Python objects a file cannot hold
             if isinstance(d.get(key), (Path, torch.device)):
                 d[key] = str(d[key])
@@ -191,6 +203,7 @@ class HyperParams:
 
     def __setattr__(self, name: str, value: Any) -> None:
         self._config[name] = value
+        object.__setattr__(self, "method", _method_of(self.alg_name, self._config).name)  # FT's objective
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.defaults, **self._config, "alg_name": self.alg_name}
@@ -225,6 +238,12 @@ class GraceHyperParams(HyperParams):
 
 class WISEHyperParams(HyperParams):
     alg_name = "WISE"
+
+
+class FTHyperParams(HyperParams):
+    """EasyEdit's FT: FT-L (``objective_optimization: prompt_last``) or FT-M (``target_new``)."""
+
+    alg_name = "FT"
 
 
 # --------------------------------------------------------------------------- requests
@@ -648,5 +667,5 @@ class BaseEditor:
 
 
 __all__ = ["BaseEditor", "HyperParams", "ROMEHyperParams", "MEMITHyperParams", "AlphaEditHyperParams",
-           "EMMETHyperParams", "R_ROMEHyperParams", "GraceHyperParams", "WISEHyperParams", "summary_metrics",
-           "prepare_requests", "edit_quality", "predictions"]
+           "EMMETHyperParams", "R_ROMEHyperParams", "GraceHyperParams", "WISEHyperParams", "FTHyperParams",
+           "summary_metrics", "prepare_requests", "edit_quality", "predictions"]

@@ -83,6 +83,11 @@ class Method:
         """Context templates in groups; by default the bare prompt alone."""
         return [["{}"]]
 
+    def claims(self, values: dict) -> bool:
+        """Whether a hyper-parameter file with this method's ``easyedit_alg`` is this method's, where
+        several methods share one alg_name (EasyEdit's "FT": FT-L or FT-M by its objective)."""
+        return True
+
     def sites(self, lm, hp) -> list[str]:
         """Names of the weights this method writes (the session guards, snapshots and journals them)."""
         raise NotImplementedError

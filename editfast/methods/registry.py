@@ -71,6 +71,21 @@ def _alg(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", str(name).lower())
 
 
+def method_of_alg(alg_name: Any, values: dict[str, Any], prefer: str | None = None) -> str | None:
+    """The method an hparams file's ``alg_name`` names: a method of that name, else one whose
+    ``easyedit_alg`` it is and that ``claims`` the file's values (FT: FT-L or FT-M by the objective),
+    ``prefer`` if it does; None if none."""
+    key = _alg(alg_name)
+    by_name = {_alg(n): n for n in METHODS}
+    if key in by_name:
+        return by_name[key]
+    shared = [m for m in METHODS.values() if m.easyedit_alg and _alg(m.easyedit_alg) == key]
+    claimed = [m.name for m in shared if m.claims(values)] or [m.name for m in shared]
+    if prefer is not None and str(prefer).lower() in claimed:
+        return str(prefer).lower()
+    return claimed[0] if claimed else None
+
+
 def split_options(values: dict[str, Any],
                   method: str | None = None) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     """Split an EasyEdit / original hparams mapping into ``(hparams_values, options, ignored)``.
@@ -107,8 +122,7 @@ def split_options(values: dict[str, Any],
     if "alg_name" in values:
         if not isinstance(values["alg_name"], str):
             raise bad("alg_name", "a method's name (a string)")
-        by_alg = {_alg(n): n for n in METHODS}
-        name = by_alg.get(_alg(values["alg_name"]))
+        name = method_of_alg(values["alg_name"], values, method)
         if name is None:
             raise HParamsError(f"hparams: alg_name={values['alg_name']!r} is not a method of editfast "
                                f"({', '.join(METHODS)})")
