@@ -107,3 +107,28 @@ def test_fluency_refused_without_generation_prompts(tmp_path, capsys):
     assert_refused(["edit", "--method", "memit", "--n", "2", "--dataset", "zsre", "--fluency", "--out", str(out),
                     "--model", "random:tiny-llama", "--quiet"], capsys, "zsre", "generation prompts",
                    "--dataset counterfact", absent=[out])
+
+
+def test_fluency_in_the_tables():
+    """The edit table's fluency row, the curve table's and the study report's fluency columns."""
+    from types import SimpleNamespace
+
+    from editfast.cli.edit import curve_table, summary_table
+    from editfast.session.study import report_md
+
+    gen = lambda f: {"fluency": f, "fluency_stderr": 0.1, "n": 100, "prompts": "probe P", "seconds": 1.0}
+    pts = [{"edits": e, "seconds": 2.0 * e, "edit_metrics": {"efficacy_success": s, "paraphrase_success": s},
+            "generation": gen(f), "weights": {"total": {"l1": float(e)}}}
+           for e, s, f in ((0, 0.2, 5.61), (4, 0.9, 4.25))]
+    summary = {"metric_kind": "counterfact", "n": 4, "pre": {"efficacy_success": 0.2, "fluency": 5.61},
+               "post": {"efficacy_success": 0.9, "fluency": 4.25}}
+    timings = {"edit_s": 1.0, "edits_per_s": 4.0, "targets_s": 0.5, "statistics_s": 0.1, "total_s": 2.0}
+    table = summary_table(SimpleNamespace(summary=summary, timings=timings, config={"batch_size": 4}))
+    assert any(line.split() == ["fluency", "5.610", "4.250"] for line in table.splitlines())
+    assert "| efficacy_success | fluency |" in curve_table({"points": pts}) and "| 4 | 0.900 | 4.250 |" in \
+        curve_table({"points": pts})
+    doc = {"study": {"name": "s", "dataset": "counterfact"}, "model": "m", "seconds": 60.0,
+           "lines": [{"label": "memit", "points": pts}]}
+    report = report_md(doc)
+    assert "| efficacy | paraphrase | fluency |" in report and "5.610 → 4.250" in report
+    assert "## Fluency" in report and "probe P" in report and "| memit | 5.61 | 4.25 |" in report
