@@ -199,6 +199,9 @@ def edit_cmd(method, n, model, dataset, offset, batch_size, seed, out, save_mode
     pair = bool(eval_tasks) and eval_at is None
     if pair:
         eval_at = f"0,{n}"
+    if fluency and no_eval and eval_at is None:
+        raise click.UsageError("--fluency with --no-eval measures nothing: fluency per fact is part of the edit "
+                               "metrics; give --eval-at for fluency at checkpoints")
     if eval_at is not None:
         parse_checkpoints(eval_at, n, get_method(method).batch_size(batch_size, n))  # before the model loads
     if resume and not (out / "session.json").is_file():

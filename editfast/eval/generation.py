@@ -138,11 +138,12 @@ def fluency_per_request(engine: Engine, requests: Sequence[Request], seed: int) 
     return [sum(by[i]) / len(by[i]) if i in by else None for i in range(len(requests))]
 
 
-def check_generation_prompts(requests: Sequence[Request], dataset: str) -> None:
+def check_generation_prompts(requests: Sequence[Request], dataset: str | None) -> None:
     """Refuse fluency for requests none of which has generation prompts, unless the dataset is
     CounterFact in EasyEdit's schema (its checkpoints measure the probe set)."""
     if dataset != "counterfact-full" and not any(r.generation_prompts for r in requests):
+        which = f"dataset {dataset!r}" if dataset else "the requests given"
         raise RequestError(
-            f"fluency needs generation prompts, and no request of dataset {dataset!r} has them: only "
+            f"fluency needs generation prompts, and no request of {which} has them: only "
             "CounterFact's full-schema records have them (--dataset counterfact, its 500 records; a file in "
             "ROME's schema with 'generation_prompts')")

@@ -236,7 +236,7 @@ class EditSession:
         if self.checkpoints and not (self.evaluator or evaluate or fluency):
             raise EditfastError("--eval-at needs something to evaluate (edit metrics, --eval tasks or --fluency)")
         if fluency:
-            check_generation_prompts(self.requests, str((dataset or {}).get("name", "the requests")))
+            check_generation_prompts(self.requests, (dataset or {}).get("name"))
             if not 1 <= fluency_probe <= 500:
                 raise EditfastError(f"the fluency probe set is 1..500 CounterFact records, got {fluency_probe}")
         self.fluency, self.fluency_probe = fluency, fluency_probe

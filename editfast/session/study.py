@@ -258,10 +258,11 @@ def report_md(doc: dict) -> str:
             out.append(f"| {l['label']} | " + " | ".join(_fmt(by.get(e)) for e in edits) + " |")
         out.append("")
     edits = sorted({p["edits"] for l in lines for p in l["points"]})
+    probe = _probe(lines)
+    fluency = f"Fluency (n-gram entropy of top-k samples of the probe set's generation prompts; {probe})"
     for title, get in (("Edit success (first edit metric: efficacy or rewrite accuracy, of the facts edited so far)",
                         lambda p: (headline_edit_metric(p.get("edit_metrics")) or (None, None))[1]),
-                       *([("Fluency (n-gram entropy of top-k samples of the probe set's generation prompts; "
-                           f"{_probe(lines)})", _fluency)] if _probe(lines) else []),
+                       *([(fluency, _fluency)] if probe else []),
                        ("Weight drift ‖W − W₀‖₁ over the edited matrices", _drift)):
         out += [f"## {title}", "", "| run | " + " | ".join(map(str, edits)) + " |", "|---|" + "---|" * len(edits)]
         for l in lines:
