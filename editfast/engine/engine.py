@@ -14,12 +14,12 @@ Scoring (log-likelihood of continuations, rolling perplexity windows):
 - contexts are sorted by length and batched by a token budget across all tasks, each batch's
   contexts at least ``SIMILAR`` of its longest.
 
-Generation: batched greedy decoding (or top-k sampling, ``Sample``) with a KV cache, left padding, per-request stop strings and
-max_new_tokens; prompts are sorted by length (bucketed across tasks). Continuous batching:
-finished sequences leave the batch at once and waiting prompts are prefilled and join the
-running batch (their caches stacked right-aligned), so one long answer does not hold a whole
-batch back. The cache writes into preallocated buffers (``locate.kv_cache(room=...)``) instead
-of concatenating at every step; prompts of unlike lengths are prefilled apart and their caches
+Generation: batched greedy decoding (or top-k sampling, ``Sample``) with a KV cache, left padding,
+per-request stop strings and max_new_tokens; prompts are sorted by length (bucketed across tasks).
+Continuous batching: finished sequences leave the batch at once and waiting prompts are prefilled
+and join the running batch (their caches stacked right-aligned), so one long answer does not hold
+a whole batch back. The cache writes into preallocated buffers (``locate.kv_cache(room=...)``)
+instead of concatenating at every step; prompts of unlike lengths are prefilled apart and their caches
 stacked, so one long prompt does not pad the others. Prompts that open with the same tokens (a
 task's few-shot exemplars or instruction) share them: the common prefix runs once and only each
 prompt's own suffix is prefilled; every row then attends to the prefix's single copy of
@@ -339,8 +339,8 @@ class Engine:
 
     def _stream(self, prompts: list[list[int]], reqs: list[Generate | Sample], prefix_kv=None, n_prefix: int = 0,
                 held: int = 0) -> Iterator[tuple[int, str]]:
-        """Greedy or sampled continuations of ``prompts`` (longest first), yielded as ``(index, text)`` when each
-        finishes. Continuous batching: a finished row leaves the batch at once, and waiting prompts
+        """Greedy or sampled continuations of ``prompts`` (longest first), yielded as ``(index, text)``
+        when each finishes. Continuous batching: a finished row leaves the batch at once, and waiting prompts
         are prefilled and join the running batch while rows x (own + held + new tokens) fits the
         token budget, so a long answer does not hold the rest of its batch back.
 
