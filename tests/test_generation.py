@@ -92,11 +92,14 @@ def test_session_measures_fluency_per_fact_and_at_checkpoints(pristine_tiny, tmp
     assert [p["edits"] for p in pts] == [0, 2]
     for p in pts:
         g = p["generation"]
-        assert set(g) == {"fluency", "fluency_stderr", "n", "prompts", "seconds"} and g["n"] == 10
+        assert set(g) - {"cached"} == {"fluency", "fluency_stderr", "n", "prompts", "seconds"} and g["n"] == 10
         assert g["prompts"] == pts[0]["generation"]["prompts"] and "case_ids 20952" in g["prompts"]
         assert set(p["eval_s_by"]) == {"edit_metrics", "generation"}
     # the probe's one record is the first request, sampled with the same seeds: the same texts at 0 edits
     assert pts[0]["generation"]["fluency"] == pytest.approx(want[0], rel=1e-12)
+    # the unedited model's measurement is kept, keyed by its weights' fingerprint, for the next session
+    kept = json.loads(s._probe.cache_file(pristine_tiny).read_text())
+    assert kept["fluency"] == pts[0]["generation"]["fluency"] and "cached" not in pts[1]["generation"]
     assert [r["pre"]["fluency"] for r in res.per_request] == pytest.approx(want, rel=1e-12)
     assert all(isinstance(r["post"]["fluency"], float) for r in res.per_request)
     assert res.summary["post"]["fluency"] == pytest.approx(np.mean([r["post"]["fluency"] for r in res.per_request]))

@@ -22,6 +22,7 @@ this environment (see ``docs/evaluation.md``).
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import statistics
 import time
@@ -29,8 +30,10 @@ import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from editfast.core.errors import RequestError
+from editfast.core.paths import cache_dir, write_cache
 from editfast.data.requests import Request, load_dataset
 from editfast.engine.engine import Engine
 from editfast.engine.requests import Sample
@@ -109,14 +112,30 @@ class GenerationProbe:
     def generate(self, engine: Engine) -> Texts:
         return Texts(texts(engine, self.samples), self.owner)
 
-    def measure(self, engine: Engine) -> dict:
+    def measure(self, engine: Engine, cache: Path | None = None) -> dict:
         """A checkpoint's ``generation`` entry: mean fluency over the texts, its standard error,
-        the number of texts, which prompts, seconds."""
+        the number of texts, which prompts, seconds. ``cache``: read from (and written to) this file
+        (``cache_file``: the unedited model's, the same for every session of a study)."""
+        if cache is not None and cache.is_file():
+            try:
+                return {**json.loads(cache.read_text()), "cached": True}
+            except (OSError, ValueError):
+                pass  # measured again, and the file rewritten
         t = time.perf_counter()
         scores = [ngram_entropy(x) for x in self.generate(engine).texts]
         se = statistics.stdev(scores) / math.sqrt(len(scores)) if len(scores) > 1 else 0.0
-        return {"fluency": sum(scores) / len(scores), "fluency_stderr": se, "n": len(scores),
-                "prompts": self.name, "seconds": time.perf_counter() - t}
+        doc = {"fluency": sum(scores) / len(scores), "fluency_stderr": se, "n": len(scores),
+               "prompts": self.name, "seconds": time.perf_counter() - t}
+        if cache is not None:
+            write_cache(cache, json.dumps(doc, indent=1) + "\n")
+        return doc
+
+    def cache_file(self, lm) -> Path:
+        """Where the measurement of ``lm``'s unedited weights is kept: keyed by the weights'
+        fingerprint, dtype, device, and everything that decides the texts (prompts, seeds, lengths)."""
+        key = json.dumps([lm.fingerprint, str(lm.dtype), lm.device.type, [(s.prompt, s.seed, s.max_new_tokens, s.top_k)
+                                                                          for s in self.samples]])
+        return cache_dir() / "eval" / f"fluency-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
 
 
 def probe(tokenizer, seed: int, records: int = PROBE_RECORDS) -> GenerationProbe:

@@ -379,7 +379,8 @@ class EditSession:
         if self.fluency:
             if self._probe is None:
                 self._probe = probe(self.lm.tokenizer, self.seed, self.fluency_probe)
-            point["generation"] = self._probe.measure(self.engine)
+            # the unedited model's: measured once, for every session of a study
+            point["generation"] = self._probe.measure(self.engine, self._probe.cache_file(self.lm) if k == 0 else None)
             by["generation"] = point["generation"]["seconds"]
         point["weights"] = self.weight_changes()
         point["eval_s"] = time.perf_counter() - t
