@@ -247,12 +247,14 @@ def main() -> None:
     model = args.model or ("random:gpt2-xl" if cuda else "smollm2-135m")
     print(f"# editfast bench · {platform.node()} · torch {torch.__version__} · threads {torch.get_num_threads()} · "
           f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+    from bench.fluency_rows import fluency_rows
     from bench.method_rows import method_rows
     from bench.session_rows import session_rows
     from bench.test_bench_logprob import logprob_rows
 
     groups = {"kernels": lambda: kernel_rows(args.quick) + logprob_rows(args.quick),
-              "engine": lambda: engine_rows(model, args.quick, device, dtype),
+              "engine": lambda: engine_rows(model, args.quick, device, dtype)
+              + fluency_rows(model, args.quick, device, dtype),
               "pipeline": lambda: pipeline_rows(model, args.quick, device, dtype),
               "session": lambda: session_rows(model, args.quick, device, dtype),
               "methods": lambda: method_rows(model, args.quick, device, dtype)}

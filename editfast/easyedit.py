@@ -46,7 +46,10 @@ the model, ``device`` N is cuda:N (the CPU, with a warning, without CUDA), ``fp1
 
 The edits themselves are editfast's (``methods/``): one ``prepare`` (statistics from the cache) and
 one set of context templates per editor, batched target optimisation, the factorise-once solve.
-Not supported, with an error naming them: ``test_generation=True``, ``eval_metric`` other than
+``test_generation=True`` adds EasyEdit's ``"fluency": {"ngram_entropy": x}`` to every ``pre`` and
+``post``: ROME's n-gram entropy of top-k samples (100 tokens with the prompt) of the rewrite prompt,
+as EasyEdit's ``test_generation_quality`` (``editfast.eval.generation``; each sample seeded by the
+prompt, so ``pre`` and ``post`` sample alike). Not supported, with an error naming them: ``eval_metric`` other than
 token accuracy (``ppl``, ``ood_ppl``), ``train_ds`` (IKE), ``metric_kwargs``, ``loc_prompts``,
 ``generate_edit``/``normal_edit``/``deep_edit``, a (model, tokenizer) pair
 as ``model_name``. ``model_parallel: true`` loads with ``device="auto"`` (accelerate's device map; tested
@@ -80,6 +83,14 @@ from tqdm.auto import tqdm
 from editfast.core.errors import EditfastError, HParamsError, RequestError
 from editfast.core.paths import write_json
 from editfast.data.requests import Request, validate_requests
+from editfast.engine.engine import Engine
+from editfast.eval.generation import (
+    GENERATION_SEED,
+    fluency,
+    sample_seed,
+    samples,
+    texts,
+)
 from editfast.methods.base import Method
 from editfast.methods.hparams import (
     OPTION_KEYS,
@@ -374,8 +385,9 @@ def _acc(pairs: list[tuple[list[int], list[int]]]) -> list[float]:
     return [sum(a == b for a, b in zip(ans, lab)) / len(lab) for ans, lab in pairs if lab]
 
 
-def edit_quality(lm, request: dict[str, Any]) -> dict[str, Any]:
-    """EasyEdit's ``compute_edit_quality`` (its default, teacher-forced path) for one request."""
+def edit_quality(lm, request: dict[str, Any], test_generation: bool = False) -> dict[str, Any]:
+    """EasyEdit's ``compute_edit_quality`` (its default, teacher-forced path) for one request; with
+    ``test_generation`` its ``fluency`` entry on the rewrite prompt."""
     ret: dict[str, Any] = {"rewrite_acc": _acc(predictions(lm, request["prompt"], request["target_new"])),
                            "metric_meta": {"rewrite": {"result_key": "rewrite_acc", **_LM_META}},
                            "locality": {}, "portability": {}}
@@ -386,6 +398,10 @@ def edit_quality(lm, request: dict[str, Any]) -> dict[str, Any]:
         ret["locality"][f"{key}_output"] = [ans for ans, _ in predictions(lm, x["prompt"], x["ground_truth"])]
     for key, x in request.get("portability", {}).items():
         ret["portability"][f"{key}_acc"] = _acc(predictions(lm, x["prompt"], x["ground_truth"]))
+    if test_generation:
+        prompts = request["prompt"] if isinstance(request["prompt"], list) else [request["prompt"]]
+        reqs = samples(lm.tokenizer, prompts, [sample_seed(GENERATION_SEED, p, j) for j, p in enumerate(prompts)])
+        ret["fluency"] = {"ngram_entropy": fluency(texts(Engine(lm, progress=False), reqs))}
     return ret
 
 
@@ -491,8 +507,8 @@ class BaseEditor:
                 raise RequestError(f"pre_edit must be a list of {len(requests)} metrics dicts (one per request)")
             all_metrics = opts["pre_edit"]
         else:
-            all_metrics = [{"pre": edit_quality(self.lm, r)} for r in tqdm(requests, desc="pre-edit metrics",
-                                                                            unit="req")]
+            all_metrics = [{"pre": edit_quality(self.lm, r, opts["test_generation"])}
+                           for r in tqdm(requests, desc="pre-edit metrics", unit="req")]
             if opts["pre_file"] is not None:
 
                 write_json(opts["pre_file"], all_metrics)
@@ -500,7 +516,8 @@ class BaseEditor:
         with self._transaction(verbose):
             for i, r in enumerate(requests):
                 all_metrics[i].update({"case_id": i, "requested_rewrite": r})
-                weights_copy = self._apply([r], i, sequential_edit, verbose, [all_metrics[i]], timed=False)
+                weights_copy = self._apply([r], i, sequential_edit, verbose, [all_metrics[i]], timed=False,
+                                           test_generation=opts["test_generation"])
                 finalize_locality(all_metrics[i], r)
                 if verbose:
                     LOG.info("%d editing: %s -> %s\n%s", i, r["prompt"], r["target_new"], all_metrics[i])
@@ -519,16 +536,17 @@ class BaseEditor:
         size = self.hparams.batch_size
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise HParamsError(f"hparams batch_size must be a positive integer, got {size!r}")
-        requests, _ = self._requests("batch_edit", prompts, target_new, ground_truth, target_neg, rephrase_prompts,
+        requests, opts = self._requests("batch_edit", prompts, target_new, ground_truth, target_neg, rephrase_prompts,
                                      locality_inputs, portability_inputs, sequential_edit, kwargs)
         all_metrics: list[dict[str, Any]] = []
         weights_copy = None
         with self._transaction(verbose):
             for s in range(0, len(requests), size):
                 chunk = requests[s: s + size]
-                metrics = [{"case_id": i, "requested_rewrite": r, "pre": edit_quality(self.lm, r)}
+                metrics = [{"case_id": i, "requested_rewrite": r, "pre": edit_quality(self.lm, r, opts["test_generation"])}
                            for i, r in enumerate(chunk)]
-                weights_copy = self._apply(chunk, s, sequential_edit, verbose, metrics, timed=True)
+                weights_copy = self._apply(chunk, s, sequential_edit, verbose, metrics, timed=True,
+                                           test_generation=opts["test_generation"])
                 for m, r in zip(metrics, chunk):
                     finalize_locality(m, r)
                     if verbose:
@@ -560,8 +578,8 @@ class BaseEditor:
             for k in ("requests", "pre_edit", "pre_file"):
                 if opts[k] is not None:
                     raise RequestError(f"batch_edit: {k}= is an argument of edit() only")
-        if opts["test_generation"]:
-            raise RequestError("test_generation=True (fluency of generated text) is not supported by editfast.easyedit")
+        if not isinstance(opts["test_generation"], bool):
+            raise RequestError(f"test_generation must be True or False, got {opts['test_generation']!r}")
         if opts["eval_metric"] not in _TOKEN_METRICS:
             raise RequestError(f"eval_metric={opts['eval_metric']!r} is not supported by editfast.easyedit; only "
                                "EasyEdit's default token accuracy ('exact match')")
@@ -632,7 +650,7 @@ class BaseEditor:
         self._state = self._templates = None
 
     def _apply(self, chunk: list[dict], start: int, sequential: bool, verbose: bool, metrics: list[dict],
-               timed: bool) -> dict[str, torch.Tensor]:
+               timed: bool, test_generation: bool = False) -> dict[str, torch.Tensor]:
         """Edit ``chunk`` as one batch, put each request's ``post`` (and with ``timed`` the batch's editing
         seconds as ``time``) into ``metrics``, then restore the weights and the method's state unless
         ``sequential``. Returns EasyEdit's weights_copy: the changed weights as they were before."""
@@ -656,7 +674,7 @@ class BaseEditor:
         for m, r in zip(metrics, chunk):
             if timed:
                 m["time"] = seconds
-            m["post"] = edit_quality(self.lm, r)
+            m["post"] = edit_quality(self.lm, r, test_generation)
         _say("Evaluation took %s", time.perf_counter() - t)
         if not sequential:
             restore(self.lm, before)

@@ -242,6 +242,28 @@ def test_metrics_mean_what_easyedit_means(rome):
     assert teacher_forced(model, tok, loc, loc_truth)[0] == pre_loc
 
 
+def test_test_generation_adds_easyedit_fluency(rome):
+    """test_generation=True: EasyEdit's "fluency": {"ngram_entropy": x} in pre and post, x ROME's n-gram
+    entropy of the rewrite prompt's top-k sample (prompt + sample: 100 tokens), seeded by the prompt."""
+    from editfast.engine.engine import Engine
+    from editfast.eval.generation import (
+        GENERATION_SEED,
+        fluency,
+        sample_seed,
+        samples,
+        texts,
+    )
+
+    prompt = "Ray Charles, the"
+    w0 = weights(rome.model)
+    want = fluency(texts(Engine(rome.lm, progress=False),
+                         samples(rome.tok, [prompt], [sample_seed(GENERATION_SEED, prompt, 0)])))
+    metrics, _, _ = rome.edit(prompts=[prompt], target_new=["violin"], subject=["Ray Charles"], test_generation=True,
+                              verbose=False)
+    assert metrics[0]["pre"]["fluency"] == {"ngram_entropy": want}
+    assert isinstance(metrics[0]["post"]["fluency"]["ngram_entropy"], float) and same(weights(rome.model), w0)
+
+
 def test_restore_after_each_edit_unless_sequential(rome):
     model = rome.model
     w0 = weights(model)
@@ -327,7 +349,7 @@ def test_alphaedit_keys_do_not_leak_from_restored_edits(hparams_dir):
     (dict(subject=None), "subject= is required"),
     (dict(subject=["Ray Charles", "Larry Bird"]), "subject 'Larry Bird' does not occur"),
     (dict(colour="red"), "unknown or unsupported argument.*colour"),
-    (dict(test_generation=True), "test_generation"),
+    (dict(test_generation="yes"), "test_generation must be True or False"),
     (dict(train_ds=[{"prompt": "x"}]), "IKE"),
     (dict(eval_metric="ppl"), "eval_metric='ppl'"),
     (dict(keep_original_weight=True, sequential_edit=True), "contradicts"),

@@ -27,6 +27,7 @@ from editfast.cli.shared import join_ranks, preflight, save_model_to
 from editfast.core.distributed import agree, launched, rank_out
 from editfast.data.requests import dataset_schema, default_dataset, load_dataset
 from editfast.eval.edit_metrics import headline_edit_metric
+from editfast.eval.generation import check_generation_prompts
 from editfast.eval.runner import EvalResult, markdown_table, write_report
 from editfast.eval.tasks import resolve_tasks
 from editfast.methods.hparams import parse_overrides
@@ -75,6 +76,8 @@ def summary_table(result) -> str:
     if s["metric_kind"] == "counterfact":
         names = [("efficacy", "efficacy_success"), ("efficacy magnitude", "efficacy_magnitude"),
                  ("paraphrase", "paraphrase_success"), ("neighbourhood", "neighborhood_success")]
+        if "fluency" in s.get("post", {}):  # the papers' columns: efficacy, generalization, specificity, fluency
+            names.append(("fluency", "fluency"))
     else:
         names = [("rewrite acc", "rewrite_acc"), ("paraphrase acc", "paraphrase_acc"),
                  ("neighbourhood acc", "neighborhood_acc")]
@@ -100,14 +103,18 @@ def curve_table(curve: dict) -> str:
     pts = curve["points"]
     tasks = list(dict.fromkeys(t for p in pts for t in p.get("tasks", {})))
     em = next((h[0] for p in pts if (h := headline_edit_metric(p.get("edit_metrics")))), None)
-    head = ["edits"] + ([em] if em else []) + [f"{t} {pts[0]['tasks'][t]['primary']}" if t in pts[0].get("tasks", {})
-                                               else t for t in tasks] + ["L1 drift"]
+    flu = any("generation" in p for p in pts)
+    head = ["edits"] + ([em] if em else []) + (["fluency"] if flu else []) + \
+        [f"{t} {pts[0]['tasks'][t]['primary']}" if t in pts[0].get("tasks", {}) else t for t in tasks] + ["L1 drift"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in pts:
         cells = [str(p["edits"])]
         if em:
             v = (p.get("edit_metrics") or {}).get(em)
             cells.append("-" if v is None else f"{v:.3f}")
+        if flu:
+            g = p.get("generation")
+            cells.append("-" if g is None else f"{g['fluency']:.3f}")
         for t in tasks:
             r = p.get("tasks", {}).get(t)
             cells.append("-" if r is None else f"{r['metrics'][r['primary']]:.4f}")
@@ -158,12 +165,16 @@ def curve_table(curve: dict) -> str:
                    "OUT/curve.json and OUT/curve.png.")
 @click.option("--protocol", type=click.Choice(["standard", "paper"]), default="standard", show_default=True,
               help="Evaluation protocol for --eval.")
+@click.option("--fluency", is_flag=True,
+              help="Also measure CounterFact's fluency (ROME's n-gram entropy of top-k samples of the generation "
+                   "prompts): per edited fact before and after, and at every --eval-at checkpoint on a fixed probe "
+                   "set (the generation prompts of the first 10 full-schema records).")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out (same options).")
 @force_option
 @quiet_option
 def edit_cmd(method, n, model, dataset, offset, batch_size, seed, out, save_model, hparams_file, sets, rect,
              norm_anchor, mend_dir, templates, dtype, device, max_memory, no_eval, eval_tasks, eval_limit, eval_at,
-             protocol, resume, force, quiet):
+             protocol, fluency, resume, force, quiet):
     """Apply N edits from a dataset in sequential batches; report efficacy, paraphrase and neighbourhood
     scores, and with --eval-at the curve of abilities against the number of edits."""
     if n < 1:
@@ -181,11 +192,16 @@ def edit_cmd(method, n, model, dataset, offset, batch_size, seed, out, save_mode
     overrides.update(post_processes(method, rect, norm_anchor))
     overrides.update(trained_network(method, mend_dir))
     requests = load_dataset(dataset, n, offset=offset)
+    if fluency:
+        check_generation_prompts(requests, str(dataset))  # before the model loads
     if eval_tasks:
         resolve_tasks(eval_tasks)  # unknown task names fail before any work
     pair = bool(eval_tasks) and eval_at is None
     if pair:
         eval_at = f"0,{n}"
+    if fluency and no_eval and eval_at is None:
+        raise click.UsageError("--fluency with --no-eval measures nothing: fluency per fact is part of the edit "
+                               "metrics; give --eval-at for fluency at checkpoints")
     if eval_at is not None:
         parse_checkpoints(eval_at, n, get_method(method).batch_size(batch_size, n))  # before the model loads
     if resume and not (out / "session.json").is_file():
@@ -204,7 +220,7 @@ def edit_cmd(method, n, model, dataset, offset, batch_size, seed, out, save_mode
         agree({"model_fingerprint": lm.fingerprint})
         session = EditSession(lm, method, requests, hparams=hp, batch_size=batch_size, seed=seed, templates=templates,
                               evaluate=not no_eval, eval_tasks=eval_tasks, eval_limit=eval_limit, protocol=protocol,
-                              eval_at=eval_at, out=out, progress=not quiet,
+                              eval_at=eval_at, out=out, progress=not quiet, fluency=fluency,
                               dataset={"name": str(dataset), "offset": offset, "n": n,
                                        "schema": dataset_schema(dataset)})
         od.start()

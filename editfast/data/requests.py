@@ -64,10 +64,12 @@ class Request:
     neighborhood_prompts: tuple[str, ...] = ()  # other subjects, same relation
     neighborhood_target: str | None = None  # expected answer on the neighbourhood prompts
     case_id: int | str | None = None
+    generation_prompts: tuple[str, ...] = ()  # CounterFact's full schema: prompts for fluency
 
     def __post_init__(self) -> None:  # accept lists for the prompt tuples
         object.__setattr__(self, "paraphrase_prompts", tuple(self.paraphrase_prompts))
         object.__setattr__(self, "neighborhood_prompts", tuple(self.neighborhood_prompts))
+        object.__setattr__(self, "generation_prompts", tuple(self.generation_prompts))
 
     def filled(self) -> str:
         """The prompt with the subject in place of its single "{}"."""
@@ -108,6 +110,7 @@ class Request:
                 neighborhood_prompts=_strs(d.get("neighborhood_prompts"), where, "neighborhood_prompts"),
                 neighborhood_target=true,
                 case_id=case_id,
+                generation_prompts=_strs(d.get("generation_prompts"), where, "generation_prompts"),
             )
 
         subject = _str(need(d, "subject"), where, "subject")
@@ -153,10 +156,13 @@ class Request:
             neighborhood_prompts=neighborhood,
             neighborhood_target=nb_target,
             case_id=case_id,
+            generation_prompts=_strs(d.get("generation_prompts"), where, "generation_prompts"),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """Flat JSON-able form; `Request.from_dict(r.to_dict()) == r`."""
+        """Flat JSON-able form; `Request.from_dict(r.to_dict()) == r` (generation prompts only where
+        the request has them)."""
+        gen = {"generation_prompts": list(self.generation_prompts)} if self.generation_prompts else {}
         return {
             "case_id": self.case_id,
             "prompt": self.prompt,
@@ -166,6 +172,7 @@ class Request:
             "paraphrase_prompts": list(self.paraphrase_prompts),
             "neighborhood_prompts": list(self.neighborhood_prompts),
             "neighborhood_target": self.neighborhood_target,
+            **gen,
         }
 
 

@@ -14,17 +14,20 @@ Scoring (log-likelihood of continuations, rolling perplexity windows):
 - contexts are sorted by length and batched by a token budget across all tasks, each batch's
   contexts at least ``SIMILAR`` of its longest.
 
-Generation: batched greedy decoding with a KV cache, left padding, per-request stop strings and
-max_new_tokens; prompts are sorted by length (bucketed across tasks). Continuous batching:
-finished sequences leave the batch at once and waiting prompts are prefilled and join the
-running batch (their caches stacked right-aligned), so one long answer does not hold a whole
-batch back. The cache writes into preallocated buffers (``locate.kv_cache(room=...)``) instead
-of concatenating at every step; prompts of unlike lengths are prefilled apart and their caches
+Generation: batched greedy decoding (or top-k sampling, ``Sample``) with a KV cache, left padding,
+per-request stop strings and max_new_tokens; prompts are sorted by length (bucketed across tasks).
+Continuous batching: finished sequences leave the batch at once and waiting prompts are prefilled
+and join the running batch (their caches stacked right-aligned), so one long answer does not hold
+a whole batch back. The cache writes into preallocated buffers (``locate.kv_cache(room=...)``)
+instead of concatenating at every step; prompts of unlike lengths are prefilled apart and their caches
 stacked, so one long prompt does not pad the others. Prompts that open with the same tokens (a
 task's few-shot exemplars or instruction) share them: the common prefix runs once and only each
 prompt's own suffix is prefilled; every row then attends to the prefix's single copy of
 keys/values through cascade attention (``cascade.py``), or, for models without transformers'
-attention interface, the prefix's keys/values seed each row's cache.
+attention interface, the prefix's keys/values seed each row's cache. A sampled request draws its
+uniform numbers from a generator seeded by its own ``seed`` (one number per new token), and the
+token at each step is the inverse of the top-k distribution's CDF at that number: its text does
+not depend on the batch it runs in, nor on the order of the requests.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from editfast.engine.requests import (
     Request,
     Rolling,
     RollingResult,
+    Sample,
 )
 from editfast.kernels.logprob import token_logprobs
 from editfast.models import routing
@@ -161,8 +165,9 @@ class Engine:
         if by_kind[Rolling]:
             for i, res in zip(by_kind[Rolling], self.rolling([requests[i] for i in by_kind[Rolling]])):
                 out[i] = res
-        if by_kind[Generate]:
-            for i, res in zip(by_kind[Generate], self.generate([requests[i] for i in by_kind[Generate]])):
+        gen = by_kind[Generate] + by_kind[Sample]
+        if gen:
+            for i, res in zip(gen, self.generate([requests[i] for i in gen])):
                 out[i] = res
         return out
 
@@ -307,7 +312,8 @@ class Engine:
 
     # -- generation -----------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, requests: Sequence[Generate]) -> list[str]:
+    def generate(self, requests: Sequence[Generate | Sample]) -> list[str]:
+        """Greedy (``Generate``) or top-k sampled (``Sample``) continuations, aligned with ``requests``."""
         enc = [self.tok(r.prompt, add_special_tokens=False)["input_ids"] or [self.prefix_id] for r in requests]
         for k, r in enumerate(requests):  # leave room for the generation in the window
             enc[k] = enc[k][-max(1, self.max_length - r.max_new_tokens):]
@@ -337,10 +343,10 @@ class Engine:
         self.stats["generate_requests"] += len(requests)
         return out
 
-    def _stream(self, prompts: list[list[int]], reqs: list[Generate], prefix_kv=None, n_prefix: int = 0,
+    def _stream(self, prompts: list[list[int]], reqs: list[Generate | Sample], prefix_kv=None, n_prefix: int = 0,
                 held: int = 0) -> Iterator[tuple[int, str]]:
-        """Greedy continuations of ``prompts`` (longest first), yielded as ``(index, text)`` when each
-        finishes. Continuous batching: a finished row leaves the batch at once, and waiting prompts
+        """Greedy or sampled continuations of ``prompts`` (longest first), yielded as ``(index, text)``
+        when each finishes. Continuous batching: a finished row leaves the batch at once, and waiting prompts
         are prefilled and join the running batch while rows x (own + held + new tokens) fits the
         token budget, so a long answer does not hold the rest of its batch back.
 
@@ -352,6 +358,7 @@ class Engine:
         room = max(r.max_new_tokens for r in reqs)  # a stacked cache's room for new tokens
         gen: list[list[int]] = [[] for _ in prompts]
         texts = [""] * len(prompts)
+        noise = {i: sample_noise(r) for i, r in enumerate(reqs) if isinstance(r, Sample)}
         rows: list[int] = []  # batch row -> prompt index
         cache = mask = h = next_pos = None
         waiting = 0  # prompts[waiting:] have not started
@@ -376,16 +383,19 @@ class Engine:
                 else:
                     cache, mask, h, next_pos = c, m, hn, pn
                 rows += new
-            nxt = self.head(h).float().argmax(-1)
+            nxt = self._next_tokens(h, rows, reqs, noise, gen)
             keep = []
             for b, i in enumerate(rows):
                 t = int(nxt[b])
-                done = t == eos
+                done = t == eos and i not in noise  # a sample runs to its length
                 if not done:
                     gen[i].append(t)
-                    texts[i] = self.tok.decode(gen[i], skip_special_tokens=True)
-                    done = len(gen[i]) >= reqs[i].max_new_tokens or stop_index(texts[i], reqs[i].stop) is not None
+                    done = len(gen[i]) >= reqs[i].max_new_tokens
+                    if reqs[i].stop and not done:  # decoded at every step only where a stop string can end it
+                        texts[i] = self.tok.decode(gen[i], skip_special_tokens=True)
+                        done = stop_index(texts[i], reqs[i].stop) is not None
                 if done:
+                    texts[i] = self.tok.decode(gen[i], skip_special_tokens=True)
                     yield i, texts[i][: stop_index(texts[i], reqs[i].stop)]
                 else:
                     keep.append(b)
@@ -402,6 +412,28 @@ class Engine:
                                         use_cache=True, **cache_kwargs(self.model.base_model, cache))
             cache, h = output_cache(out), out.last_hidden_state[:, -1]
             next_pos = next_pos + 1
+
+    def _next_tokens(self, h: torch.Tensor, rows: list[int], reqs: list[Generate | Sample],
+                     noise: dict[int, torch.Tensor], gen: list[list[int]]) -> torch.Tensor:
+        """Each row's next token: the argmax, or for a sampled row the top-k token whose cumulative
+        probability (top-k renormalised, in the order of descending probability) first exceeds the
+        row's uniform number for this step."""
+        logits = self.head(h).float()
+        nxt = logits.argmax(-1)
+        sampled = [b for b, i in enumerate(rows) if i in noise]
+        if not sampled:
+            return nxt
+        if self.softcap:  # Gemma-2's final soft cap changes the distribution, not the argmax
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        for k in {reqs[rows[b]].top_k for b in sampled}:
+            sel = [b for b in sampled if reqs[rows[b]].top_k == k]
+            top = logits[sel].double().topk(min(k, logits.shape[-1]), dim=-1)
+            cdf = top.values.softmax(-1).cumsum(-1)
+            u = torch.tensor([float(noise[rows[b]][len(gen[rows[b]])]) for b in sel], dtype=torch.float64,
+                             device=cdf.device)
+            pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_(max=cdf.shape[-1] - 1)
+            nxt[sel] = top.indices.gather(1, pick)[:, 0].to(nxt.dtype)
+        return nxt
 
     def _prefill(self, prompts: list[list[int]], reqs: list[Generate], prefix_kv, n_prefix: int):
         """Cache, attention mask, last hidden states and next positions of left-padded ``prompts``
@@ -447,6 +479,14 @@ class Engine:
             layer.place([lay.keys[..., cut:, :] for lay, cut in zip(own, cuts)],
                         [lay.values[..., cut:, :] for lay, cut in zip(own, cuts)], width, width + room)
         return cache, torch.cat([torch.nn.functional.pad(m, (width - m.shape[1], 0)) for m in masks])
+
+
+def sample_noise(r: Sample) -> torch.Tensor:
+    """The uniform numbers of a sampled request, one per new token, from a generator seeded by its seed."""
+    if r.top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {r.top_k}")
+    g = torch.Generator().manual_seed(int(r.seed) % 2**63)
+    return torch.rand(r.max_new_tokens, generator=g, dtype=torch.float64)
 
 
 def similar_lengths(lengths: Sequence[int], costs: Sequence[int] | None = None,

@@ -1,5 +1,6 @@
 """What the engine answers: log-likelihood of a continuation (``LogLik``), greedy generation
-(``Generate``), rolling log-likelihood of a whole text (``Rolling``), and their results.
+(``Generate``), top-k sampling (``Sample``), rolling log-likelihood of a whole text (``Rolling``),
+and their results.
 """
 
 from __future__ import annotations
@@ -26,13 +27,27 @@ class Generate:
 
 
 @dataclass(frozen=True)
+class Sample:
+    """Top-k sampled continuation of ``prompt``: exactly ``max_new_tokens`` tokens, an end-of-text
+    token included (it is dropped from the text and does not end the sample), as ROME's
+    ``generate_fast``. ``seed`` alone fixes the sample: the same request gives the same text in
+    any batch (up to the float rounding of its logits)."""
+
+    prompt: str
+    max_new_tokens: int
+    top_k: int = 5
+    seed: int = 0
+    stop: tuple[str, ...] = ()  # none: a sample runs to its length
+
+
+@dataclass(frozen=True)
 class Rolling:
     """Log-likelihood of a whole text (perplexity): the engine windows it over the model's context."""
 
     text: str
 
 
-Request = Union[LogLik, Generate, Rolling]
+Request = Union[LogLik, Generate, Sample, Rolling]
 
 
 @dataclass(frozen=True)
@@ -51,4 +66,4 @@ class RollingResult:
     n_bytes: int = 0
 
 
-Output = Union[LogLikResult, str, RollingResult]  # str for Generate
+Output = Union[LogLikResult, str, RollingResult]  # str for Generate and Sample

@@ -31,8 +31,15 @@ from editfast.core.compat import versions
 from editfast.core.errors import EditfastError, RequestError, raise_if_terminated
 from editfast.core.paths import atomic_path, write_json
 from editfast.data.requests import Request, validate_requests
+from editfast.engine.engine import Engine
 from editfast.eval.edit_metrics import edit_metrics, metric_kind, summarize
 from editfast.eval.evaluator import Evaluator
+from editfast.eval.generation import (
+    PROBE_RECORDS,
+    check_generation_prompts,
+    fluency_per_request,
+    probe,
+)
 from editfast.methods.base import Method, State
 from editfast.methods.hparams import HParams, check_layers
 from editfast.methods.registry import get_method, make_hparams, resolve_hparams
@@ -64,7 +71,10 @@ CURVE_FILE = "curve.json"
 
 
 def requests_digest(requests: Sequence[Request]) -> str:
-    return hashlib.sha256(json.dumps([r.to_dict() for r in requests], sort_keys=True, default=str).encode()).hexdigest()
+    """What is edited: generation prompts (fluency's, not the edit's) are left out, so runs journaled
+    before requests carried them still resume."""
+    docs = [{k: v for k, v in r.to_dict().items() if k != "generation_prompts"} for r in requests]
+    return hashlib.sha256(json.dumps(docs, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def apply_updates(lm, updates: Sequence[Update]) -> None:
@@ -212,7 +222,7 @@ class EditSession:
                  eval_at: Sequence[int] | str | None = None, out: str | Path | None = None,
                  dataset: dict[str, Any] | None = None, eval_batch_size: int = 32, progress: bool = True,
                  thresholds: Sequence[float] = (0.077, 0.171), label: str | None = None,
-                 evaluator: Evaluator | None = None):
+                 evaluator: Evaluator | None = None, fluency: bool = False, fluency_probe: int = PROBE_RECORDS):
         if backend not in ("fast", "reference"):
             raise EditfastError(f"backend must be 'fast' or 'reference', got {backend!r}")
         self.lm, self.method = lm, get_method(method)
@@ -243,8 +253,14 @@ class EditSession:
         if evaluator is None and eval_tasks:
             evaluator = Evaluator(lm, eval_tasks, protocol, eval_limit, seed, progress, eval_limits)
         self.evaluator = evaluator  # a study passes one, shared by its sessions
-        if self.checkpoints and not (self.evaluator or evaluate):
-            raise EditfastError("--eval-at needs something to evaluate (edit metrics or --eval tasks)")
+        if self.checkpoints and not (self.evaluator or evaluate or fluency):
+            raise EditfastError("--eval-at needs something to evaluate (edit metrics, --eval tasks or --fluency)")
+        if fluency:
+            check_generation_prompts(self.requests, (dataset or {}).get("name"))
+            if not 1 <= fluency_probe <= 500:
+                raise EditfastError(f"the fluency probe set is 1..500 CounterFact records, got {fluency_probe}")
+        self.fluency, self.fluency_probe = fluency, fluency_probe
+        self._probe = self._engine = None  # built once per session, at the first checkpoint that needs them
         self.out = Path(out) if out is not None else None
         if lm.edited and self.out is not None:
             raise EditfastError(f"{lm.spec} was edited in this process since it was loaded; a run folder's journal "
@@ -263,7 +279,7 @@ class EditSession:
             "requests_sha256": requests_digest(self.requests), "eval_tasks": eval_tasks, "eval_limit": eval_limit,
             "protocol": protocol if isinstance(protocol, str) else list(protocol),
             "eval_limits": eval_limits or {}, "eval_at": self.checkpoints, "edit_metrics": evaluate,
-            "versions": versions(lm.device),
+            "fluency": fluency, "versions": versions(lm.device),
         }
         self.curve = {"label": label or f"{self.method.name} · {self.batch_size} per batch", "model": lm.spec,
                       "method": self.method.name, "batch_size": self.batch_size, "points": []}
@@ -359,10 +375,23 @@ class EditSession:
             per[name] = weight_change(w0, weight_param(self.lm.model, name)[0].detach(), self.thresholds)
         return {"total": sum_weight_changes(per), "per_matrix": per}
 
+    @property
+    def engine(self):
+        """The engine generation runs on: the evaluator's where there is one (a study shares it)."""
+        if self._engine is None:
+            self._engine = self.evaluator.engine if self.evaluator is not None else \
+                Engine(self.lm, progress=self.progress)
+        return self._engine
+
+    def fluency_of(self, requests: Sequence[Request]) -> list[float | None]:
+        """Each request's fluency (None without generation prompts), sampled with the run's seed."""
+        return fluency_per_request(self.engine, requests, self.seed)
+
     def checkpoint(self, edit_seconds: float) -> dict[str, Any]:
         k = self.edits_done
         t = time.perf_counter()
         point: dict[str, Any] = {"edits": k, "batches": len(self.entries), "seconds": edit_seconds}
+        by: dict[str, Any] = {}
         if self.evaluate:
             reqs = self.requests[:k] if k else self.requests
             per = edit_metrics(self.lm, reqs, self.kind, self.eval_batch_size, progress=self.progress,
@@ -371,13 +400,22 @@ class EditSession:
             point["edit_metrics_of"] = "edited so far" if k else "all requests, unedited"
             if k == len(self.requests):
                 self._post = per
+            by["edit_metrics"] = time.perf_counter() - t
         if self.evaluator is not None:
             point["tasks"] = self.evaluator.run(base=k == 0)
+            by["tasks"] = {name: doc.get("seconds", 0.0) for name, doc in point["tasks"].items()}
+        if self.fluency:
+            if self._probe is None:
+                self._probe = probe(self.lm.tokenizer, self.seed, self.fluency_probe)
+            # the unedited model's: measured once, for every session of a study
+            point["generation"] = self._probe.measure(self.engine, self._probe.cache_file(self.lm) if k == 0 else None)
+            by["generation"] = point["generation"]["seconds"]
         point["weights"] = self.weight_changes()
         memory = self.method.memory_size(self.state)
         if memory is not None:
             point["memory"] = memory
         point["eval_s"] = time.perf_counter() - t
+        point["eval_s_by"] = by
         self.curve["points"].append(point)
         if self.out is not None:
             write_curve(self.out, self.curve)
@@ -403,6 +441,9 @@ class EditSession:
             t = time.perf_counter()
             self._pre = edit_metrics(self.lm, self.requests, self.kind, self.eval_batch_size,
                                      progress=self.progress, desc="scoring before the edits")
+            if self.fluency:
+                for row, f in zip(self._pre, self.fluency_of(self.requests)):
+                    row["fluency"] = f
             self.timings["eval_pre_s"] = time.perf_counter() - t
             if self.out is not None:
                 write_json(self.out / "journal" / "pre.json", self._pre)
@@ -453,6 +494,11 @@ class EditSession:
             self._post = edit_metrics(self.lm, self.requests, self.kind, self.eval_batch_size,
                                       progress=self.progress, desc="scoring after the edits")
             self.timings["eval_post_s"] = time.perf_counter() - t
+        if self.evaluate and self.fluency and "fluency" not in self._post[0]:
+            t = time.perf_counter()
+            for row, f in zip(self._post, self.fluency_of(self.requests)):
+                row["fluency"] = f
+            self.timings["fluency_post_s"] = time.perf_counter() - t
         n = len(self.requests)
         tm = self.timings
         tm["edit_s"] = edit_s

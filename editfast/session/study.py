@@ -32,6 +32,7 @@ from editfast.core.paths import write_json, write_text
 from editfast.data.requests import dataset_names, load_dataset
 from editfast.eval.edit_metrics import headline_edit_metric
 from editfast.eval.evaluator import Evaluator
+from editfast.eval.generation import check_generation_prompts
 from editfast.eval.tasks import resolve_tasks
 from editfast.methods.registry import METHODS
 from editfast.models.load import load_model
@@ -41,7 +42,7 @@ from editfast.session.session import EditSession
 
 TOP_KEYS = {"name", "model", "dataset", "offset", "seed", "templates", "dtype", "device", "eval", "runs", "profiles",
             "description"}
-EVAL_KEYS = {"tasks", "protocols", "limit", "limits", "thresholds", "edit_metrics"}
+EVAL_KEYS = {"tasks", "protocols", "limit", "limits", "thresholds", "edit_metrics", "fluency"}
 RUN_KEYS = {"name", "method", "setting", "n", "batch_size", "eval_at", "sizes", "batches", "hparams", "label"}
 SETTINGS = ("sequential", "batch", "batches")
 
@@ -149,6 +150,8 @@ def run_study(study: dict, out: str | Path, progress: bool = True, resume: bool 
     plan = [(r, s) for r in study["runs"] for s in sessions_of(r)]
     n_max = max(s["n"] for _, s in plan)
     requests = load_dataset(study.get("dataset", "zsre-alt"), n_max, offset=int(study.get("offset", 0)))
+    if ev.get("fluency"):
+        check_generation_prompts(requests, str(study.get("dataset", "zsre-alt")))  # before the model loads
     lm = load_model(study.get("model", "smollm2-135m"), dtype=study.get("dtype", "float32"),
                     device=study.get("device", "cpu"))
     protocols = ev.get("protocols") or ["standard"]
@@ -172,7 +175,8 @@ def run_study(study: dict, out: str | Path, progress: bool = True, resume: bool 
                             eval_tasks=ev.get("tasks"), eval_limit=ev.get("limit"), eval_limits=ev.get("limits"),
                             protocol=protocols if len(protocols) > 1 else protocols[0], eval_at=sess["eval_at"],
                             out=d, progress=progress, label=label, evaluator=evaluator,
-                            thresholds=ev.get("thresholds") or (0.077, 0.171))
+                            thresholds=ev.get("thresholds") or (0.077, 0.171), fluency=bool(ev.get("fluency")),
+                            dataset={"name": str(study.get("dataset", "zsre-alt"))})
             try:
                 res = s.run(resume=resume and (d / "session.json").is_file())
                 templates.setdefault(run["method"], res.templates)
@@ -217,6 +221,16 @@ def _drift(p: dict) -> float | None:
     return p.get("weights", {}).get("total", {}).get("l1")
 
 
+def _fluency(p: dict) -> float | None:
+    """CounterFact's fluency at a checkpoint (``editfast.eval.generation``), where it was measured."""
+    return (p.get("generation") or {}).get("fluency")
+
+
+def _probe(lines: list[dict]) -> str | None:
+    """Which prompts the study's fluency was measured on (None: not measured)."""
+    return next((p["generation"]["prompts"] for l in lines for p in l["points"] if p.get("generation")), None)
+
+
 def _fmt(r: dict | None) -> str:
     if r is None:
         return "-"
@@ -244,8 +258,11 @@ def report_md(doc: dict) -> str:
             out.append(f"| {l['label']} | " + " | ".join(_fmt(by.get(e)) for e in edits) + " |")
         out.append("")
     edits = sorted({p["edits"] for l in lines for p in l["points"]})
+    probe = _probe(lines)
+    fluency = f"Fluency (n-gram entropy of top-k samples of the probe set's generation prompts; {probe})"
     for title, get in (("Edit success (first edit metric: efficacy or rewrite accuracy, of the facts edited so far)",
                         lambda p: (headline_edit_metric(p.get("edit_metrics")) or (None, None))[1]),
+                       *([(fluency, _fluency)] if probe else []),
                        ("Weight drift ‖W − W₀‖₁ over the edited matrices", _drift)):
         out += [f"## {title}", "", "| run | " + " | ".join(map(str, edits)) + " |", "|---|" + "---|" * len(edits)]
         for l in lines:
@@ -264,7 +281,8 @@ def comparison_md(lines: list[dict], tasks: list[str]) -> list[str]:
         for k in (l["points"][-1].get("edit_metrics") or {}):
             if k.endswith(("_success", "_acc")) and k not in rates:
                 rates.append(k)
-    cols = [k.removesuffix("_success").removesuffix("_acc") for k in rates] + tasks
+    flu = _probe(lines) is not None
+    cols = [k.removesuffix("_success").removesuffix("_acc") for k in rates] + (["fluency"] if flu else []) + tasks
     out = ["## Comparison: unedited → last checkpoint", "",
            "| run | edits | s / edit | " + " | ".join(cols) + " | ‖W − W₀‖₁ |", "|---|" + "---|" * (len(cols) + 3)]
     pair = lambda a, b, f: "-" if a is None or b is None else f"{a:{f}} → {b:{f}}"
@@ -276,6 +294,7 @@ def comparison_md(lines: list[dict], tasks: list[str]) -> list[str]:
         per_edit = last["seconds"] / last["edits"] if last["edits"] and last.get("seconds") is not None else None
         out.append(f"| {l['label']} | {last['edits']} | {'-' if per_edit is None else f'{per_edit:.2f}'} | "
                    + " | ".join([pair(em0.get(k), em1.get(k), ".2f") for k in rates]
+                                + ([pair(_fluency(first), _fluency(last), ".3f")] if flu else [])
                                 + [pair(task(first, t), task(last, t), ".3f") for t in tasks])
                    + f" | {'-' if drift is None else f'{drift:.3g}'} |")
     return out + [""]
