@@ -17,7 +17,13 @@ from editfast.models.load import load_model
 from editfast.session.journal import Journal
 from editfast.session.outputs import OutputDir
 from editfast.session.plan import evaluators, plan_md, plan_study
-from editfast.session.study import check_study, holds_study, load_study, run_study, same_study
+from editfast.session.study import (
+    check_study,
+    holds_study,
+    load_study,
+    run_study,
+    same_study,
+)
 
 
 def has_runs(out: Path) -> bool:

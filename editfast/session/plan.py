@@ -5,10 +5,10 @@ session should take on this machine, from a short calibration.
     print(plan_md(plan))
 
 The calibration edits ``CALIBRATION_FACTS`` facts of the study's stream with each distinct run
-(method and hyper-parameters), restoring the weights after each, and evaluates each task on
-``CALIBRATION_EXAMPLES`` examples (WikiText: one article); it is cached by the model's fingerprint,
-dtype, device, thread count and what it measured, so a repeated plan costs nothing. The estimate
-scales linearly: seconds per fact × facts, seconds per example × examples per checkpoint, edit
+(method and hyper-parameters), restoring the weights after each (cached by the model's
+fingerprint, dtype, device, thread count and what it measured, so a repeated plan costs nothing),
+and times one checkpoint's evaluation: the unedited model's, which the evaluator caches anyway, so
+the study's first checkpoint reads it back instead of paying it twice. The estimate scales linearly: seconds per fact × facts, seconds per example × examples per checkpoint, edit
 metrics per fact × the facts each checkpoint scores. Target optimisation of a batch runs its facts
 together, so a batch of 100 costs less per fact than a batch of 2: the estimate errs high there.
 """
@@ -29,7 +29,6 @@ from editfast.models.update import restore
 from editfast.session.session import EditSession
 
 CALIBRATION_FACTS = 2
-CALIBRATION_EXAMPLES = 4  # per task; WikiText's examples are whole articles: one
 CALIBRATION_VERSION = 1
 
 
@@ -76,31 +75,47 @@ def _examples(e: Evaluator) -> dict[str, int]:
 
 
 def calibrate(lm, study: dict, requests: list, evals: dict[tuple, Evaluator], progress: bool = False) -> dict:
-    """Seconds per fact (editing, edit metrics), per checkpoint (weight analysis) for each run key, and
-    per example for each task; read from the cache when this machine measured the same before."""
+    """Seconds per fact (editing, edit metrics) and per checkpoint (weight analysis) for each run key,
+    from ``CALIBRATION_FACTS`` facts (cached: read back when this machine measured the same before),
+    and seconds per example of each task from one checkpoint's evaluation: the unedited model's,
+    which the evaluator caches, so the study's first checkpoint reads it back."""
     ev = study.get("eval") or {}
     keys = sorted({run_key(r) for r in study["runs"]})
     ident = [CALIBRATION_VERSION, lm.fingerprint, str(lm.dtype), lm.device.type, torch.get_num_threads(), keys,
-             ev.get("tasks"), sorted(evals), study.get("templates", "generated"), ev.get("edit_metrics", True),
+             study.get("templates", "generated"), ev.get("edit_metrics", True), ev.get("thresholds"),
              [r.case_id for r in requests[:CALIBRATION_FACTS]]]
     f = cache_dir() / "study-plan" / f"{hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:24]}.json"
+    doc = None
     if f.is_file():
         try:
-            return {**json.loads(f.read_text()), "cached": str(f)}
+            doc = {**json.loads(f.read_text()), "cached": str(f)}
         except (OSError, ValueError) as e:
             warnings.warn(f"ignoring the corrupt calibration {f} ({e}); calibrating again", RuntimeWarning,
                           stacklevel=2)
+    if doc is None:
+        doc = {"facts": CALIBRATION_FACTS, "threads": torch.get_num_threads(), "runs": _calibrate_edits(lm, study, requests),
+               "cached": None}
+        write_cache(f, json.dumps({k: v for k, v in doc.items() if k != "cached"}, indent=2) + "\n")
     t0 = time.perf_counter()
-    seed = int(study.get("seed", 0))
+    tasks: dict[str, float] = {}
+    for e in evals.values():
+        tasks.update({k: r["seconds"] / max(r["n"], 1) for k, r in e.run(base=True).items()})
+    return {**doc, "task_s_per_example": tasks, "checkpoint_s": time.perf_counter() - t0}
+
+
+def _calibrate_edits(lm, study: dict, requests: list) -> dict[str, dict]:
+    ev = study.get("eval") or {}
     facts = requests[:CALIBRATION_FACTS]
     runs: dict[str, dict] = {}
     for r in study["runs"]:
         k = run_key(r)
         if k in runs:
             continue
+        t0 = time.perf_counter()
         s = EditSession(lm, r["method"], facts, overrides=r.get("hparams"), batch_size=1 if json.loads(k)[2] else len(facts),
-                        seed=seed, evaluate=ev.get("edit_metrics", True), templates=study.get("templates", "generated"),
-                        progress=False, thresholds=ev.get("thresholds") or (0.077, 0.171))
+                        seed=int(study.get("seed", 0)), evaluate=ev.get("edit_metrics", True),
+                        templates=study.get("templates", "generated"), progress=False,
+                        thresholds=ev.get("thresholds") or (0.077, 0.171))
         try:
             tm = s.run().timings
             t = time.perf_counter()
@@ -110,18 +125,8 @@ def calibrate(lm, study: dict, requests: list, evals: dict[tuple, Evaluator], pr
             restore(lm, s.base)
         runs[k] = {"method": r["method"], "edit_s_per_fact": tm["edit_s"] / len(facts),
                    "edit_metrics_s_per_fact": (tm.get("eval_pre_s", 0.0) + tm.get("eval_post_s", 0.0)) / (2 * len(facts)),
-                   "weights_s": weights_s, "prepare_s": tm.get("templates_s", 0.0) + tm.get("statistics_s", 0.0)}
-    tasks: dict[str, float] = {}
-    for protocols, e in evals.items():
-        names = [t.name for _, _, plan in e.plans for t, _, _ in plan.entries]
-        small = {t: 1 if t == "wikitext" else CALIBRATION_EXAMPLES for t in names}
-        got = Evaluator(lm, ev["tasks"], list(protocols) if len(protocols) > 1 else protocols[0], CALIBRATION_EXAMPLES,
-                        seed, progress, small).run()
-        tasks.update({k: r["seconds"] / max(r["n"], 1) for k, r in got.items()})
-    doc = {"facts": len(facts), "examples": CALIBRATION_EXAMPLES, "threads": torch.get_num_threads(),
-           "runs": runs, "task_s_per_example": tasks, "seconds": time.perf_counter() - t0}
-    write_cache(f, json.dumps(doc, indent=2) + "\n")
-    return {**doc, "cached": None}
+                   "weights_s": weights_s, "seconds": time.perf_counter() - t0}
+    return runs
 
 
 def plan_study(study: dict, lm, requests: list, evals: dict[tuple, Evaluator], progress: bool = False) -> dict[str, Any]:
@@ -130,8 +135,7 @@ def plan_study(study: dict, lm, requests: list, evals: dict[tuple, Evaluator], p
     cal = calibrate(lm, study, requests, evals, progress)
     ev = study.get("eval") or {}
     em_on = ev.get("edit_metrics", True)
-    base_done = {p: all(e.cache_file(t.name, pr, lim).is_file() for pr, lim, plan in e.plans for t, _, _ in plan.entries)
-                 for p, e in evals.items()}
+    base_done = dict.fromkeys(evals, True)  # the calibration evaluated the unedited model: cached
     sessions = []
     for r in study["runs"]:
         c = cal["runs"][run_key(r)]
@@ -168,12 +172,14 @@ def plan_md(plan: dict) -> str:
     st, cal = plan, plan["calibration"]
     tasks = dict.fromkeys(k for s in st["sessions"] for k in s["examples"])
     n_ex = {k: next(s["examples"][k] for s in st["sessions"] if k in s["examples"]) for k in tasks}
-    out = [f"Plan of study {st['study']} on {st['model']}: {len(st['sessions'])} sessions, "
-           f"{sum(s['n'] for s in st['sessions']):,} edits, {sum(len(s['eval_at']) for s in st['sessions'])} checkpoints",
+    head = (f"Plan of study {st['study']} on {st['model']}: {len(st['sessions'])} sessions, "
+            f"{sum(s['n'] for s in st['sessions']):,} edits, {sum(len(s['eval_at']) for s in st['sessions'])} checkpoints")
+    out = [head,
            "tasks (examples per checkpoint): " + (", ".join(f"{k} {n}" for k, n in n_ex.items()) or "none"),
-           f"calibration: {cal['facts']} facts per method, {cal['examples']} examples per task (WikiText 1 article), "
-           f"{cal['threads']} threads: " + (f"read from {cal['cached']}" if cal.get("cached")
-                                           else f"measured now in {duration(cal['seconds'])}"),
+           f"calibration on {cal['threads']} thread(s): {cal['facts']} facts edited per method ("
+           + (f"read from {cal['cached']}" if cal.get("cached") else
+              f"{duration(sum(r['seconds'] for r in cal['runs'].values()))}") + "), one checkpoint's evaluation of "
+           f"the unedited model ({duration(cal['checkpoint_s'])}; cached, the study's first checkpoint reads it)",
            "", "| session | method | edits | per batch | checkpoints | editing | checkpoints | estimate |",
            "|---|---|---|---|---|---|---|---|"]
     for s in st["sessions"]:

@@ -42,7 +42,7 @@ from editfast.eval.tasks import resolve_tasks
 from editfast.methods.registry import METHODS, get_method
 from editfast.models.load import load_model
 from editfast.models.update import restore
-from editfast.session.curves import plot_study
+from editfast.session.curves import plot_study, study_tasks, task_result
 from editfast.session.plan import evaluators, plan_study, run_protocols, sessions_of
 from editfast.session.session import EditSession, parse_checkpoints
 
@@ -383,6 +383,20 @@ def run_study(study: dict, out: str | Path, progress: bool = True, resume: bool 
     return doc
 
 
+def render_study(out: str | Path) -> dict[str, Any]:
+    """Redraw plots/ and rewrite report.md of a finished study folder from its study.json (no run)."""
+    out = Path(out)
+    try:
+        doc = json.loads((out / "study.json").read_text())
+    except (OSError, ValueError) as e:
+        raise EditfastError(f"{out}: cannot read study.json: {e}") from None
+    doc["plots"] = [str(p.relative_to(out)) for p in plot_study(doc["lines"], out / "plots")]
+    doc["report_md"] = report_md(doc)
+    write_json(out / "study.json", doc)
+    write_text(out / "report.md", doc["report_md"])
+    return doc
+
+
 def merge_lines(sessions: list[dict]) -> list[dict]:
     """One curve per run: a 'batch' run's sessions (one per size) become points of one line,
     each taken after its own batch from the unedited model."""
@@ -424,15 +438,17 @@ def report_md(doc: dict) -> str:
            "number of edits (columns).", ""]
     if doc.get("missing"):
         out += [f"Not in this report (not finished yet): {', '.join(doc['missing'])}.", ""]
-    tasks = list(dict.fromkeys(t for l in lines for p in l["points"] for t in p.get("tasks", {})))
+    tasks = study_tasks(lines)
+    if "plots/overview.png" in doc.get("plots", []):
+        out += ["![ability against edits, a panel per task](plots/overview.png)", ""]
     out += comparison_md(lines, tasks)
     for t in tasks:
-        edits = sorted({p["edits"] for l in lines for p in l["points"] if t in p.get("tasks", {})})
-        first = next(p["tasks"][t] for l in lines for p in l["points"] if t in p.get("tasks", {}))
+        edits = sorted({p["edits"] for l in lines for p in l["points"] if task_result(p, t)})
+        first = next(task_result(p, t) for l in lines for p in l["points"] if task_result(p, t))
         out += [f"## {t} ({first['primary']}{'' if first['higher_is_better'] else ', lower is better'})", "",
                 "| run | " + " | ".join(map(str, edits)) + " |", "|---|" + "---|" * len(edits)]
         for l in lines:
-            by = {p["edits"]: p.get("tasks", {}).get(t) for p in l["points"]}
+            by = {p["edits"]: task_result(p, t) for p in l["points"]}
             out.append(f"| {l['label']} | " + " | ".join(_fmt(by.get(e)) for e in edits) + " |")
         out.append("")
     edits = sorted({p["edits"] for l in lines for p in l["points"]})
@@ -453,10 +469,11 @@ def _eval_split(p: dict) -> dict[str, float]:
     else each task's share of the engine call and the rest (edit metrics and weight analysis)."""
     by = p.get("eval_s_by")
     if by:
-        return {"edit metrics": by.get("edit_metrics") or 0.0, **(by.get("tasks") or {}),
-                "generation": by.get("generation") or 0.0}
+        parts = {"edit metrics": by.get("edit_metrics") or 0.0, **(by.get("tasks") or {}),
+                 "generation": by.get("generation") or 0.0}
+        return {**parts, "weights, other": max((p.get("eval_s") or 0.0) - sum(parts.values()), 0.0)}
     tasks = {t: r.get("seconds") or 0.0 for t, r in (p.get("tasks") or {}).items() if not r.get("cached")}
-    return {"edit metrics": max((p.get("eval_s") or 0.0) - sum(tasks.values()), 0.0), **tasks}
+    return {**tasks, "edit metrics, weights": max((p.get("eval_s") or 0.0) - sum(tasks.values()), 0.0)}
 
 
 def time_md(sessions: list[dict]) -> list[str]:
@@ -466,19 +483,21 @@ def time_md(sessions: list[dict]) -> list[str]:
     out = ["## Where the time went (seconds; estimate from the plan's calibration)", "",
            "| session | estimate | measured | editing | of it targets | " + " | ".join(parts) + " |",
            "|---|" + "---|" * (len(parts) + 4)]
-    tot = dict.fromkeys(["estimate", "measured", "editing", "targets", *parts], 0.0)
+    tot: dict[str, float | None] = dict.fromkeys(["estimate", "measured", "editing", "targets", *parts])
     for s in sessions:
         tm = s.get("timings") or {}
         split = dict.fromkeys(parts, 0.0)
         for p in s["curve"]["points"]:
             for k, v in _eval_split(p).items():
                 split[k] += v
-        row = {"estimate": s.get("estimate_s"), "measured": tm.get("total_s"), "editing": tm.get("edit_s"),
-               "targets": tm.get("targets_s"), **split}
+        pts = s["curve"]["points"]
+        row = {"estimate": s.get("estimate_s"), "measured": tm.get("total_s"),
+               "editing": tm.get("edit_s", pts[-1].get("seconds") if pts else None), "targets": tm.get("targets_s"),
+               **split}
         for k, v in row.items():
-            tot[k] += v or 0.0
+            tot[k] = tot[k] if v is None else (tot[k] or 0.0) + v
         out.append(f"| {s['session']} | " + " | ".join("-" if v is None else f"{v:.0f}" for v in row.values()) + " |")
-    out.append("| **all** | " + " | ".join(f"{v:.0f}" for v in tot.values()) + " |")
+    out.append("| **all** | " + " | ".join("-" if v is None else f"{v:.0f}" for v in tot.values()) + " |")
     return out + [""]
 
 
@@ -497,7 +516,7 @@ def comparison_md(lines: list[dict], tasks: list[str]) -> list[str]:
     for l in lines:
         first, last = l["points"][0], l["points"][-1]
         em0, em1 = first.get("edit_metrics") or {}, last.get("edit_metrics") or {}
-        task = lambda p, t: _headline(p.get("tasks", {}).get(t))
+        task = lambda p, t: _headline(task_result(p, t))
         drift = _drift(last)
         per_edit = last["seconds"] / last["edits"] if last["edits"] and last.get("seconds") is not None else None
         out.append(f"| {l['label']} | {last['edits']} | {'-' if per_edit is None else f'{per_edit:.2f}'} | "
