@@ -140,7 +140,11 @@ def _xaxis(ax, xs: list) -> None:
     """Label the edits axis; symlog when the edit counts span orders of magnitude (0, 1, 10, ..., 1000)."""
     pos = [x for x in xs if x > 0]
     if pos and max(pos) >= 100 * max(min(pos), 1):
+        from matplotlib.ticker import FuncFormatter  # with matplotlib, only when a plot is drawn
+
         ax.set_xscale("symlog", linthresh=1)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))  # 0, 1, 10, 100, 1,000
+        ax.autoscale_view()  # the limits again, on the new scale (else a log y axis keeps the linear ones)
     ax.set_xlabel("number of edits")
     ax.grid(alpha=0.3)
 
@@ -266,10 +270,21 @@ def _draw(ax, runs: list[dict], styles: list[dict], series) -> bool:
             ys_all += ys
             drawn = True
     if drawn and log_scale(primary, ys_all):
-        ax.set_yscale("log")
+        _log_y(ax, ys_all)
     if not drawn:
         _empty(ax)
     return drawn
+
+
+def _log_y(ax, ys: list[float]) -> None:
+    """A log y axis; within one decade (perplexities of 16 to 19) its ticks labelled as plain numbers."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter  # with matplotlib, only when a plot is drawn
+
+    ax.set_yscale("log")
+    real = [y for y in ys if not math.isnan(y)]
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain if max(real) < 10 * min(real) else NullFormatter())
 
 
 def _legend_outside(fig, axes, runs: list[dict], styles: list[dict]) -> None:

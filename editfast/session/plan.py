@@ -7,9 +7,10 @@ session should take on this machine, from a short calibration.
 The calibration edits ``CALIBRATION_FACTS`` facts of the study's stream with each distinct run
 (method and hyper-parameters), restoring the weights after each (cached by the model's
 fingerprint, dtype, device, thread count and what it measured, so a repeated plan costs nothing),
-and times one checkpoint's evaluation: the unedited model's, which the evaluator caches anyway, so
-the study's first checkpoint reads it back instead of paying it twice. The estimate scales linearly: seconds per fact × facts, seconds per example × examples per checkpoint, edit
-metrics per fact × the facts each checkpoint scores. Target optimisation of a batch runs its facts
+and times a tenth of one checkpoint's evaluation (``CALIBRATION_SHARE`` of each task's examples, at
+least one, at most ``CALIBRATION_EXAMPLES``) on the unedited model, cached by the evaluator, so a
+repeated plan reads it back. The estimate scales linearly: seconds per fact × facts, seconds per
+example × examples per checkpoint, edit metrics per fact × the facts each checkpoint scores. Target optimisation of a batch runs its facts
 together, so a batch of 100 costs less per fact than a batch of 2: the estimate errs high there.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 import warnings
 from typing import Any
@@ -29,6 +31,8 @@ from editfast.models.update import restore
 from editfast.session.session import EditSession
 
 CALIBRATION_FACTS = 2
+CALIBRATION_SHARE = 0.1  # of a checkpoint's examples per task (at least 1: WikiText's are whole articles) ...
+CALIBRATION_EXAMPLES = 20  # ... and at most this many
 CALIBRATION_VERSION = 1
 
 
@@ -98,8 +102,12 @@ def calibrate(lm, study: dict, requests: list, evals: dict[tuple, Evaluator], pr
         write_cache(f, json.dumps({k: v for k, v in doc.items() if k != "cached"}, indent=2) + "\n")
     t0 = time.perf_counter()
     tasks: dict[str, float] = {}
-    for e in evals.values():
-        tasks.update({k: r["seconds"] / max(r["n"], 1) for k, r in e.run(base=True).items()})
+    for protocols, e in evals.items():
+        names = {t.name: len(ex) for _, _, plan in e.plans for t, ex, _ in plan.entries}
+        few = {t: max(1, min(CALIBRATION_EXAMPLES, math.ceil(n * CALIBRATION_SHARE))) for t, n in names.items()}
+        small = Evaluator(lm, ev["tasks"], list(protocols) if len(protocols) > 1 else protocols[0], None,
+                          int(study.get("seed", 0)), progress, few)
+        tasks.update({k: r["seconds"] / max(r["n"], 1) for k, r in small.run(base=True).items()})
     return {**doc, "task_s_per_example": tasks, "checkpoint_s": time.perf_counter() - t0}
 
 
@@ -135,7 +143,8 @@ def plan_study(study: dict, lm, requests: list, evals: dict[tuple, Evaluator], p
     cal = calibrate(lm, study, requests, evals, progress)
     ev = study.get("eval") or {}
     em_on = ev.get("edit_metrics", True)
-    base_done = dict.fromkeys(evals, True)  # the calibration evaluated the unedited model: cached
+    base_done = {p: all(e.cache_file(t.name, pr, lim).is_file() for pr, lim, plan in e.plans for t, _, _ in plan.entries)
+                 for p, e in evals.items()}  # the unedited evaluation, cached by an earlier study: read back
     sessions = []
     for r in study["runs"]:
         c = cal["runs"][run_key(r)]
@@ -178,8 +187,8 @@ def plan_md(plan: dict) -> str:
            "tasks (examples per checkpoint): " + (", ".join(f"{k} {n}" for k, n in n_ex.items()) or "none"),
            f"calibration on {cal['threads']} thread(s): {cal['facts']} facts edited per method ("
            + (f"read from {cal['cached']}" if cal.get("cached") else
-              f"{duration(sum(r['seconds'] for r in cal['runs'].values()))}") + "), one checkpoint's evaluation of "
-           f"the unedited model ({duration(cal['checkpoint_s'])}; cached, the study's first checkpoint reads it)",
+              f"{duration(sum(r['seconds'] for r in cal['runs'].values()))}") + "), a tenth of a checkpoint's "
+           f"evaluation of the unedited model ({duration(cal['checkpoint_s'])}; 0 s when cached)",
            "", "| session | method | edits | per batch | checkpoints | editing | checkpoints | estimate |",
            "|---|---|---|---|---|---|---|---|"]
     for s in st["sessions"]:

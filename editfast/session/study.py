@@ -384,7 +384,8 @@ def run_study(study: dict, out: str | Path, progress: bool = True, resume: bool 
 
 
 def render_study(out: str | Path) -> dict[str, Any]:
-    """Redraw plots/ and rewrite report.md of a finished study folder from its study.json (no run)."""
+    """Redraw plots/ and rewrite report.md of a study folder from its study.json (no run; the data
+    file itself is left as it is)."""
     out = Path(out)
     try:
         doc = json.loads((out / "study.json").read_text())
@@ -392,7 +393,6 @@ def render_study(out: str | Path) -> dict[str, Any]:
         raise EditfastError(f"{out}: cannot read study.json: {e}") from None
     doc["plots"] = [str(p.relative_to(out)) for p in plot_study(doc["lines"], out / "plots")]
     doc["report_md"] = report_md(doc)
-    write_json(out / "study.json", doc)
     write_text(out / "report.md", doc["report_md"])
     return doc
 
