@@ -21,6 +21,7 @@ import json
 import math
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -84,22 +85,28 @@ def calibrate(lm, study: dict, requests: list, evals: dict[tuple, Evaluator], pr
     and seconds per example of each task from one checkpoint's evaluation: the unedited model's,
     which the evaluator caches, so the study's first checkpoint reads it back."""
     ev = study.get("eval") or {}
-    keys = sorted({run_key(r) for r in study["runs"]})
-    ident = [CALIBRATION_VERSION, lm.fingerprint, str(lm.dtype), lm.device.type, torch.get_num_threads(), keys,
+    ident = [CALIBRATION_VERSION, lm.fingerprint, str(lm.dtype), lm.device.type, torch.get_num_threads(),
              study.get("templates", "generated"), ev.get("edit_metrics", True), ev.get("thresholds"),
              [r.case_id for r in requests[:CALIBRATION_FACTS]]]
-    f = cache_dir() / "study-plan" / f"{hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:24]}.json"
-    doc = None
-    if f.is_file():
-        try:
-            doc = {**json.loads(f.read_text()), "cached": str(f)}
-        except (OSError, ValueError) as e:
-            warnings.warn(f"ignoring the corrupt calibration {f} ({e}); calibrating again", RuntimeWarning,
-                          stacklevel=2)
-    if doc is None:
-        doc = {"facts": CALIBRATION_FACTS, "threads": torch.get_num_threads(), "runs": _calibrate_edits(lm, study, requests),
-               "cached": None}
-        write_cache(f, json.dumps({k: v for k, v in doc.items() if k != "cached"}, indent=2) + "\n")
+    runs: dict[str, dict] = {}
+    cached = []
+    for r in study["runs"]:  # each run key cached on its own: an interrupted calibration keeps what it measured
+        k = run_key(r)
+        if k in runs:
+            continue
+        f = cache_dir() / "study-plan" / f"{hashlib.sha256(json.dumps([*ident, k]).encode()).hexdigest()[:24]}.json"
+        if f.is_file():
+            try:
+                runs[k] = json.loads(f.read_text())
+                cached.append(str(f))
+                continue
+            except (OSError, ValueError) as e:
+                warnings.warn(f"ignoring the corrupt calibration {f} ({e}); calibrating again", RuntimeWarning,
+                              stacklevel=2)
+        runs[k] = _calibrate_edit(lm, study, r, requests[:CALIBRATION_FACTS])
+        write_cache(f, json.dumps(runs[k], indent=2) + "\n")
+    doc = {"facts": CALIBRATION_FACTS, "threads": torch.get_num_threads(), "runs": runs,
+           "cached": str(Path(cached[0]).parent) if len(cached) == len(runs) else None}
     t0 = time.perf_counter()
     tasks: dict[str, float] = {}
     for protocols, e in evals.items():
@@ -111,30 +118,24 @@ def calibrate(lm, study: dict, requests: list, evals: dict[tuple, Evaluator], pr
     return {**doc, "task_s_per_example": tasks, "checkpoint_s": time.perf_counter() - t0}
 
 
-def _calibrate_edits(lm, study: dict, requests: list) -> dict[str, dict]:
+def _calibrate_edit(lm, study: dict, r: dict, facts: list) -> dict:
+    """One run's seconds per fact (editing, edit metrics) and per weight analysis, on ``facts``."""
     ev = study.get("eval") or {}
-    facts = requests[:CALIBRATION_FACTS]
-    runs: dict[str, dict] = {}
-    for r in study["runs"]:
-        k = run_key(r)
-        if k in runs:
-            continue
-        t0 = time.perf_counter()
-        s = EditSession(lm, r["method"], facts, overrides=r.get("hparams"), batch_size=1 if json.loads(k)[2] else len(facts),
-                        seed=int(study.get("seed", 0)), evaluate=ev.get("edit_metrics", True),
-                        templates=study.get("templates", "generated"), progress=False,
-                        thresholds=ev.get("thresholds") or (0.077, 0.171))
-        try:
-            tm = s.run().timings
-            t = time.perf_counter()
-            s.weight_changes()
-            weights_s = time.perf_counter() - t
-        finally:
-            restore(lm, s.base)
-        runs[k] = {"method": r["method"], "edit_s_per_fact": tm["edit_s"] / len(facts),
-                   "edit_metrics_s_per_fact": (tm.get("eval_pre_s", 0.0) + tm.get("eval_post_s", 0.0)) / (2 * len(facts)),
-                   "weights_s": weights_s, "seconds": time.perf_counter() - t0}
-    return runs
+    t0 = time.perf_counter()
+    s = EditSession(lm, r["method"], facts, overrides=r.get("hparams"),
+                    batch_size=1 if json.loads(run_key(r))[2] else len(facts), seed=int(study.get("seed", 0)),
+                    evaluate=ev.get("edit_metrics", True), templates=study.get("templates", "generated"),
+                    progress=False, thresholds=ev.get("thresholds") or (0.077, 0.171))
+    try:
+        tm = s.run().timings
+        t = time.perf_counter()
+        s.weight_changes()
+        weights_s = time.perf_counter() - t
+    finally:
+        restore(lm, s.base)
+    return {"method": r["method"], "edit_s_per_fact": tm["edit_s"] / len(facts),
+            "edit_metrics_s_per_fact": (tm.get("eval_pre_s", 0.0) + tm.get("eval_post_s", 0.0)) / (2 * len(facts)),
+            "weights_s": weights_s, "seconds": time.perf_counter() - t0}
 
 
 def plan_study(study: dict, lm, requests: list, evals: dict[tuple, Evaluator], progress: bool = False) -> dict[str, Any]:
