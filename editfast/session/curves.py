@@ -145,6 +145,8 @@ def _xaxis(ax, xs: list) -> None:
         ax.set_xscale("symlog", linthresh=1)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))  # 0, 1, 10, 100, 1,000
         ax.autoscale_view()  # the limits again, on the new scale (else a log y axis keeps the linear ones)
+    elif 1 < len(set(xs)) <= 12:
+        ax.set_xticks(sorted(set(xs)))  # the checkpoints themselves: 0, 10, 20
     ax.set_xlabel("number of edits")
     ax.grid(alpha=0.3)
 
