@@ -117,7 +117,7 @@ def test_plan_only_and_same_study(tmp_path, capsys, monkeypatch):
 
     before = files(out)
     f.write_text(SMALL.replace("limit: 2", "limit: 3"))
-    assert_refused(["study", str(f), "--resume", "--out", str(out)], capsys, "limit", "2", "3", "small")
+    assert_refused(["study", str(f), "--resume", "--out", str(out)], capsys, "eval.limit 2", "has 3", "small")
     assert_refused(["study", str(f), "--only", "rome-seq", "--out", str(out)], capsys, "limit")
     f.write_text(SMALL.replace("n: 1, eval_at: [0, 1]", "n: 2, eval_at: [0, 2]"))
     assert_refused(["study", str(f), "--resume", "--out", str(out)], capsys, "rome-seq", "n", "1", "2")

@@ -289,8 +289,10 @@ def same_study(out: Path, study: dict) -> None:
         if holds_study(out):
             return  # sessions of a study written before studies recorded their file: each session checks itself
         raise EditfastError(f"{out} holds no study to continue (no {STUDY_FILE}); start it without --resume")
-    for key in SAME_STUDY_KEYS:
-        a, b = old.get(key, DEFAULTS.get(key)), study.get(key, DEFAULTS.get(key))
+    ev_old, ev_new = old.get("eval") or {}, study.get("eval") or {}
+    pairs = [(k, old.get(k, DEFAULTS.get(k)), study.get(k, DEFAULTS.get(k))) for k in SAME_STUDY_KEYS if k != "eval"]
+    pairs += [(f"eval.{k}", ev_old.get(k), ev_new.get(k)) for k in sorted(set(ev_old) | set(ev_new))]
+    for key, a, b in pairs:
         if a != b:
             raise EditfastError(f"{out} holds study {old.get('name')!r} with {key} {a!r}; this study file has {b!r}: "
                                 "continue a study only with its own file, or choose another --out")
