@@ -89,7 +89,7 @@ def test_plan_only_and_same_study(tmp_path, capsys, monkeypatch):
     out = tmp_path / "o"
     code, plan, err = run_cli(["study", str(f), "--plan", "--out", str(out), "--quiet"], capsys)
     assert code == 0, err
-    rows = [r for r in plan.splitlines() if r.startswith("| rome-seq") or r.startswith("| memit-batch-1")]
+    rows = [r for r in plan.splitlines() if r.startswith(("| rome-seq", "| memit-batch-1"))]
     assert len(rows) == 2 and "Estimated total" in plan and not out.exists()
     assert len(list((tmp_path / "cache" / "study-plan").glob("*.json"))) == 2  # a file per run key: rome, memit
     code, again, err = run_cli(["study", str(f), "--plan", "--quiet"], capsys)

@@ -140,7 +140,8 @@ def _xaxis(ax, xs: list) -> None:
     """Label the edits axis; symlog when the edit counts span orders of magnitude (0, 1, 10, ..., 1000)."""
     pos = [x for x in xs if x > 0]
     if pos and max(pos) >= 100 * max(min(pos), 1):
-        from matplotlib.ticker import FuncFormatter  # with matplotlib, only when a plot is drawn
+        # with matplotlib, only when a plot is drawn
+        from matplotlib.ticker import FuncFormatter
 
         ax.set_xscale("symlog", linthresh=1)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))  # 0, 1, 10, 100, 1,000
@@ -280,7 +281,8 @@ def _draw(ax, runs: list[dict], styles: list[dict], series) -> bool:
 
 def _log_y(ax, ys: list[float]) -> None:
     """A log y axis; within one decade (perplexities of 16 to 19) its ticks labelled as plain numbers."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter  # with matplotlib, only when a plot is drawn
+    # with matplotlib, only when a plot is drawn
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     ax.set_yscale("log")
     real = [y for y in ys if not math.isnan(y)]
@@ -292,7 +294,8 @@ def _log_y(ax, ys: list[float]) -> None:
 def _legend_outside(fig, axes, runs: list[dict], styles: list[dict]) -> None:
     """A handle per run, to the right of the data: of the axes for one panel, of the figure for
     small multiples (a list of axes). ``_save_tight`` keeps it inside the image."""
-    from matplotlib.lines import Line2D  # with matplotlib, only when a plot is drawn
+    # with matplotlib, only when a plot is drawn
+    from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], label=c.get("label", ""), **st) for c, st in zip(runs, styles)]
     if isinstance(axes, list):
