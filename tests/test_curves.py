@@ -7,10 +7,14 @@ import torch
 from PIL import Image
 
 from editfast.session.curves import (
+    overview_figure,
     plot_curve,
     plot_study,
+    run_styles,
     spectral_norm,
+    study_tasks,
     sum_weight_changes,
+    task_figure,
     weight_change,
 )
 
@@ -131,10 +135,46 @@ def test_plot_study(tmp_path):
     runs = [curve("rome · one at a time"), curve("memit · one batch", edits=(0, 1000)),
             curve("memit · 10 per batch", drop=("tasks", "edit_metrics", "weights"))]
     paths = plot_study(runs, tmp_path / "study")
-    assert [p.name for p in paths] == ["rte.png", "wikitext.png", "weights.png", "edit_metrics.png"]
+    assert [p.name for p in paths] == ["overview.png", "rte.png", "wikitext.png", "weights.png", "edit_metrics.png"]
     for p in paths:
         check_png(p)
     paths = plot_study(runs[2:], tmp_path / "one", tasks=["rte", "nq"])  # nq has no points: an empty plot
-    assert [p.name for p in paths] == ["rte.png", "nq.png", "weights.png", "edit_metrics.png"]
+    assert [p.name for p in paths] == ["overview.png", "rte.png", "nq.png", "weights.png", "edit_metrics.png"]
     for p in paths:
         check_png(p)
+
+
+def test_study_figures_readable():
+    """The remedies study's complaints, on hand-made curves: one run's perplexity of 2e8 puts WikiText
+    on a log axis (the others not flattened onto zero), accuracies stay linear; a colour and marker per
+    method, a line style per run of it, no two runs alike; the legend outside the data; the overview
+    has a panel per task, fluency (from the points' generation) included, with the values plotted as given."""
+    runs = [curve("memit · 10 per batch"), curve("memit + RECT · 10 per batch"), curve("rome · one at a time"),
+            curve("kn · one at a time"), curve("memit · one batch of B")]
+    runs[1]["method"] = runs[4]["method"] = "memit"
+    runs[3]["points"][-1]["tasks"]["wikitext"]["metrics"]["perplexity"] = 2.2e8
+    for c in runs[:2]:
+        for p in c["points"]:
+            p["generation"] = {"fluency": 6.2 - p["edits"] / 1000, "fluency_stderr": 0.05, "n": 20}
+    styles = run_styles(runs)
+    assert len({(s["color"], s["marker"], str(s["linestyle"])) for s in styles}) == len(runs)
+    assert styles[0]["color"] == styles[1]["color"] == styles[4]["color"] != styles[2]["color"] != styles[3]["color"]
+    assert styles[0]["marker"] == styles[1]["marker"] and len({str(styles[i]["linestyle"]) for i in (0, 1, 4)}) == 3
+    assert task_figure(runs, "wikitext").axes[0].get_yscale() == "log"
+    fig = task_figure(runs, "rte")
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "linear"
+    fig.canvas.draw()
+    legend, box = ax.get_legend().get_window_extent(), ax.get_window_extent()
+    assert legend.x0 >= box.x1  # right of the data, never over it
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [c["label"] for c in runs]
+    assert study_tasks(runs) == ["rte", "wikitext", "fluency"]
+    fig = overview_figure(runs, study_tasks(runs))
+    panels = [a for a in fig.axes if a.has_data()]
+    assert [a.get_title() for a in panels] == ["rte accuracy", "wikitext perplexity (lower is better) · log",
+                                               "fluency fluency"]
+    assert [a.get_yscale() for a in panels] == ["linear", "log", "linear"]
+    fluency = [list(line.get_ydata()) for line in panels[2].get_lines() if len(line.get_xdata()) > 1]
+    assert fluency[0] == pytest.approx([6.2 - e / 1000 for e in (0, 1, 10, 100, 1000)])
+    fig.canvas.draw()
+    assert fig.legends and fig.legends[0].get_window_extent().x0 >= max(a.get_window_extent().x1 for a in panels)

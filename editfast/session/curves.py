@@ -95,7 +95,7 @@ def _task_series(curve: dict, task: str):
     """(edits, value, stderr, primary, higher_is_better) of a task's primary metric; points without it skipped."""
     xs, ys, es, primary, hib = [], [], [], None, True
     for p in curve.get("points") or []:
-        t = (p.get("tasks") or {}).get(task)
+        t = task_result(p, task)
         if not t or p.get("edits") is None or t.get("primary") not in (t.get("metrics") or {}):
             continue
         primary, hib = t["primary"], t.get("higher_is_better", True)
@@ -140,7 +140,14 @@ def _xaxis(ax, xs: list) -> None:
     """Label the edits axis; symlog when the edit counts span orders of magnitude (0, 1, 10, ..., 1000)."""
     pos = [x for x in xs if x > 0]
     if pos and max(pos) >= 100 * max(min(pos), 1):
+        # with matplotlib, only when a plot is drawn
+        from matplotlib.ticker import FuncFormatter
+
         ax.set_xscale("symlog", linthresh=1)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))  # 0, 1, 10, 100, 1,000
+        ax.autoscale_view()  # the limits again, on the new scale (else a log y axis keeps the linear ones)
+    elif 1 < len(set(xs)) <= 12:
+        ax.set_xticks(sorted(set(xs)))  # the checkpoints themselves: 0, 10, 20
     ax.set_xlabel("number of edits")
     ax.grid(alpha=0.3)
 
@@ -203,46 +210,198 @@ def plot_curve(curve: dict, path) -> Path:
     return _save(fig, path)
 
 
-def plot_study(runs: list[dict], out_dir, tasks: list[str] | None = None) -> list[Path]:
-    """Runs compared: out_dir/<task>.png (primary metric ± stderr against edits, a line per run),
-    weights.png (L1 drift) and edit_metrics.png (each run's first edit metric). Returns the paths."""
-    plt = _plt()
-    out_dir = Path(out_dir)
-    xs_all = [p["edits"] for c in runs for p in c.get("points") or [] if p.get("edits") is not None]
-    models = sorted({c.get("model", "") for c in runs} - {""})
-    paths = []
+# One colour and marker per method (a run's "method"), a line style per run of the same method
+# (its setting or post-process): no two runs of a figure alike. Colour-blind-safe first (tab10).
+COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf", "#000000", "#393b79", "#637939", "#843c39", "#7b4173", "#3182bd")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p", "d", "H", "8", "1")
+LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)), (0, (8, 2)), (0, (3, 1, 1, 1)))
 
-    def figure(title, ylabel, series):  # series: [(label, xs, ys, yerr or None)]
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        drawn = False
-        for i, (label, xs, ys, es) in enumerate(series):
-            if xs:
-                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, color=f"C{i % 10}", label=label)
-                drawn = True
-        if drawn:
-            ax.legend(fontsize=8)
-        else:
-            _empty(ax)
-        ax.set_ylabel(ylabel)
-        ax.set_title(title + (f" · {', '.join(models)}" if models else ""))
-        _xaxis(ax, xs_all)
-        fig.tight_layout()
-        return fig
 
-    for task in tasks if tasks is not None else _task_names(runs):
-        series, ylabel = [], task
-        for c in runs:
-            xs, ys, es, primary, hib = _task_series(c, task)
-            series.append((c.get("label", ""), xs, ys, es))
-            if primary:
-                ylabel = f"{task} {primary}" + ("" if hib else " (lower is better)")
-        paths.append(_save(figure(task, ylabel, series), out_dir / f"{task}.png"))
-    series = [(c.get("label", ""), *_weight_series(c, "l1"), None) for c in runs]
-    paths.append(_save(figure("weight drift", "L1 drift ‖ΔW‖₁ (all edited matrices)", series), out_dir / "weights.png"))
-    series = []
+def run_styles(runs: list[dict]) -> list[dict]:
+    """{color, marker, linestyle} per run: colour and marker by method (in order of first appearance),
+    line style by the run's rank among the runs of its method."""
+    methods: list[str] = []
+    seen: dict[str, int] = {}
+    out = []
     for c in runs:
-        names = _edit_metric_names(c)
-        xs, ys = _edit_series(c, names[0]) if names else ([], [])
-        series.append((f"{c.get('label', '')}: {names[0]}" if names else c.get("label", ""), xs, ys, None))
-    paths.append(_save(figure("edit success", "edit metric", series), out_dir / "edit_metrics.png"))
+        m = str(c.get("method") or c.get("label", "").split(" ")[0])
+        if m not in methods:
+            methods.append(m)
+        i, j = methods.index(m), seen.get(m, 0)
+        seen[m] = j + 1
+        out.append({"color": COLOURS[i % len(COLOURS)], "marker": MARKERS[i % len(MARKERS)],
+                    "linestyle": LINESTYLES[(j + i // len(COLOURS)) % len(LINESTYLES)]})
+    return out
+
+
+def task_result(p: dict, task: str) -> dict | None:
+    """A point's result for ``task`` in the tasks' layout; "fluency" is read from the point's
+    ``generation`` (n-gram entropy of greedy generations) where no task of that name ran."""
+    t = (p.get("tasks") or {}).get(task)
+    if t is None and task == "fluency" and isinstance(p.get("generation"), dict) and "fluency" in p["generation"]:
+        g = p["generation"]
+        t = {"primary": "fluency", "higher_is_better": True, "metrics": {"fluency": g["fluency"]},
+             "stderr": {"fluency": g.get("fluency_stderr")}, "n": g.get("n")}
+    return t
+
+
+def study_tasks(runs: list[dict]) -> list[str]:
+    """Every task the runs' points hold, in order, then fluency where the points carry generations."""
+    names = _task_names(runs)
+    if "fluency" not in names and any(task_result(p, "fluency") for c in runs for p in c.get("points") or []):
+        names.append("fluency")
+    return names
+
+
+def log_scale(primary: str | None, ys: list[float]) -> bool:
+    """Perplexity, and any positive metric whose values span more than a factor of 100, on a log axis."""
+    real = [y for y in ys if not math.isnan(y)]
+    pos = [y for y in real if y > 0]
+    return bool(pos) and len(pos) == len(real) and (
+        "perplexity" in (primary or "") or max(pos) > 100 * min(pos))
+
+
+def _draw(ax, runs: list[dict], styles: list[dict], series) -> bool:
+    """One line per run with its style (error bars where given); returns whether any was drawn."""
+    drawn, ys_all, primary = False, [], None
+    for c, st in zip(runs, styles):
+        xs, ys, es, primary_c = series(c)
+        primary = primary or primary_c
+        if xs:
+            ax.errorbar(xs, ys, yerr=es, capsize=3, label=c.get("label", ""), markersize=5, linewidth=1.4, **st)
+            ys_all += ys
+            drawn = True
+    if drawn and log_scale(primary, ys_all):
+        _log_y(ax, ys_all)
+    if not drawn:
+        _empty(ax)
+    return drawn
+
+
+def _log_y(ax, ys: list[float]) -> None:
+    """A log y axis; within one decade (perplexities of 16 to 19) its ticks labelled as plain numbers."""
+    # with matplotlib, only when a plot is drawn
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.set_yscale("log")
+    real = [y for y in ys if not math.isnan(y)]
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain if max(real) < 10 * min(real) else NullFormatter())
+
+
+def _legend_outside(fig, axes, runs: list[dict], styles: list[dict]) -> None:
+    """A handle per run, to the right of the data: of the axes for one panel, of the figure for
+    small multiples (a list of axes). ``_save_tight`` keeps it inside the image."""
+    # with matplotlib, only when a plot is drawn
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], label=c.get("label", ""), **st) for c, st in zip(runs, styles)]
+    if isinstance(axes, list):
+        fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8, frameon=False)
+    else:
+        axes.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, borderaxespad=0,
+                    frameon=False)
+
+
+def _task_xy(task: str):
+    def series(c):
+        xs, ys, es, primary, _ = _task_series(c, task)
+        return xs, ys, es, primary
+    return series
+
+
+def _ylabel(runs: list[dict], task: str) -> str:
+    for c in runs:
+        _, _, _, primary, hib = _task_series(c, task)
+        if primary:
+            return f"{task} {primary}" + ("" if hib else " (lower is better)") + (" · log" if "perplexity" in primary else "")
+    return task
+
+
+def task_figure(runs: list[dict], task: str, title: str = ""):
+    """Primary metric of ``task`` ± stderr against edits, a line per run, legend outside."""
+    plt = _plt()
+    styles = run_styles(runs)
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    _draw(ax, runs, styles, _task_xy(task))
+    ax.set_ylabel(_ylabel(runs, task))
+    ax.set_title(title or task)
+    _xaxis(ax, _edits(runs))
+    _legend_outside(fig, ax, runs, styles)
+    return fig
+
+
+def overview_figure(runs: list[dict], tasks: list[str], title: str = ""):
+    """Small multiples: a panel per task (fluency included), a line per run, one legend outside."""
+    plt = _plt()
+    styles = run_styles(runs)
+    cols = min(3, max(len(tasks), 1))
+    rows = max(1, math.ceil(len(tasks) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols + 3.6, 3.3 * rows + 0.6), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i >= len(tasks):
+            ax.axis("off")
+            continue
+        _draw(ax, runs, styles, _task_xy(tasks[i]))
+        ax.set_title(_ylabel(runs, tasks[i]), fontsize=9)
+        _xaxis(ax, _edits(runs))
+    if not tasks:
+        _empty(axes.flat[0])
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 0.99, 0.97))
+    _legend_outside(fig, list(axes.flat), runs, styles)
+    return fig
+
+
+def _edits(runs: list[dict]) -> list:
+    return [p["edits"] for c in runs for p in c.get("points") or [] if p.get("edits") is not None]
+
+
+def _save_tight(fig, path) -> Path:
+    """Saved with the legend outside the axes included in the image."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png", bbox_inches="tight")
+    _plt().close(fig)
+    return path
+
+
+def plot_study(runs: list[dict], out_dir, tasks: list[str] | None = None) -> list[Path]:
+    """Runs compared: out_dir/overview.png (a panel per task), <task>.png (primary metric ± stderr
+    against edits, a line per run), weights.png (L1 drift) and edit_metrics.png (a panel per
+    headline edit-success rate). Returns the paths, the overview first."""
+    out_dir = Path(out_dir)
+    models = sorted({c.get("model", "") for c in runs} - {""})
+    on = f" · {', '.join(models)}" if models else ""
+    tasks = study_tasks(runs) if tasks is None else tasks
+    paths = [_save_tight(overview_figure(runs, tasks, f"ability against edits{on}"), out_dir / "overview.png")]
+    for task in tasks:
+        paths.append(_save_tight(task_figure(runs, task, task + on), out_dir / f"{task}.png"))
+    plt = _plt()
+    styles = run_styles(runs)
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    _draw(ax, runs, styles, lambda c: (*_weight_series(c, "l1"), None, "l1"))
+    ax.set_ylabel("L1 drift ‖ΔW‖₁ (all edited matrices)")
+    ax.set_title("weight drift" + on)
+    _xaxis(ax, _edits(runs))
+    _legend_outside(fig, ax, runs, styles)
+    paths.append(_save_tight(fig, out_dir / "weights.png"))
+    rates = list(dict.fromkeys(k for c in runs for k in _edit_metric_names(c) if k.endswith(("_success", "_acc"))))
+    rates = rates or list(dict.fromkeys(k for c in runs for k in _edit_metric_names(c)))[:1]
+    cols = max(1, min(3, len(rates)))
+    fig, axes = plt.subplots(1, cols, figsize=(4.4 * cols + 3.6, 3.9), squeeze=False)
+    for ax, m in zip(axes.flat, rates or [None]):
+        if m is None:
+            _empty(ax)
+            continue
+        _draw(ax, runs, styles, lambda c, m=m: (*_edit_series(c, m), None, m))
+        ax.set_title(m, fontsize=9)
+        ax.set_ylim(-0.03, 1.03)
+        _xaxis(ax, _edits(runs))
+    fig.suptitle("edit success" + on)
+    fig.tight_layout(rect=(0, 0, 0.99, 0.95))
+    _legend_outside(fig, list(axes.flat), runs, styles)
+    paths.append(_save_tight(fig, out_dir / "edit_metrics.png"))
     return paths

@@ -11,8 +11,13 @@ All sessions share the model (restored to its base weights between sessions), th
 the context templates (cached on disk), and the unedited evaluation (cached by model fingerprint,
 task, protocol, limit, seed and dtype). Each session lives in ``OUT/runs/<name>/`` with its
 journal, so an interrupted study resumes (``--resume``) where it stopped. Outputs:
-``study.json`` (every run's curve), ``report.md`` and ``plots/<task>.png`` (ability against the
-number of edits, one line per run, error bars from the standard errors).
+``study-file.json`` (the study as checked, written first: ``--resume`` and ``--only`` continue
+only the same study), ``study.json`` (every run's curve), ``report.md`` and ``plots/`` (ability
+against the number of edits, one line per run, error bars from the standard errors).
+
+A finished session's committed data is ``runs/<session>/{curve.json,results.json,session.json}``
+(``OUT/.gitignore`` leaves out the journals); ``only=[NAME]`` runs one run and reads the others'
+finished sessions back, so a long study is run, committed and continued one run at a time.
 
 A profile (``--profile quick``) overrides top-level keys and per-run keys, for CPUs.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -31,20 +37,28 @@ from editfast.core.errors import EditfastError
 from editfast.core.paths import write_json, write_text
 from editfast.data.requests import dataset_names, load_dataset
 from editfast.eval.edit_metrics import headline_edit_metric
-from editfast.eval.evaluator import Evaluator
 from editfast.eval.generation import check_generation_prompts
+from editfast.eval.runner import PROTOCOLS
 from editfast.eval.tasks import resolve_tasks
-from editfast.methods.registry import METHODS
+from editfast.methods.registry import METHODS, get_method
 from editfast.models.load import load_model
 from editfast.models.update import restore
-from editfast.session.curves import plot_study
-from editfast.session.session import EditSession
+from editfast.session.curves import plot_study, study_tasks, task_result
+from editfast.session.plan import evaluators, plan_study, run_protocols, sessions_of
+from editfast.session.session import EditSession, parse_checkpoints
 
 TOP_KEYS = {"name", "model", "dataset", "offset", "seed", "templates", "dtype", "device", "eval", "runs", "profiles",
             "description"}
 EVAL_KEYS = {"tasks", "protocols", "limit", "limits", "thresholds", "edit_metrics", "fluency"}
-RUN_KEYS = {"name", "method", "setting", "n", "batch_size", "eval_at", "sizes", "batches", "hparams", "label"}
+RUN_KEYS = {"name", "method", "setting", "n", "batch_size", "eval_at", "sizes", "batches", "hparams", "label",
+            "protocols"}
 SETTINGS = ("sequential", "batch", "batches")
+SETTING_KEYS = {"sequential": {"n", "batch_size", "eval_at"}, "batch": {"sizes"}, "batches": {"batch_size", "batches"}}
+DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a folder name under runs/
+STUDY_FILE = "study-file.json"  # the study as checked, written before the first session
+GITIGNORE = "runs/*/journal/\n*.tmp\n"  # a finished run is committed without its journal
+SAME_STUDY_KEYS = ("name", "model", "dataset", "offset", "seed", "templates", "dtype", "eval")
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -60,8 +74,117 @@ def _unknown(where: str, got: dict, allowed: set[str]) -> None:
         raise EditfastError(f"study {where}: unknown key(s) {', '.join(bad)}; allowed: {', '.join(sorted(allowed))}")
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int(where: str, key: str, v: Any, lo: int = 1, none: bool = False) -> None:
+    if v is None and none:
+        return
+    if not _is_int(v) or v < lo:
+        raise EditfastError(f"study {where}: {key} must be an integer >= {lo}{' or null' if none else ''}, got {v!r}")
+
+
+def _str(where: str, key: str, v: Any, choices: tuple | list | None = None) -> None:
+    if not isinstance(v, str) or not v.strip():
+        raise EditfastError(f"study {where}: {key} must be a non-empty string, got {v!r}")
+    if choices is not None and v not in choices:
+        raise EditfastError(f"study {where}: {key} must be one of {', '.join(choices)}, got {v!r}")
+
+
+def _ints(where: str, key: str, v: Any, lo: int) -> None:
+    if not isinstance(v, list) or not v or not all(_is_int(x) and x >= lo for x in v):
+        raise EditfastError(f"study {where}: {key} must be a non-empty list of integers >= {lo}, got {v!r}")
+    if v != sorted(set(v)):
+        raise EditfastError(f"study {where}: {key} must be increasing, got {v!r}")
+
+
+def _protocols(where: str, v: Any) -> None:
+    if not isinstance(v, list) or not v or not all(p in PROTOCOLS for p in v) or len(set(v)) != len(v):
+        raise EditfastError(f"study {where}: protocols must be a list of {', '.join(PROTOCOLS)} (each once), "
+                            f"got {v!r}")
+
+
+def check_eval(ev: Any) -> None:
+    """The ``eval`` mapping: types, known tasks and protocols, limits of tasks the study runs."""
+    if not isinstance(ev, dict):
+        raise EditfastError(f"study eval: must be a mapping, got {ev!r}")
+    _unknown("eval", ev, EVAL_KEYS)
+    names: list[str] = []
+    if ev.get("tasks") is not None:
+        _str("eval", "tasks", ev["tasks"])
+        names = [t.name for t in resolve_tasks(ev["tasks"])]
+    if "protocols" in ev:
+        _protocols("eval", ev["protocols"])
+    _int("eval", "limit", ev.get("limit"), none=True)
+    limits = ev.get("limits")
+    if limits is not None:
+        if not isinstance(limits, dict):
+            raise EditfastError(f"study eval: limits must map a task to a number of examples, got {limits!r}")
+        for t, v in limits.items():
+            if t not in names:
+                raise EditfastError(f"study eval: limits names {t!r}, not among the study's tasks "
+                                    f"({', '.join(names) or 'none'})")
+            _int("eval", f"limits.{t}", v, none=True)
+    th = ev.get("thresholds")
+    if th is not None and (not isinstance(th, list) or not th or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in th)):
+        raise EditfastError(f"study eval: thresholds must be a non-empty list of positive numbers, got {th!r}")
+    if "edit_metrics" in ev and not isinstance(ev["edit_metrics"], bool):
+        raise EditfastError(f"study eval: edit_metrics must be true or false, got {ev['edit_metrics']!r}")
+
+
+def check_run(r: Any, ev: dict) -> None:
+    """One run: name (a folder), method, setting and only its keys, each value's type and range."""
+    if not isinstance(r, dict):
+        raise EditfastError(f"study runs: every run must be a mapping, got {r!r}")
+    where = f"run {r.get('name')!r}"
+    _unknown(where, r, RUN_KEYS)
+    if not isinstance(r.get("name"), str) or not RUN_NAME.fullmatch(r["name"]):
+        raise EditfastError(f"study {where}: name must be letters, digits, '.', '_' or '-' (it names a folder)")
+    if str(r.get("method", "")).lower() not in METHODS:
+        raise EditfastError(f"study {where}: unknown method {r.get('method')!r}; choose from {', '.join(METHODS)}")
+    s = r.get("setting")
+    if s not in SETTINGS:
+        raise EditfastError(f"study {where}: setting must be one of {', '.join(SETTINGS)}, got {s!r}")
+    other = sorted(k for k in set().union(*SETTING_KEYS.values()) - SETTING_KEYS[s] if k in r)
+    if other:
+        raise EditfastError(f"study {where}: {', '.join(other)} do(es) not apply to setting {s} "
+                            f"(it takes {', '.join(sorted(SETTING_KEYS[s]))})")
+    need = {"sequential": ("n",), "batch": ("sizes",), "batches": ("batch_size", "batches")}[s]
+    for k in need:
+        if r.get(k) is None:
+            raise EditfastError(f"study {where}: setting {s} needs {k!r}")
+    for k in ("n", "batch_size", "batches"):
+        if k in r:
+            _int(where, k, r[k], none=k == "batch_size" and s == "sequential")
+    if "sizes" in r:
+        _ints(where, "sizes", r["sizes"], 1)
+    if r.get("hparams") is not None and not isinstance(r["hparams"], dict):
+        raise EditfastError(f"study {where}: hparams must be a mapping of hyper-parameter to value, got {r['hparams']!r}")
+    if "label" in r:
+        _str(where, "label", r["label"])
+    if "protocols" in r:
+        _protocols(where, r["protocols"])
+        if not ev.get("tasks"):
+            raise EditfastError(f"study {where}: protocols given but the study evaluates no tasks")
+    method = get_method(r["method"])
+    asked = r.get("batch_size")
+    if method.max_batch_size and asked and asked > method.max_batch_size:
+        raise EditfastError(f"study {where}: {method.name} edits at most {method.max_batch_size} fact(s) per batch, "
+                            f"got batch_size {asked}")
+    if s == "sequential":
+        if "eval_at" in r and not (isinstance(r["eval_at"], list) and all(_is_int(x) for x in r["eval_at"])):
+            raise EditfastError(f"study {where}: eval_at must be a list of edit counts, got {r['eval_at']!r}")
+        try:
+            parse_checkpoints(r.get("eval_at") or [0, r["n"]], r["n"], method.batch_size(asked or 1, r["n"]))
+        except EditfastError as e:
+            raise EditfastError(f"study {where}: {str(e).replace('--eval-at', 'eval_at')}") from None
+
+
 def load_study(path: str | Path, profile: str | None = None) -> dict[str, Any]:
-    """Read and check a study file; apply ``profile``. Every error names the key."""
+    """Read and check a study file whole (every run, every value); apply ``profile``. Every error
+    names the run and the key. The model's config and the dataset are checked by ``check_study``."""
 
     p = Path(path)
     if not p.is_file():
@@ -74,6 +197,10 @@ def load_study(path: str | Path, profile: str | None = None) -> dict[str, Any]:
         raise EditfastError(f"study file {p} must hold a mapping")
     _unknown("file", doc, TOP_KEYS)
     profiles = doc.pop("profiles", None) or {}
+    if not isinstance(profiles, dict) or not all(isinstance(v, dict) for v in profiles.values()):
+        raise EditfastError("study profiles: must map a profile's name to a mapping of keys")
+    if not isinstance(doc.get("runs"), list) or not doc["runs"]:
+        raise EditfastError("study: 'runs' must list at least one run")
     if profile is not None:
         if profile not in profiles:
             raise EditfastError(f"study has no profile {profile!r}; profiles: {', '.join(profiles) or 'none'}")
@@ -82,54 +209,52 @@ def load_study(path: str | Path, profile: str | None = None) -> dict[str, Any]:
         only = prof.pop("only", None)
         _unknown(f"profile {profile}", prof, TOP_KEYS - {"runs", "profiles"})
         doc = _merge(doc, prof)
-        names = [r.get("name") for r in doc.get("runs", [])]
-        for name in run_over:
+        names = [r.get("name") if isinstance(r, dict) else None for r in doc["runs"]]
+        for name in [*run_over, *(only or [])]:
             if name not in names:
                 raise EditfastError(f"study profile {profile}: no run named {name!r} (runs: {', '.join(map(str, names))})")
-        doc["runs"] = [_merge(r, run_over.get(r.get("name"), {})) for r in doc.get("runs", [])
+        doc["runs"] = [_merge(r, run_over.get(r.get("name"), {})) for r in doc["runs"]
                        if only is None or r.get("name") in only]
     doc["profile"] = profile
-    ev = doc.setdefault("eval", {}) or {}
-    _unknown("eval", ev, EVAL_KEYS)
-    if ev.get("tasks"):
-        resolve_tasks(ev["tasks"])
-    runs = doc.get("runs")
-    if not runs:
-        raise EditfastError("study: 'runs' must list at least one run")
+    for key in ("name", "model", "dataset", "device", "description"):
+        if key in doc:
+            _str("file", key, doc[key])
+    _int("file", "offset", doc.get("offset", 0), lo=0)
+    seed = doc.get("seed", 0)
+    if not _is_int(seed) or not 0 <= seed < 2**32:
+        raise EditfastError(f"study file: seed must be an integer in 0..2**32-1, got {seed!r}")
+    _str("file", "templates", doc.get("templates", "generated"), ("generated", "fixed"))
+    _str("file", "dtype", doc.get("dtype", "float32"), DTYPES)
+    ev = doc["eval"] = doc.get("eval") or {}
+    check_eval(ev)
     seen = set()
-    for r in runs:
-        _unknown(f"run {r.get('name')!r}", r, RUN_KEYS)
-        if not r.get("name") or r["name"] in seen:
-            raise EditfastError(f"study: every run needs a unique name (got {r.get('name')!r})")
+    for r in doc["runs"]:
+        check_run(r, ev)
+        if r["name"] in seen:
+            raise EditfastError(f"study: two runs are named {r['name']!r}; every run needs a unique name")
         seen.add(r["name"])
-        if str(r.get("method", "")).lower() not in METHODS:
-            raise EditfastError(f"study run {r['name']!r}: unknown method {r.get('method')!r}; choose from "
-                                f"{', '.join(METHODS)}")
-        if r.get("setting") not in SETTINGS:
-            raise EditfastError(f"study run {r['name']!r}: setting must be one of {', '.join(SETTINGS)}, "
-                                f"got {r.get('setting')!r}")
-        need = {"sequential": ("n",), "batch": ("sizes",), "batches": ("batch_size", "batches")}[r["setting"]]
-        for k in need:
-            if r.get(k) is None:
-                raise EditfastError(f"study run {r['name']!r}: setting {r['setting']} needs {k!r}")
     ds = doc.get("dataset", "zsre-alt")
     if ds not in dataset_names() and not Path(ds).is_file():
         raise EditfastError(f"study: unknown dataset {ds!r}")
     return doc
 
 
-def sessions_of(run: dict) -> list[dict]:
-    """The sessions of one run: name, n, batch size, checkpoints."""
-    s = run["setting"]
-    if s == "sequential":
-        n = int(run["n"])
-        bs = int(run.get("batch_size") or 1)
-        return [{"dir": run["name"], "n": n, "batch_size": bs, "eval_at": run.get("eval_at") or [0, n]}]
-    if s == "batch":
-        return [{"dir": f"{run['name']}-{b}", "n": int(b), "batch_size": int(b), "eval_at": [0, int(b)]}
-                for b in run["sizes"]]
-    b, k = int(run["batch_size"]), int(run["batches"])
-    return [{"dir": run["name"], "n": b * k, "batch_size": b, "eval_at": [i * b for i in range(k + 1)]}]
+def check_study(study: dict, preflight=None) -> list:
+    """What ``load_study`` cannot see: the dataset holds every run's facts (returned, the most any
+    session needs), and, with ``preflight(model, method, overrides, dtype)``, each run's
+    hyper-parameters against the model's config (layers beyond the model, unknown keys). No
+    weights load."""
+    n_max = max(s["n"] for r in study["runs"] for s in sessions_of(r))
+    requests = load_dataset(study.get("dataset", "zsre-alt"), n_max, offset=int(study.get("offset", 0)))
+    if (study.get("eval") or {}).get("fluency"):
+        check_generation_prompts(requests, str(study.get("dataset", "zsre-alt")))
+    for r in study["runs"] if preflight is not None else ():
+        try:
+            preflight(study.get("model", "smollm2-135m"), r["method"], r.get("hparams") or {},
+                      study.get("dtype", "float32"))
+        except EditfastError as e:
+            raise EditfastError(f"study run {r['name']!r}: {e}") from None
+    return requests
 
 
 def default_label(run: dict) -> str:
@@ -139,61 +264,142 @@ def default_label(run: dict) -> str:
     return f"{run['method']} · {what}"
 
 
-def run_study(study: dict, out: str | Path, progress: bool = True, resume: bool = False) -> dict[str, Any]:
+DEFAULTS = {"model": "smollm2-135m", "dataset": "zsre-alt", "offset": 0, "seed": 0, "templates": "generated",
+            "dtype": "float32", "eval": {}}
 
+
+def holds_study(out: Path) -> bool:
+    """Whether ``out`` holds a study (its checked file, its report, or sessions under runs/)."""
+    return (out / STUDY_FILE).is_file() or (out / "study.json").is_file() or any((out / "runs").glob("*/session.json"))
+
+
+def _old_study(out: Path) -> dict | None:
+    for name in (STUDY_FILE, "study.json"):
+        if (out / name).is_file():
+            try:
+                return json.loads((out / name).read_text())["study"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise EditfastError(f"{out}: cannot read {name}: {e}") from None
+    return None
+
+
+def same_study(out: Path, study: dict) -> None:
+    """Refuse ``out`` unless it holds this study: the same model, dataset, seed, templates, dtype and
+    evaluation, and every run both name the same (a run the file adds is welcome). The first
+    difference is named."""
+    old = _old_study(out)
+    if old is None:
+        if holds_study(out):
+            return  # sessions of a study written before studies recorded their file: each session checks itself
+        raise EditfastError(f"{out} holds no study to continue (no {STUDY_FILE}); start it without --resume")
+    ev_old, ev_new = old.get("eval") or {}, study.get("eval") or {}
+    pairs = [(k, old.get(k, DEFAULTS.get(k)), study.get(k, DEFAULTS.get(k))) for k in SAME_STUDY_KEYS if k != "eval"]
+    pairs += [(f"eval.{k}", ev_old.get(k), ev_new.get(k)) for k in sorted(set(ev_old) | set(ev_new))]
+    for key, a, b in pairs:
+        if a != b:
+            raise EditfastError(f"{out} holds study {old.get('name')!r} with {key} {a!r}; this study file has {b!r}: "
+                                "continue a study only with its own file, or choose another --out")
+    mine = {r["name"]: r for r in study["runs"]}
+    for r in old.get("runs", []):
+        new = mine.get(r["name"])
+        diff = sorted(k for k in set(r) | set(new or {}) if k != "label" and r.get(k) != (new or {}).get(k))
+        if new is not None and diff:
+            k = diff[0]
+            raise EditfastError(f"{out}: its run {r['name']!r} has {k} {r.get(k)!r}; this study file has "
+                                f"{new.get(k)!r}: continue a study only with its own file, or choose another --out")
+
+
+def _record(out: Path, study: dict) -> None:
+    """study-file.json (this study, with the runs of the folder's that this file left out) and the .gitignore."""
+    old = _old_study(out) if (out / STUDY_FILE).is_file() else None
+    names = {r["name"] for r in study["runs"]}
+    kept = [r for r in (old or {}).get("runs", []) if r["name"] not in names]
+    write_json(out / STUDY_FILE, {"study": {**study, "runs": study["runs"] + kept}})
+    if not (out / ".gitignore").is_file():
+        write_text(out / ".gitignore", GITIGNORE)
+
+
+def run_study(study: dict, out: str | Path, progress: bool = True, resume: bool = False,
+              only: list[str] | None = None, requests: list | None = None, estimate: bool = True) -> dict[str, Any]:
+    """Run the study's sessions into ``out`` (``only``: these runs; the others' finished sessions are
+    read back, the rest named missing), then study.json, report.md and plots/ from every finished
+    session. ``estimate``: plan first (a calibration, cached), so the report sets the estimate beside
+    the measured time."""
     out = Path(out)
-    if ((out / "study.json").is_file() or (out / "runs").is_dir()) and not resume:
-        raise EditfastError(f"{out} already holds a study; continue it with --resume or choose another --out")
+    if holds_study(out):
+        if not (resume or only):
+            raise EditfastError(f"{out} already holds a study; continue it with --resume or choose another --out")
+        same_study(out, study)
+    elif resume:
+        raise EditfastError(f"{out} holds no study to continue; start it without --resume")
     t0 = time.perf_counter()
-    ev = study.get("eval") or {}
+    ev = study["eval"]
     seed = int(study.get("seed", 0))
     plan = [(r, s) for r in study["runs"] for s in sessions_of(r)]
-    n_max = max(s["n"] for _, s in plan)
-    requests = load_dataset(study.get("dataset", "zsre-alt"), n_max, offset=int(study.get("offset", 0)))
-    if ev.get("fluency"):
-        check_generation_prompts(requests, str(study.get("dataset", "zsre-alt")))  # before the model loads
+    if requests is None:
+        requests = check_study(study)
+    out.mkdir(parents=True, exist_ok=True)
+    _record(out, study)
     lm = load_model(study.get("model", "smollm2-135m"), dtype=study.get("dtype", "float32"),
                     device=study.get("device", "cpu"))
-    protocols = ev.get("protocols") or ["standard"]
+    evals = evaluators(lm, study, progress)
+    estimates = plan_study(study, lm, requests, evals, progress) if estimate else None
     templates: dict[str, list] = {}  # per method: generated once, shared by its sessions
-    evaluator = None
-    if ev.get("tasks"):  # task requests built once for the whole study, one engine
-
-        evaluator = Evaluator(lm, ev["tasks"], protocols if len(protocols) > 1 else protocols[0], ev.get("limit"),
-                              seed, progress, ev.get("limits"))
-    runs_out = []
+    runs_out, missing = [], []
     for run, sess in plan:
         d = out / "runs" / sess["dir"]
         label = run.get("label") or default_label(run)
+        protocols = run_protocols(study, run)
         if (d / "results.json").is_file() and (d / "curve.json").is_file():  # finished in an earlier call
             curve = json.loads((d / "curve.json").read_text())
+            timings = json.loads((d / "results.json").read_text()).get("timings") or {}
             templates.setdefault(run["method"], json.loads((d / "session.json").read_text())["templates"])
+        elif only is not None and run["name"] not in only:
+            missing.append(sess["dir"])
+            continue
         else:
             s = EditSession(lm, run["method"], requests[: sess["n"]], overrides=run.get("hparams"),
                             batch_size=sess["batch_size"], seed=seed, evaluate=ev.get("edit_metrics", True),
                             templates=templates.get(run["method"], study.get("templates", "generated")),
                             eval_tasks=ev.get("tasks"), eval_limit=ev.get("limit"), eval_limits=ev.get("limits"),
                             protocol=protocols if len(protocols) > 1 else protocols[0], eval_at=sess["eval_at"],
-                            out=d, progress=progress, label=label, evaluator=evaluator,
+                            out=d, progress=progress, label=label, evaluator=evals.get(tuple(protocols)),
                             thresholds=ev.get("thresholds") or (0.077, 0.171), fluency=bool(ev.get("fluency")),
                             dataset={"name": str(study.get("dataset", "zsre-alt"))})
             try:
-                res = s.run(resume=resume and (d / "session.json").is_file())
+                res = s.run(resume=(d / "session.json").is_file())
                 templates.setdefault(run["method"], res.templates)
-                curve = res.curve
+                curve, timings = res.curve, res.timings
             finally:
                 restore(lm, s.base)
+        est = next((e for e in (estimates or {}).get("sessions", []) if e["session"] == sess["dir"]), None)
         runs_out.append({"run": run["name"], "session": sess["dir"], "label": label, "method": run["method"],
-                         "setting": run["setting"], "batch_size": sess["batch_size"], "curve": curve})
+                         "setting": run["setting"], "batch_size": sess["batch_size"], "curve": curve,
+                         "timings": {k: v for k, v in timings.items() if k != "batches" and k != "solves"},
+                         "estimate_s": est and est["total_s"]})
     lines = merge_lines(runs_out)
-    plots = plot_study(lines, out / "plots")
+    plots = plot_study(lines, out / "plots") if lines else []
     doc = {"study": {k: v for k, v in study.items()}, "model": lm.spec, "model_fingerprint": lm.fingerprint,
-           "seconds": time.perf_counter() - t0, "lines": lines, "sessions": runs_out,
-           "plots": [str(p.relative_to(out)) for p in plots]}
+           "seconds": time.perf_counter() - t0, "lines": lines, "sessions": runs_out, "missing": missing,
+           "plan": estimates, "plots": [str(p.relative_to(out)) for p in plots]}
     report = report_md(doc)
     doc["report_md"] = report
     write_json(out / "study.json", doc)
     write_text(out / "report.md", report)
+    return doc
+
+
+def render_study(out: str | Path) -> dict[str, Any]:
+    """Redraw plots/ and rewrite report.md of a study folder from its study.json (no run; the data
+    file itself is left as it is)."""
+    out = Path(out)
+    try:
+        doc = json.loads((out / "study.json").read_text())
+    except (OSError, ValueError) as e:
+        raise EditfastError(f"{out}: cannot read study.json: {e}") from None
+    doc["plots"] = [str(p.relative_to(out)) for p in plot_study(doc["lines"], out / "plots")]
+    doc["report_md"] = report_md(doc)
+    write_text(out / "report.md", doc["report_md"])
     return doc
 
 
@@ -244,17 +450,21 @@ def report_md(doc: dict) -> str:
     st = doc["study"]
     out = [f"# Study {st.get('name', '')} · {doc['model']} · dataset {st.get('dataset', 'zsre-alt')}"
            f"{' · profile ' + st['profile'] if st.get('profile') else ''}", "",
-           f"Measured in {doc['seconds'] / 60:.1f} min. Values: headline metric ± standard error at each number of "
-           "edits (columns).", ""]
-    tasks = list(dict.fromkeys(t for l in lines for p in l["points"] for t in p.get("tasks", {})))
+           f"Measured in {doc['seconds'] / 60:.1f} min (this call). Values: headline metric ± standard error at each "
+           "number of edits (columns).", ""]
+    if doc.get("missing"):
+        out += [f"Not in this report (not finished yet): {', '.join(doc['missing'])}.", ""]
+    tasks = study_tasks(lines)
+    if "plots/overview.png" in doc.get("plots", []):
+        out += ["![ability against edits, a panel per task](plots/overview.png)", ""]
     out += comparison_md(lines, tasks)
     for t in tasks:
-        edits = sorted({p["edits"] for l in lines for p in l["points"] if t in p.get("tasks", {})})
-        first = next(p["tasks"][t] for l in lines for p in l["points"] if t in p.get("tasks", {}))
+        edits = sorted({p["edits"] for l in lines for p in l["points"] if task_result(p, t)})
+        first = next(task_result(p, t) for l in lines for p in l["points"] if task_result(p, t))
         out += [f"## {t} ({first['primary']}{'' if first['higher_is_better'] else ', lower is better'})", "",
                 "| run | " + " | ".join(map(str, edits)) + " |", "|---|" + "---|" * len(edits)]
         for l in lines:
-            by = {p["edits"]: p.get("tasks", {}).get(t) for p in l["points"]}
+            by = {p["edits"]: task_result(p, t) for p in l["points"]}
             out.append(f"| {l['label']} | " + " | ".join(_fmt(by.get(e)) for e in edits) + " |")
         out.append("")
     edits = sorted({p["edits"] for l in lines for p in l["points"]})
@@ -270,7 +480,44 @@ def report_md(doc: dict) -> str:
             out.append(f"| {l['label']} | " + " | ".join("-" if by.get(e) is None else f"{by[e]:.3g}" for e in edits)
                        + " |")
         out.append("")
-    return "\n".join(out)
+    return "\n".join(out + time_md(doc["sessions"]))
+
+
+def _eval_split(p: dict) -> dict[str, float]:
+    """A checkpoint's evaluation seconds by part: the point's own ``eval_s_by`` where it has one,
+    else each task's share of the engine call and the rest (edit metrics and weight analysis)."""
+    by = p.get("eval_s_by")
+    if by:
+        parts = {"edit metrics": by.get("edit_metrics") or 0.0, **(by.get("tasks") or {}),
+                 "generation": by.get("generation") or 0.0}
+        return {**parts, "weights, other": max((p.get("eval_s") or 0.0) - sum(parts.values()), 0.0)}
+    tasks = {t: r.get("seconds") or 0.0 for t, r in (p.get("tasks") or {}).items() if not r.get("cached")}
+    return {**tasks, "edit metrics, weights": max((p.get("eval_s") or 0.0) - sum(tasks.values()), 0.0)}
+
+
+def time_md(sessions: list[dict]) -> list[str]:
+    """Where each session's time went (editing, of it target optimisation; each checkpoint part),
+    with the plan's estimate beside the measured total."""
+    parts = list(dict.fromkeys(k for s in sessions for p in s["curve"]["points"] for k in _eval_split(p)))
+    out = ["## Where the time went (seconds; estimate from the plan's calibration)", "",
+           "| session | estimate | measured | editing | of it targets | " + " | ".join(parts) + " |",
+           "|---|" + "---|" * (len(parts) + 4)]
+    tot: dict[str, float | None] = dict.fromkeys(["estimate", "measured", "editing", "targets", *parts])
+    for s in sessions:
+        tm = s.get("timings") or {}
+        split = dict.fromkeys(parts, 0.0)
+        for p in s["curve"]["points"]:
+            for k, v in _eval_split(p).items():
+                split[k] += v
+        pts = s["curve"]["points"]
+        row = {"estimate": s.get("estimate_s"), "measured": tm.get("total_s"),
+               "editing": tm.get("edit_s", pts[-1].get("seconds") if pts else None), "targets": tm.get("targets_s"),
+               **split}
+        for k, v in row.items():
+            tot[k] = tot[k] if v is None else (tot[k] or 0.0) + v
+        out.append(f"| {s['session']} | " + " | ".join("-" if v is None else f"{v:.0f}" for v in row.values()) + " |")
+    out.append("| **all** | " + " | ".join("-" if v is None else f"{v:.0f}" for v in tot.values()) + " |")
+    return out + [""]
 
 
 def comparison_md(lines: list[dict], tasks: list[str]) -> list[str]:
@@ -289,7 +536,7 @@ def comparison_md(lines: list[dict], tasks: list[str]) -> list[str]:
     for l in lines:
         first, last = l["points"][0], l["points"][-1]
         em0, em1 = first.get("edit_metrics") or {}, last.get("edit_metrics") or {}
-        task = lambda p, t: _headline(p.get("tasks", {}).get(t))
+        task = lambda p, t: _headline(task_result(p, t))
         drift = _drift(last)
         per_edit = last["seconds"] / last["edits"] if last["edits"] and last.get("seconds") is not None else None
         out.append(f"| {l['label']} | {last['edits']} | {'-' if per_edit is None else f'{per_edit:.2f}'} | "
