@@ -67,7 +67,7 @@ def made(tmp_path_factory, cache_root):
         lm = load_model("random:tiny-llama")  # unedited
         lm.model.save_pretrained(root / "hf")
         lm.tokenizer.save_pretrained(root / "hf")
-        main(["train-mend", *TINY, "--data", "counterfact", "--steps", "1", "--heldout", "2",
+        main(["train-mend", *TINY, "--data", "counterfact", "--steps", "1", "--heldout", "0",
               "--out", str(root / "mend")])
     return root
 
@@ -435,7 +435,7 @@ SIGNALLED = {  # id: (module, the function that sends the signal once it has run
         lambda c: ["stats", "export", "--out", c.out + ".npz", "--layer", "1", *TINY], INT),
     "train-mend: network written, SIGTERM": (editfast.cli.train_mend, "save_net",
                                              lambda c: ["train-mend", *TINY, "--data", "counterfact", "--steps", "1",
-                                                        "--heldout", "2", "--out", c.out], TERM),
+                                                        "--heldout", "0", "--out", c.out], TERM),
 }
 
 

@@ -14,8 +14,8 @@ Each entry carries a checksum (``sha256`` in its header: SHA-256 over its header
 every tensor's name, dtype, shape and bytes), verified wherever a journal is read (``undo``,
 ``export``, ``eval --edits``, ``--resume``, the lm-eval bridge): an entry whose bytes changed after
 editfast wrote it is an error naming the entry and its file. A journal written before checksums
-existed (no entry has one) is accepted with one warning; a journal where some entries have one
-and others not is refused (a checksum was removed).
+existed (no entry has one) is accepted with one warning (once per process); a journal where some
+entries have one and others not is refused (a checksum was removed).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from editfast.models.update import (
 
 FORMAT = "editfast-journal-1"
 CHECKSUM = "sha256"  # the header key of an entry's checksum (see ``checksum``)
+_UNVERIFIED_SAID: set[Path] = set()  # journals without checksums already warned about in this process
 SESSION_FILE, RESULTS_FILE = "session.json", "results.json"
 
 
@@ -142,7 +143,8 @@ class Journal:
         if unsummed and len(unsummed) < len(out):
             raise EditfastError(f"journal {self.dir}: entry {unsummed[0]} has no checksum while other entries have "
                                 "one (it was removed or the entry replaced)")
-        if unsummed:
+        if unsummed and self.dir.resolve() not in _UNVERIFIED_SAID:
+            _UNVERIFIED_SAID.add(self.dir.resolve())  # commands read a run twice (before and after the model loads)
             warnings.warn(f"journal {self.dir} was written before entries carried checksums: its {len(out)} "
                           "entries are not verified against changes on disk", RuntimeWarning, stacklevel=2)
         return out
