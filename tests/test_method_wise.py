@@ -11,7 +11,7 @@ import yaml
 from helpers import KNOWN, assert_refused, run_cli
 
 from editfast.data.requests import Request, load_dataset
-from editfast.easyedit import WISEHyperParams
+from editfast.easyedit import BaseEditor, WISEHyperParams
 from editfast.eval.edit_metrics import edit_metrics
 from editfast.methods.base import State
 from editfast.methods.registry import METHODS, make_hparams, resolve_hparams
@@ -380,3 +380,22 @@ def test_shards_and_merges_float64(retrieve):
     WISE._merge(state, hp, base, 2)
     want = merge("ties", [0.2, 0.2, 0.6], base, [sides[0], sides[1], first], 0.5)
     assert torch.allclose(t["merged"], want, rtol=1e-14, atol=0)
+
+
+def test_easyedit_facade_runs_wise():
+    """EasyEdit's BaseEditor with WISEHyperParams: sequential edits leave the memory routed on the
+    model; an edit with sequential_edit=False is measured routed and then taken back (state and
+    route as before it)."""
+    hp = WISEHyperParams(alg_name="WISE", model_name="random:tiny-llama", n_iter=2, act_margin=[0.5, 2.0, 1.0],
+                         inner_params=["model.layers[2].mlp.down_proj.weight"], retrieve=True, replay=False)
+    ed = BaseEditor.from_hparams(hp)
+    _, model, _ = ed.edit(prompts=["Alice lives in", "Bob works for"], target_new=["Paris", "Google"],
+                          subject=["Alice", "Bob"], sequential_edit=True, verbose=False)
+    memory = routing.routes(model)["model.layers.2.mlp.down_proj"]
+    kept = {k: v.clone() for k, v in memory.tensors().items()}
+    assert int(ed._state.tensors["count"]) == 2
+    ed.edit(prompts=["Carol lives in"], target_new=["Oslo"], subject=["Carol"], sequential_edit=False, verbose=False)
+    assert int(ed._state.tensors["count"]) == 2
+    again = routing.routes(model)["model.layers.2.mlp.down_proj"].tensors()
+    assert kept.keys() == again.keys() and all(torch.equal(kept[k], again[k]) for k in kept)
+    routing.uninstall(model)
