@@ -109,7 +109,7 @@ def _same(a, b):
 
 def test_resume_and_undo_are_bit_identical(tiny, tmp_path):
     reqs = load_dataset("counterfact", 4)
-    kw = dict(batch_size=1, templates="fixed", evaluate=False, progress=False)
+    kw = {"batch_size": 1, "templates": "fixed", "evaluate": False, "progress": False}
     full = EditSession(tiny, "grace", reqs, out=tmp_path / "a", **{**kw, "evaluate": True}, eval_at=[0, 4])
     pts = full.run().curve["points"]  # the curve: zero drift of the routed module, the codebook's size
     assert [p["memory"]["keys"] for p in pts] == [0, len(full.state.tensors["codebook.keys"])]
