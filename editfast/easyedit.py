@@ -206,6 +206,10 @@ class R_ROMEHyperParams(HyperParams):  # noqa: N801 (EasyEdit's name)
     alg_name = "R-ROME"
 
 
+class GraceHyperParams(HyperParams):
+    alg_name = "GRACE"
+
+
 class WISEHyperParams(HyperParams):
     alg_name = "WISE"
 
@@ -607,7 +611,7 @@ class BaseEditor:
                          progress=verbose)
         seconds = time.perf_counter() - t
         self._state.take_changed()
-        self.method.install(self.lm, self.hp, self._state)  # a routed method (WISE): its memory as edited
+        self.method.install(self.lm, self.hp, self._state)  # a routed method's memory (GRACE, WISE): evaluated next
         changed = {u.weight for u in ups}
         weights_copy = {name: w for name, w in before.items() if name in changed}
         for m, r in zip(metrics, chunk):
@@ -623,5 +627,5 @@ class BaseEditor:
 
 
 __all__ = ["BaseEditor", "HyperParams", "ROMEHyperParams", "MEMITHyperParams", "AlphaEditHyperParams",
-           "EMMETHyperParams", "R_ROMEHyperParams", "WISEHyperParams", "summary_metrics", "prepare_requests",
-           "edit_quality", "predictions"]
+           "EMMETHyperParams", "R_ROMEHyperParams", "GraceHyperParams", "WISEHyperParams", "summary_metrics",
+           "prepare_requests", "edit_quality", "predictions"]

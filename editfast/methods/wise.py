@@ -109,7 +109,8 @@ MERGES = ("ties", "magnitude_norm", "magnitude", "sign", "dare_ties", "dare_line
 @dataclass
 class WISEHyperParams(HParams):
     # the edited weight: "rewrite" (the MLP output projection) or a dotted name under the decoder
-    # layer; EasyEdit's inner_params (e.g. model.layers[27].mlp.down_proj.weight) sets both
+    # layer of ``layers`` (one layer); EasyEdit's inner_params (e.g. model.layers[27].mlp.down_proj.weight) sets both
+    layers: list[int] = field(default_factory=list)
     module: str = "rewrite"
     inner_params: list[str] | None = None
     edit_lr: float = 1.0
@@ -137,7 +138,6 @@ class WISEHyperParams(HParams):
         "densities": "> 0 and <= 1", "weights": "> 0", "objective_optimization": ("only_label",),
         "loc_tokens": ">= 1", "mask_seed": ">= 0",
     }
-    LAYERS_FROM: ClassVar[str | None] = "inner_params"
 
     def validate(self) -> None:
         if self.inner_params:  # EasyEdit's name of the edited weight decides the layer and the module

@@ -41,7 +41,7 @@ from editfast.core.compat import VERSION as __version__
 from editfast.core.errors import EditfastError, ModelError
 from editfast.core.paths import normal_permissions, write_json, write_text
 from editfast.data.requests import load_dataset
-from editfast.methods.registry import get_method
+from editfast.methods.registry import METHODS, get_method
 from editfast.models.load import ALIASES, load_model
 from editfast.models.update import LowRank, Update, weight_param
 from editfast.session.journal import RESULTS_FILE, Entry, load_run
@@ -271,6 +271,11 @@ def model_card(config: dict[str, Any], hparams: dict[str, Any] | None, edits: Se
             + (f", dataset {_cell(ds)}" if ds else "") + f". The base model's fingerprint is "
             f"`{str(config.get('model_fingerprint'))[:12]}` ({dtype}).",
             ""]
+    if not adapter and config.get("method") in METHODS and METHODS[config["method"]].routes:
+        body += [(f"{method} leaves the weights as they were: the edits are a memory (`routing.json`, "
+                  "`routing.safetensors`) that `editfast.load_model(DIR)` installs on the model. Plain transformers "
+                  "(`AutoModelForCausalLM.from_pretrained(DIR)`) loads the base model without it, i.e. unedited."),
+                 ""]
     if adapter:
         body += [f"LoRA rank {adapter['r']} on {len(adapter['target_modules'])} module(s) "
                  f"({', '.join(adapter['target_modules'])}); lora_alpha = r (scaling 1). Merged into the base "
