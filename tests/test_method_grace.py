@@ -84,7 +84,7 @@ def test_grace_efficacy_on_smollm2_weights_untouched(pristine):
     lm = pristine
     reqs = load_dataset("counterfact", 3)
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    s = EditSession(lm, "grace", reqs, batch_size=3, templates="fixed", overrides={"n_iter": 25}, progress=False)
+    s = EditSession(lm, "grace", reqs, batch_size=3, templates="fixed", progress=False)  # the preset: 10 steps
     try:
         res = s.run()
         pre, post = res.summary["pre"], res.summary["post"]

@@ -246,7 +246,7 @@ class Grace(Method):
         "gpt2-xl": {"layers": [35], "module": "mlp.c_fc", "edit_lr": 1.0, "n_iter": 200, "eps": 1.0},
         "gpt-j-6b": {"layers": [25], "module": "mlp.fc_out", "edit_lr": 1.0, "n_iter": 200, "eps": 1.0},
         "llama-2-7b": {"layers": [27], "module": "mlp.down_proj", "edit_lr": 1.0, "n_iter": 50, "eps": 1.0},
-        "smollm2-135m": {"layers": [25], "module": "mlp.down_proj", "edit_lr": 1.0, "n_iter": 50, "eps": 1.0},
+        "smollm2-135m": {"layers": [25], "module": "mlp.down_proj", "edit_lr": 1.0, "n_iter": 10, "eps": 1.0},
         "tiny": {"layers": [1], "module": "mlp.down_proj", "edit_lr": 1.0, "n_iter": 10, "eps": 1.0},
     }
     default_batch_size = 1  # the originals edit one request at a time
