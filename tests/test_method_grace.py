@@ -84,7 +84,7 @@ def test_grace_efficacy_on_smollm2_weights_untouched(pristine):
     lm = pristine
     reqs = load_dataset("counterfact", 3)
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    s = EditSession(lm, "grace", reqs, batch_size=3, templates="fixed", overrides={"n_iter": 25}, progress=False)
+    s = EditSession(lm, "grace", reqs, batch_size=3, templates="fixed", progress=False)  # the preset: 10 steps
     try:
         res = s.run()
         pre, post = res.summary["pre"], res.summary["post"]
@@ -109,7 +109,7 @@ def _same(a, b):
 
 def test_resume_and_undo_are_bit_identical(tiny, tmp_path):
     reqs = load_dataset("counterfact", 4)
-    kw = dict(batch_size=1, templates="fixed", evaluate=False, progress=False)
+    kw = {"batch_size": 1, "templates": "fixed", "evaluate": False, "progress": False}
     full = EditSession(tiny, "grace", reqs, out=tmp_path / "a", **{**kw, "evaluate": True}, eval_at=[0, 4])
     pts = full.run().curve["points"]  # the curve: zero drift of the routed module, the codebook's size
     assert [p["memory"]["keys"] for p in pts] == [0, len(full.state.tensors["codebook.keys"])]

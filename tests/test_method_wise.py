@@ -11,8 +11,9 @@ import yaml
 from helpers import KNOWN, assert_refused, run_cli
 
 from editfast.data.requests import Request, load_dataset
-from editfast.easyedit import WISEHyperParams
+from editfast.easyedit import BaseEditor, WISEHyperParams
 from editfast.eval.edit_metrics import edit_metrics
+from editfast.methods.base import State
 from editfast.methods.registry import METHODS, make_hparams, resolve_hparams
 from editfast.methods.wise import (
     WEIGHT_DECAY,
@@ -344,3 +345,57 @@ def test_efficacy_on_smollm2(pristine):
     print("pre", pre, "\npost", post)
     assert not pre["efficacy_success"] and post["efficacy_success"]
     assert all(torch.equal(v, before[k]) for k, v in lm.model.state_dict().items())
+
+
+@pytest.mark.parametrize("retrieve", [True, False])
+def test_shards_and_merges_float64(retrieve):
+    """After every save_freq edits W' joins the memories (WISE-Retrieve: with its smallest activation,
+    then none for the new shard); after every merge_freq the shards merge by TIES: Retrieve, the last
+    merge_freq/save_freq memories into one whose min is theirs; Merge, all memories into the merged
+    weight, weights/n each the first time, then 0.4/n each and 0.6 for the merged weight so far."""
+    hp = make_hparams("wise", {**WISE.presets["tiny"], "retrieve": retrieve, "densities": 0.5})  # shards 2, merge 4
+    base = randn(6, 5, seed=10)
+    sides = [base + randn(6, 5, seed=20 + i) for i in range(4)]
+    state = State()
+    for i, (w, a) in enumerate(zip(sides, [3.0, 2.0, 5.0, 4.0])):  # what edit() does after training
+        state.set("side", w)
+        prev = float(state.tensors.get("side_min", torch.tensor(1e9)))
+        state.set("side_min", torch.tensor(min(prev, a), dtype=D))
+        if (i + 1) % hp.save_freq == 0:
+            WISE._save_shard(state, hp, base)
+        if (i + 1) % hp.merge_freq == 0:
+            WISE._merge(state, hp, base, 1)
+    t = state.tensors
+    first = merge("ties", [0.5, 0.5], base, sides[1::2], 0.5)
+    assert torch.equal(t["side"], base)
+    if retrieve:
+        assert int(t["memories"]) == 1 and float(t["memory.0.min"]) == 2.0 and float(t["side_min"]) == 1e9
+        assert torch.allclose(t["memory.0"], first, rtol=1e-14, atol=0)
+        return
+    assert int(t["memories"]) == 0 and float(t["side_min"]) == 2.0  # WISE-Merge: the smallest of all edits
+    assert torch.allclose(t["merged"], first, rtol=1e-14, atol=0)
+    for w in sides[:2]:
+        state.set("side", w)
+        WISE._save_shard(state, hp, base)
+    WISE._merge(state, hp, base, 2)
+    want = merge("ties", [0.2, 0.2, 0.6], base, [sides[0], sides[1], first], 0.5)
+    assert torch.allclose(t["merged"], want, rtol=1e-14, atol=0)
+
+
+def test_easyedit_facade_runs_wise():
+    """EasyEdit's BaseEditor with WISEHyperParams: sequential edits leave the memory routed on the
+    model; an edit with sequential_edit=False is measured routed and then taken back (state and
+    route as before it)."""
+    hp = WISEHyperParams(alg_name="WISE", model_name="random:tiny-llama", n_iter=2, act_margin=[0.5, 2.0, 1.0],
+                         inner_params=["model.layers[2].mlp.down_proj.weight"], retrieve=True, replay=False)
+    ed = BaseEditor.from_hparams(hp)
+    _, model, _ = ed.edit(prompts=["Alice lives in", "Bob works for"], target_new=["Paris", "Google"],
+                          subject=["Alice", "Bob"], sequential_edit=True, verbose=False)
+    memory = routing.routes(model)["model.layers.2.mlp.down_proj"]
+    kept = {k: v.clone() for k, v in memory.tensors().items()}
+    assert int(ed._state.tensors["count"]) == 2
+    ed.edit(prompts=["Carol lives in"], target_new=["Oslo"], subject=["Carol"], sequential_edit=False, verbose=False)
+    assert int(ed._state.tensors["count"]) == 2
+    again = routing.routes(model)["model.layers.2.mlp.down_proj"].tensors()
+    assert kept.keys() == again.keys() and all(torch.equal(kept[k], again[k]) for k in kept)
+    routing.uninstall(model)

@@ -70,8 +70,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -95,7 +96,6 @@ class GraceHyperParams(HParams):
     layers: list[int] = field(default_factory=list)  # or named by inner_params
     module: str = "rewrite"
     inner_params: list[str] | None = None
-    LAYERS_FROM: ClassVar[str | None] = "inner_params"
     edit_lr: float = 1.0
     n_iter: int = 50
     eps: float = 1.0  # the initial deferral radius ε
@@ -238,15 +238,16 @@ def encode(tok, requests) -> _Batch:
 
 class Grace(Method):
     name = "grace"
-    summary = "a codebook of keys and values at one layer the model routes through, weights untouched (Hartvigsen et al., 2023)"
+    summary = ("a codebook of keys and values at one layer the model routes through, weights untouched "
+               "(Hartvigsen et al., 2023)")
     hparams_class = GraceHyperParams
-    presets = {
+    presets: ClassVar[dict] = {
         # EasyEdit's hparams/GRACE files (the authors' gpt2-xl config: the same layer, n_iter 100)
-        "gpt2-xl": dict(layers=[35], module="mlp.c_fc", edit_lr=1.0, n_iter=200, eps=1.0),
-        "gpt-j-6b": dict(layers=[25], module="mlp.fc_out", edit_lr=1.0, n_iter=200, eps=1.0),
-        "llama-2-7b": dict(layers=[27], module="mlp.down_proj", edit_lr=1.0, n_iter=50, eps=1.0),
-        "smollm2-135m": dict(layers=[25], module="mlp.down_proj", edit_lr=1.0, n_iter=50, eps=1.0),
-        "tiny": dict(layers=[1], module="mlp.down_proj", edit_lr=1.0, n_iter=10, eps=1.0),
+        "gpt2-xl": {"layers": [35], "module": "mlp.c_fc", "edit_lr": 1.0, "n_iter": 200, "eps": 1.0},
+        "gpt-j-6b": {"layers": [25], "module": "mlp.fc_out", "edit_lr": 1.0, "n_iter": 200, "eps": 1.0},
+        "llama-2-7b": {"layers": [27], "module": "mlp.down_proj", "edit_lr": 1.0, "n_iter": 50, "eps": 1.0},
+        "smollm2-135m": {"layers": [25], "module": "mlp.down_proj", "edit_lr": 1.0, "n_iter": 10, "eps": 1.0},
+        "tiny": {"layers": [1], "module": "mlp.down_proj", "edit_lr": 1.0, "n_iter": 10, "eps": 1.0},
     }
     default_batch_size = 1  # the originals edit one request at a time
     easyedit_alg = "GRACE"

@@ -40,9 +40,6 @@ class HParams:
     RANGES: ClassVar[dict[str, str | tuple[str, ...]]] = {"layers": ">= 0"}
     # Fields that name layers of the model (a list of layers, or one layer where -1 is the last).
     LAYER_KEYS: ClassVar[tuple[str, ...]] = ("layers",)
-    # A field that, when given, names the edited layers instead of ``layers`` (WISE's EasyEdit key
-    # ``inner_params``); ``validate`` then sets ``layers`` from it.
-    LAYERS_FROM: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
         self.validate()

@@ -60,10 +60,8 @@ def make_hparams(method: str, values: dict[str, Any]) -> HParams:
         raise HParamsError(
             f"hparams: unknown key(s) {', '.join(unknown)} for {method}; valid keys: {', '.join(names)}"
         )
-    if "layers" not in values:
-        if not (cls.LAYERS_FROM and values.get(cls.LAYERS_FROM)):
-            raise HParamsError("hparams: 'layers' is required")
-        values = {**values, "layers": []}  # validate sets them from LAYERS_FROM
+    if "layers" not in values and "inner_params" not in values:  # EasyEdit's inner_params name the layer (GRACE)
+        raise HParamsError("hparams: 'layers' is required")
     return cls(**values)  # types and ranges: HParams.validate
 
 
@@ -200,7 +198,7 @@ def resolve_hparams(method: str, spec: str, config: Any, overrides: dict[str, An
             ignored = [k for k in OPTION_KEYS if k in raw and k != "alg_name"]
         warn_ignored(ignored, str(file))
     values.update(overrides or {})
-    if "layers" not in values and not (m.hparams_class.LAYERS_FROM and values.get(m.hparams_class.LAYERS_FROM)):
+    if "layers" not in values and "inner_params" not in values:
         raise HParamsError(
             f"no {m.name} hparams preset for model {spec!r}; give --hparams FILE with at least 'layers' "
             f"(presets: {', '.join(p for p in m.presets if p != 'tiny')})"

@@ -53,14 +53,22 @@ Deviations, and why:
   original averages over padded positions too (its evaluation runs one example at a time, where
   both agree). Inference routes each row of a batch on its own (the original's ``.item()`` allows a
   batch of one), so the evaluation engine runs routed models batched.
+- The prompt (with the tokenizer's special tokens) and " " + target (without) are tokenised apart and
+  joined; the original tokenises "prompt target" as one string (the same tokens for a BPE whose
+  words carry their leading space, as SmolLM2's and Llama's).
+- The evaluation engine scores a sequence as context + continuation without its last token (that
+  token predicts nothing), so Δ at evaluation leaves it out; EasyEdit's teacher-forced evaluation
+  feeds it too.
 - The evaluation-time merge of the original's WISE-Merge ``__call__`` (an unfinished shard merged in
   when the model is next called) is not done: evaluating never changes the state.
 - Masks and DARE's random drops come from a generator seeded by ``mask_seed`` and the shard (or
   merge) number, not numpy's global state, so resume and undo are exact.
 - A bias of the edited module (GPT-J's ``fc_out``) is added to the side memory's output too (the
   original drops it for every family but GPT-2).
-- Not implemented (refused, one line): ``replay`` (the paper's Appendix B.3), ``use_chat_template``,
-  ``slerp``, the subject-masked ("factual editing") activation loss, batches of more than one edit.
+- Not implemented: ``replay`` (the paper's Appendix B.3), ``use_chat_template`` and ``slerp`` (each
+  refused in one line); the subject-masked ("factual editing") activation loss, which the original
+  takes when the loc prompt is the request's subject (never here: the loc text is another request's);
+  EasyEdit's batch editing (``max_batch_size`` 1: one edit per batch, as its sequential editing).
 
 State (``State.tensors``, journaled by the session): ``side`` (W'), ``mask``, ``count`` (edits so
 far), ``side_min`` (the shard's smallest recorded activation, 1e9 when none), ``memories`` (their
@@ -109,7 +117,8 @@ MERGES = ("ties", "magnitude_norm", "magnitude", "sign", "dare_ties", "dare_line
 @dataclass
 class WISEHyperParams(HParams):
     # the edited weight: "rewrite" (the MLP output projection) or a dotted name under the decoder
-    # layer; EasyEdit's inner_params (e.g. model.layers[27].mlp.down_proj.weight) sets both
+    # layer of ``layers`` (one layer); EasyEdit's inner_params (e.g. model.layers[27].mlp.down_proj.weight) sets both
+    layers: list[int] = field(default_factory=list)
     module: str = "rewrite"
     inner_params: list[str] | None = None
     edit_lr: float = 1.0
@@ -137,7 +146,6 @@ class WISEHyperParams(HParams):
         "densities": "> 0 and <= 1", "weights": "> 0", "objective_optimization": ("only_label",),
         "loc_tokens": ">= 1", "mask_seed": ">= 0",
     }
-    LAYERS_FROM: ClassVar[str | None] = "inner_params"
 
     def validate(self) -> None:
         if self.inner_params:  # EasyEdit's name of the edited weight decides the layer and the module

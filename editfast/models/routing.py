@@ -353,13 +353,14 @@ def load(model: nn.Module, folder: str | Path) -> bool:
     doc_file = folder / ROUTING_FILE
     if not doc_file.is_file():
         return False
+    where = f"the routing memory in {str(folder)!r} ({ROUTING_FILE}, {MEMORY_FILE})"
     try:
         doc = json.loads(doc_file.read_text())
-        assert isinstance(doc, dict) and doc.get("format") == FORMAT and isinstance(doc.get("routes"), dict)
         tensors = load_file(str(folder / MEMORY_FILE))
-    except (OSError, ValueError, AssertionError, SafetensorError) as e:
-        raise ModelError(f"cannot read the routing memory in {str(folder)!r} ({ROUTING_FILE}, {MEMORY_FILE}): "
-                         f"{str(e).splitlines()[0] if str(e) else 'not editfast routing format ' + str(FORMAT)}") from None
+    except (OSError, ValueError, SafetensorError) as e:
+        raise ModelError(f"cannot read {where}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+    if not (isinstance(doc, dict) and doc.get("format") == FORMAT and isinstance(doc.get("routes"), dict)):
+        raise ModelError(f"cannot read {where}: {ROUTING_FILE} is not editfast's routing format {FORMAT}")
     built = {}
     for name, spec in doc["routes"].items():
         kind = spec.get("kind") if isinstance(spec, dict) else None

@@ -333,9 +333,10 @@ def model_card(config: dict[str, Any], hparams: dict[str, Any] | None, edits: Se
             f"`{str(config.get('model_fingerprint'))[:12]}` ({dtype}).",
             ""]
     if not adapter and config.get("method") in METHODS and METHODS[config["method"]].routes:
-        body += [f"{method} leaves the weights as they were: the edits are a memory (`routing.json`, "
-                 "`routing.safetensors`) that `editfast.load_model(DIR)` installs on the model. Plain transformers "
-                 "(`AutoModelForCausalLM.from_pretrained(DIR)`) loads the base model without it, i.e. unedited.", ""]
+        body += [(f"{method} leaves the weights as they were: the edits are a memory (`routing.json`, "
+                  "`routing.safetensors`) that `editfast.load_model(DIR)` installs on the model. Plain transformers "
+                  "(`AutoModelForCausalLM.from_pretrained(DIR)`) loads the base model without it, i.e. unedited."),
+                 ""]
     if adapter:
         body += [f"LoRA rank {adapter['r']} on {len(adapter['target_modules'])} module(s) "
                  f"({', '.join(adapter['target_modules'])}); lora_alpha = r (scaling 1). On the base model it is "
