@@ -68,6 +68,7 @@ from editfast.session.journal import (
 )
 
 CURVE_FILE = "curve.json"
+PLOT_EVERY_S = 60.0  # curve.png redrawn at a checkpoint at most this often; always at the end
 
 
 def requests_digest(requests: Sequence[Request]) -> str:
@@ -203,11 +204,12 @@ class EditResult:
         return out
 
 
-def write_curve(out: Path, curve: dict) -> None:
-
+def write_curve(out: Path, curve: dict, plot: bool = True) -> None:
+    """curve.json, and (``plot``) its figure curve.png."""
     write_json(out / CURVE_FILE, curve)
-    with atomic_path(out / "curve.png") as tmp:
-        plot_curve(curve, tmp)
+    if plot:
+        with atomic_path(out / "curve.png") as tmp:
+            plot_curve(curve, tmp)
 
 
 class EditSession:
@@ -281,6 +283,7 @@ class EditSession:
             "eval_limits": eval_limits or {}, "eval_at": self.checkpoints, "edit_metrics": evaluate,
             "fluency": fluency, "versions": versions(lm.device),
         }
+        self._plotted = time.monotonic()  # curve.png: last drawn (the start counts: a short run draws it once, at its end)
         self.curve = {"label": label or f"{self.method.name} · {self.batch_size} per batch", "model": lm.spec,
                       "method": self.method.name, "batch_size": self.batch_size, "points": []}
         self.timings: dict[str, Any] = {"batches": []}
@@ -417,8 +420,12 @@ class EditSession:
         point["eval_s"] = time.perf_counter() - t
         point["eval_s_by"] = by
         self.curve["points"].append(point)
-        if self.out is not None:
-            write_curve(self.out, self.curve)
+        if self.out is not None:  # the figure at most once a minute while the run goes on (drawing it costs
+            # more than a small run's checkpoint); the run's end draws it whatever the time
+            plot = time.monotonic() - self._plotted >= PLOT_EVERY_S
+            write_curve(self.out, self.curve, plot)
+            if plot:
+                self._plotted = time.monotonic()
         return point
 
     # ---------------------------------------------------------------- the run
