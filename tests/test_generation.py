@@ -105,11 +105,17 @@ def test_session_measures_fluency_per_fact_and_at_checkpoints(pristine_tiny, tmp
     assert res.summary["post"]["fluency"] == pytest.approx(np.mean([r["post"]["fluency"] for r in res.per_request]))
 
 
-def test_fluency_refused_without_generation_prompts(tmp_path, capsys):
+def test_fluency_refused_without_generation_prompts_and_consistency_refused(tmp_path, capsys):
     out = tmp_path / "o"
-    assert_refused(["edit", "--method", "memit", "--n", "2", "--dataset", "zsre", "--fluency", "--out", str(out),
-                    "--model", "random:tiny-llama", "--quiet"], capsys, "zsre", "generation prompts",
-                   "--dataset counterfact", absent=[out])
+    tiny = ["--out", str(out), "--model", "random:tiny-llama", "--quiet"]
+    assert_refused(["edit", "--method", "memit", "--n", "2", "--dataset", "zsre", "--fluency", *tiny], capsys, "zsre",
+                   "generation prompts", "--dataset counterfact", absent=[out])
+    assert_refused(["edit", "--method", "memit", "--n", "2", "--consistency", *tiny], capsys, "attribute_snippets.json",
+                   "idf", absent=[out])
+    study = tmp_path / "s.yaml"
+    study.write_text("dataset: counterfact\neval: {consistency: true}\nruns: [{name: r, method: rome, setting: "
+                     "sequential, n: 1}]\n")
+    assert_refused(["study", str(study), *tiny[:2], "--quiet"], capsys, "consistency", absent=[out])
 
 
 def test_fluency_in_the_tables():

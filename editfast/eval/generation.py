@@ -157,6 +157,12 @@ def fluency_per_request(engine: Engine, requests: Sequence[Request], seed: int) 
     return [sum(by[i]) / len(by[i]) if i in by else None for i in range(len(requests))]
 
 
+CONSISTENCY_MISSING = (
+    "consistency (TF-IDF similarity of generated text to Wikipedia snippets about the new object) needs ROME's "
+    "attribute_snippets.json and its IDF table (idf.npy, tfidf_vocab.json), which editfast does not have (they "
+    "could not be obtained; docs/evaluation.md); fluency is measured with --fluency")
+
+
 def check_generation_prompts(requests: Sequence[Request], dataset: str | None) -> None:
     """Refuse fluency for requests none of which has generation prompts, unless the dataset is
     CounterFact in EasyEdit's schema (its checkpoints measure the probe set)."""

@@ -32,7 +32,7 @@ from editfast.core.paths import write_json, write_text
 from editfast.data.requests import dataset_names, load_dataset
 from editfast.eval.edit_metrics import headline_edit_metric
 from editfast.eval.evaluator import Evaluator
-from editfast.eval.generation import check_generation_prompts
+from editfast.eval.generation import CONSISTENCY_MISSING, check_generation_prompts
 from editfast.eval.tasks import resolve_tasks
 from editfast.methods.registry import METHODS
 from editfast.models.load import load_model
@@ -42,7 +42,7 @@ from editfast.session.session import EditSession
 
 TOP_KEYS = {"name", "model", "dataset", "offset", "seed", "templates", "dtype", "device", "eval", "runs", "profiles",
             "description"}
-EVAL_KEYS = {"tasks", "protocols", "limit", "limits", "thresholds", "edit_metrics", "fluency"}
+EVAL_KEYS = {"tasks", "protocols", "limit", "limits", "thresholds", "edit_metrics", "fluency", "consistency"}
 RUN_KEYS = {"name", "method", "setting", "n", "batch_size", "eval_at", "sizes", "batches", "hparams", "label"}
 SETTINGS = ("sequential", "batch", "batches")
 
@@ -93,6 +93,8 @@ def load_study(path: str | Path, profile: str | None = None) -> dict[str, Any]:
     _unknown("eval", ev, EVAL_KEYS)
     if ev.get("tasks"):
         resolve_tasks(ev["tasks"])
+    if ev.get("consistency"):
+        raise EditfastError(f"study eval: {CONSISTENCY_MISSING}")
     runs = doc.get("runs")
     if not runs:
         raise EditfastError("study: 'runs' must list at least one run")
