@@ -142,7 +142,8 @@ def probe(tokenizer, seed: int, records: int = PROBE_RECORDS) -> GenerationProbe
     """The fixed probe set a checkpoint measures fluency on: the generation prompts (10 each) of the
     first ``records`` records of the full-schema CounterFact file, the same at every checkpoint."""
     reqs = load_dataset(PROBE_DATASET, records)
-    name = f"{PROBE_DATASET} records 1-{records} (case_ids {', '.join(str(r.case_id) for r in reqs)}): " \
+    which = "record 1 (case_id" if records == 1 else f"records 1-{records} (case_ids"
+    name = f"{PROBE_DATASET} {which} {', '.join(str(r.case_id) for r in reqs)}): " \
            f"{sum(len(r.generation_prompts) for r in reqs)} generation prompts"
     return GenerationProbe(tokenizer, reqs, seed, name)
 
