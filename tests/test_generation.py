@@ -93,7 +93,7 @@ def test_session_measures_fluency_per_fact_and_at_checkpoints(pristine_tiny, tmp
     for p in pts:
         g = p["generation"]
         assert set(g) - {"cached"} == {"fluency", "fluency_stderr", "n", "prompts", "seconds"} and g["n"] == 10
-        assert g["prompts"] == pts[0]["generation"]["prompts"] and "case_ids 20952" in g["prompts"]
+        assert g["prompts"] == pts[0]["generation"]["prompts"] and "record 1 (case_id 20952)" in g["prompts"]
         assert set(p["eval_s_by"]) == {"edit_metrics", "generation"}
     # the probe's one record is the first request, sampled with the same seeds: the same texts at 0 edits
     assert pts[0]["generation"]["fluency"] == pytest.approx(want[0], rel=1e-12)

@@ -132,9 +132,10 @@ class GenerationProbe:
 
     def cache_file(self, lm) -> Path:
         """Where the measurement of ``lm``'s unedited weights is kept: keyed by the weights'
-        fingerprint, dtype, device, and everything that decides the texts (prompts, seeds, lengths)."""
-        key = json.dumps([lm.fingerprint, str(lm.dtype), lm.device.type, [(s.prompt, s.seed, s.max_new_tokens, s.top_k)
-                                                                          for s in self.samples]])
+        fingerprint, dtype, device, the probe's name and everything that decides the texts (prompts,
+        seeds, lengths)."""
+        key = json.dumps([lm.fingerprint, str(lm.dtype), lm.device.type, self.name,
+                          [(s.prompt, s.seed, s.max_new_tokens, s.top_k) for s in self.samples]])
         return cache_dir() / "eval" / f"fluency-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
 
 
