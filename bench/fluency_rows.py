@@ -22,15 +22,16 @@ from editfast.eval.generation import ngram_entropy, probe, texts
 from editfast.models.load import load_model
 
 
-def fluency_rows(model: str, quick: bool, device: str, dtype: str) -> list[dict]:
+def fluency_rows(model: str, quick: bool, device: str, dtype: str, records: int | None = None) -> list[dict]:
     lm = load_model(model, device=device, dtype=dtype)
-    records = 2 if quick else 5
+    records = records or (2 if quick else 5)
     gp = probe(lm.tokenizer, seed=0, records=records)
     eng = Engine(lm, progress=False)
     texts(eng, gp.samples[:2])  # warm: threads up, kernels chosen
     t = time.perf_counter()
     one_by_one = [texts(eng, [s])[0] for s in gp.samples]
     base_s = time.perf_counter() - t
+    print(f"one prompt after another: {base_s:.1f} s", file=sys.stderr, flush=True)
     t = time.perf_counter()
     batched = texts(eng, gp.samples)
     fast_s = time.perf_counter() - t
@@ -47,6 +48,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--records", type=int, default=None, help="probe records (10 prompts each)")
     args = ap.parse_args()
-    for r in fluency_rows(args.model, args.quick, "cpu", "float32"):
+    for r in fluency_rows(args.model, args.quick, "cpu", "float32", args.records):
         print(r)

@@ -93,7 +93,7 @@ def test_session_measures_fluency_per_fact_and_at_checkpoints(pristine_tiny, tmp
     for p in pts:
         g = p["generation"]
         assert set(g) - {"cached"} == {"fluency", "fluency_stderr", "n", "prompts", "seconds"} and g["n"] == 10
-        assert g["prompts"] == pts[0]["generation"]["prompts"] and "case_ids 20952" in g["prompts"]
+        assert g["prompts"] == pts[0]["generation"]["prompts"] and "record 1 (case_id 20952)" in g["prompts"]
         assert set(p["eval_s_by"]) == {"edit_metrics", "generation"}
     # the probe's one record is the first request, sampled with the same seeds: the same texts at 0 edits
     assert pts[0]["generation"]["fluency"] == pytest.approx(want[0], rel=1e-12)
@@ -105,11 +105,17 @@ def test_session_measures_fluency_per_fact_and_at_checkpoints(pristine_tiny, tmp
     assert res.summary["post"]["fluency"] == pytest.approx(np.mean([r["post"]["fluency"] for r in res.per_request]))
 
 
-def test_fluency_refused_without_generation_prompts(tmp_path, capsys):
+def test_fluency_refused_without_generation_prompts_and_consistency_refused(tmp_path, capsys):
     out = tmp_path / "o"
-    assert_refused(["edit", "--method", "memit", "--n", "2", "--dataset", "zsre", "--fluency", "--out", str(out),
-                    "--model", "random:tiny-llama", "--quiet"], capsys, "zsre", "generation prompts",
-                   "--dataset counterfact", absent=[out])
+    tiny = ["--out", str(out), "--model", "random:tiny-llama", "--quiet"]
+    assert_refused(["edit", "--method", "memit", "--n", "2", "--dataset", "zsre", "--fluency", *tiny], capsys, "zsre",
+                   "generation prompts", "--dataset counterfact", absent=[out])
+    assert_refused(["edit", "--method", "memit", "--n", "2", "--consistency", *tiny], capsys, "attribute_snippets.json",
+                   "idf", absent=[out])
+    study = tmp_path / "s.yaml"
+    study.write_text("dataset: counterfact\neval: {consistency: true}\nruns: [{name: r, method: rome, setting: "
+                     "sequential, n: 1}]\n")
+    assert_refused(["study", str(study), *tiny[:2], "--quiet"], capsys, "consistency", absent=[out])
 
 
 def test_fluency_in_the_tables():

@@ -25,9 +25,10 @@ from editfast.cli.options import (
 )
 from editfast.cli.shared import join_ranks, preflight, save_model_to
 from editfast.core.distributed import agree, launched, rank_out
+from editfast.core.errors import EditfastError
 from editfast.data.requests import dataset_schema, default_dataset, load_dataset
 from editfast.eval.edit_metrics import headline_edit_metric
-from editfast.eval.generation import check_generation_prompts
+from editfast.eval.generation import CONSISTENCY_MISSING, check_generation_prompts
 from editfast.eval.runner import EvalResult, markdown_table, write_report
 from editfast.eval.tasks import resolve_tasks
 from editfast.methods.hparams import parse_overrides
@@ -169,12 +170,15 @@ def curve_table(curve: dict) -> str:
               help="Also measure CounterFact's fluency (ROME's n-gram entropy of top-k samples of the generation "
                    "prompts): per edited fact before and after, and at every --eval-at checkpoint on a fixed probe "
                    "set (the generation prompts of the first 10 full-schema records).")
+@click.option("--consistency", is_flag=True,
+              help="CounterFact's consistency: not available (ROME's attribute snippets and IDF table cannot be had "
+                   "here); refused.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out (same options).")
 @force_option
 @quiet_option
 def edit_cmd(method, n, model, dataset, offset, batch_size, seed, out, save_model, hparams_file, sets, rect,
              norm_anchor, mend_dir, templates, dtype, device, max_memory, no_eval, eval_tasks, eval_limit, eval_at,
-             protocol, fluency, resume, force, quiet):
+             protocol, fluency, consistency, resume, force, quiet):
     """Apply N edits from a dataset in sequential batches; report efficacy, paraphrase and neighbourhood
     scores, and with --eval-at the curve of abilities against the number of edits."""
     if n < 1:
@@ -191,6 +195,8 @@ def edit_cmd(method, n, model, dataset, offset, batch_size, seed, out, save_mode
     overrides = parse_overrides(sets)
     overrides.update(post_processes(method, rect, norm_anchor))
     overrides.update(trained_network(method, mend_dir))
+    if consistency:
+        raise EditfastError(CONSISTENCY_MISSING)
     requests = load_dataset(dataset, n, offset=offset)
     if fluency:
         check_generation_prompts(requests, str(dataset))  # before the model loads

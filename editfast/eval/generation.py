@@ -132,9 +132,10 @@ class GenerationProbe:
 
     def cache_file(self, lm) -> Path:
         """Where the measurement of ``lm``'s unedited weights is kept: keyed by the weights'
-        fingerprint, dtype, device, and everything that decides the texts (prompts, seeds, lengths)."""
-        key = json.dumps([lm.fingerprint, str(lm.dtype), lm.device.type, [(s.prompt, s.seed, s.max_new_tokens, s.top_k)
-                                                                          for s in self.samples]])
+        fingerprint, dtype, device, the probe's name and everything that decides the texts (prompts,
+        seeds, lengths)."""
+        key = json.dumps([lm.fingerprint, str(lm.dtype), lm.device.type, self.name,
+                          [(s.prompt, s.seed, s.max_new_tokens, s.top_k) for s in self.samples]])
         return cache_dir() / "eval" / f"fluency-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
 
 
@@ -142,7 +143,8 @@ def probe(tokenizer, seed: int, records: int = PROBE_RECORDS) -> GenerationProbe
     """The fixed probe set a checkpoint measures fluency on: the generation prompts (10 each) of the
     first ``records`` records of the full-schema CounterFact file, the same at every checkpoint."""
     reqs = load_dataset(PROBE_DATASET, records)
-    name = f"{PROBE_DATASET} records 1-{records} (case_ids {', '.join(str(r.case_id) for r in reqs)}): " \
+    which = "record 1 (case_id" if records == 1 else f"records 1-{records} (case_ids"
+    name = f"{PROBE_DATASET} {which} {', '.join(str(r.case_id) for r in reqs)}): " \
            f"{sum(len(r.generation_prompts) for r in reqs)} generation prompts"
     return GenerationProbe(tokenizer, reqs, seed, name)
 
@@ -155,6 +157,12 @@ def fluency_per_request(engine: Engine, requests: Sequence[Request], seed: int) 
     for i, text in zip(got.owner, got.texts):
         by.setdefault(i, []).append(ngram_entropy(text))
     return [sum(by[i]) / len(by[i]) if i in by else None for i in range(len(requests))]
+
+
+CONSISTENCY_MISSING = (
+    "consistency (TF-IDF similarity of generated text to Wikipedia snippets about the new object) needs ROME's "
+    "attribute_snippets.json and its IDF table (idf.npy, tfidf_vocab.json), which editfast does not have (they "
+    "could not be obtained; docs/evaluation.md); fluency is measured with --fluency")
 
 
 def check_generation_prompts(requests: Sequence[Request], dataset: str | None) -> None:

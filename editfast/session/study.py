@@ -37,7 +37,7 @@ from editfast.core.errors import EditfastError
 from editfast.core.paths import write_json, write_text
 from editfast.data.requests import dataset_names, load_dataset
 from editfast.eval.edit_metrics import headline_edit_metric
-from editfast.eval.generation import check_generation_prompts
+from editfast.eval.generation import CONSISTENCY_MISSING, check_generation_prompts
 from editfast.eval.runner import PROTOCOLS
 from editfast.eval.tasks import resolve_tasks
 from editfast.methods.registry import METHODS, get_method
@@ -49,7 +49,7 @@ from editfast.session.session import EditSession, parse_checkpoints
 
 TOP_KEYS = {"name", "model", "dataset", "offset", "seed", "templates", "dtype", "device", "eval", "runs", "profiles",
             "description"}
-EVAL_KEYS = {"tasks", "protocols", "limit", "limits", "thresholds", "edit_metrics", "fluency"}
+EVAL_KEYS = {"tasks", "protocols", "limit", "limits", "thresholds", "edit_metrics", "fluency", "consistency"}
 RUN_KEYS = {"name", "method", "setting", "n", "batch_size", "eval_at", "sizes", "batches", "hparams", "label",
             "protocols"}
 SETTINGS = ("sequential", "batch", "batches")
@@ -110,6 +110,10 @@ def check_eval(ev: Any) -> None:
     if not isinstance(ev, dict):
         raise EditfastError(f"study eval: must be a mapping, got {ev!r}")
     _unknown("eval", ev, EVAL_KEYS)
+    if ev.get("consistency"):
+        raise EditfastError(f"study eval: {CONSISTENCY_MISSING}")
+    if not isinstance(ev.get("fluency", False), bool):
+        raise EditfastError(f"study eval: fluency must be true or false, got {ev['fluency']!r}")
     names: list[str] = []
     if ev.get("tasks") is not None:
         _str("eval", "tasks", ev["tasks"])
