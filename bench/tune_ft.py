@@ -1,16 +1,19 @@
-"""Choose FT-L's and FT-M's SmolLM2 presets on held-out facts: a small grid over layer, lr and ε.
+"""Choose FT-L's and FT-M's SmolLM2 presets on held-out facts: a small grid over layer and ε.
 
 Facts: ``counterfact-full`` records outside the bundled 500 (so never the efficacy test's ten) whose
-true object SmolLM2 predicts greedily (``tune_preset.known_facts``). Each configuration edits them
-one at a time (the methods' default batch of 1) in one sequential session per ``--group`` facts,
-each session from the unedited model, and reports the edit metrics of all of them after each
-session's last edit:
+true object SmolLM2 predicts greedily (``tune_preset.known_facts``), after the first ``--skip``. Each
+configuration edits them one at a time (the methods' default batch of 1) in one sequential session
+per ``--group`` facts, each session from the unedited model, and reports the edit metrics of all of
+them after each session's last edit. The runs behind the presets (docs/methods.md has the table;
+each configuration was also run as its own process, as here):
 
-    python bench/tune_ft.py --method ft-l --facts 10 --group 5
-    python bench/tune_ft.py --method ft-m --facts 10 --group 5
+    python bench/tune_ft.py --method ft-l --facts 4 --group 4 --grid "layers=[0]" "norm_constraint=5e-4;2e-3;1e-2"
+    python bench/tune_ft.py --method ft-m --facts 4 --group 4 --grid "layers=[0];[5];[10]" "norm_constraint=false"
+    python bench/tune_ft.py --method ft-l --skip 4 --facts 8 --group 8 --grid "layers=[0]" \
+        "norm_constraint=5e-4;2e-3;5e-3;1e-2"
+    python bench/tune_ft.py --method ft-m --skip 4 --facts 8 --group 8 --grid "layers=[0];[5];[20]" "norm_constraint=false"
 
-Grid values are ``key=v1,v2`` items (``--grid layers=[0],[5] lr=5e-4``), every combination run.
-"""
+Grid values are ``key=v1;v2`` items (each value YAML), every combination run."""
 
 from __future__ import annotations
 

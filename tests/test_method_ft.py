@@ -150,7 +150,7 @@ def test_edit_leaves_weights_and_gradient_flags(tiny):
 @pytest.mark.parametrize("method", ["ft-l", "ft-m"])
 def test_resume_and_undo_are_bit_identical(tiny, tmp_path, monkeypatch, method):
     reqs = load_dataset("counterfact", 6)
-    kw = dict(batch_size=2, evaluate=False, progress=False, overrides={"num_steps": 4})
+    kw = dict(batch_size=2, evaluate=False, progress=False, overrides={"num_steps": 2})
     full = EditSession(tiny, method, reqs, **kw)
     base = full.base
     full.run()
