@@ -67,13 +67,21 @@ def test_the_fingerprint_follows_the_weights(pristine_tiny):
         apply_update(lm, a)
         apply_update(lm, LowRank(a.weight, a.U * float("inf"), a.V))
     assert lm.weights_fingerprint == base
-    restore(lm, {a.weight: saved[a.weight].clone()})  # tensors from elsewhere: a change of their own
+    restore(lm, {a.weight: saved[a.weight] + 1})  # tensors from elsewhere: a change of their own
     assert lm.edited
-    restore(lm, saved)
+    lm.model.get_parameter(a.weight).data.copy_(saved[a.weight])  # written back outside editfast: its loaded
+    assert not lm.edited and lm.weights_fingerprint == base       # content again, so unchanged
+    apply_update(lm, a)
+    state = lm.model.state_dict()
+    state[a.weight] = saved[a.weight]
+    lm.model.load_state_dict(state)  # the way tests and EasyEdit-style code put weights back
+    assert not lm.edited
     lm.advance("model.layers.1.mlp#grace", "state-digest")  # a routed method installs a module
     assert lm.weights_fingerprint not in (base, after_a)
     restore(lm, saved)  # a snapshot of weights does not undo an installed module
     assert lm.edited
+    del lm.changes["model.layers.1.mlp#grace"]  # the routed method removes its module: the chain it found
+    assert lm.weights_fingerprint == base
 
 
 def test_update_digests_name_kind_weight_scale_and_content():

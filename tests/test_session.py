@@ -50,7 +50,8 @@ def test_undo_replays_exactly(pristine):
     s = session(lm, n=2)
     s.run()
     after2 = weights(lm, s.sites)
-    restore(lm, s.base)  # the base weights and their identity
+    for k, v in s.base.items():
+        lm.model.get_parameter(k).data.copy_(v)
     s2 = session(lm, n=6)  # the same first two requests, then four more, from the base
     s2.run()
     s2.undo(2)
@@ -117,7 +118,8 @@ def test_torn_tail_dropped_and_replayed(pristine, tmp_path):
     s = session(lm, n=4, out=out)
     s.run()
     full = weights(lm, s.sites)
-    restore(lm, s.base)  # the base weights and their identity
+    for k, v in s.base.items():
+        lm.model.get_parameter(k).data.copy_(v)
     last = Journal(out).path(1)
     last.write_bytes(last.read_bytes()[:100])  # torn by a crash
     (out / "journal" / ".batch-000002.safetensors.tmp").write_bytes(b"half")
@@ -134,7 +136,7 @@ def test_resume_refuses_a_different_run(pristine, tmp_path):
     out = tmp_path / "run"
     s = session(pristine, n=2, out=out)
     s.run()
-    restore(pristine, s.base)
+    restore(pristine, s.base)  # --resume replays onto the base weights
     with pytest.raises(EditfastError, match="batch_size"):
         session(pristine, n=2, batch_size=1, out=out).run(resume=True)
     with pytest.raises(EditfastError, match="dataset"):

