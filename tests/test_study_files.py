@@ -155,3 +155,16 @@ def test_report_time_and_fluency_from_the_points():
     assert time[2] == ("| session | estimate | measured | editing | of it targets | edit metrics | rte | generation "
                        "| weights, other |")
     assert time[4] == "| memit | 50 | 61 | 30 | 25 | 1 | 8 | 10 | 1 |"
+
+
+def test_run_study_api_checks_every_run_before_writing(tmp_path):
+    """The library path (no CLI preflight): a later run's layers beyond the model refused after the
+    model loads, before anything is written."""
+    from editfast.core.errors import EditfastError
+    from editfast.session.study import load_study, run_study
+
+    f = tmp_path / "s.yaml"
+    f.write_text(SMALL.replace("sizes: [1]}", "sizes: [1], hparams: {layers: [9]}}"))
+    with pytest.raises(EditfastError, match="memit-batch.*layers"):
+        run_study(load_study(f), tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()

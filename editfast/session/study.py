@@ -40,7 +40,8 @@ from editfast.eval.edit_metrics import headline_edit_metric
 from editfast.eval.generation import CONSISTENCY_MISSING, check_generation_prompts
 from editfast.eval.runner import PROTOCOLS
 from editfast.eval.tasks import resolve_tasks
-from editfast.methods.registry import METHODS, get_method
+from editfast.methods.hparams import check_layers
+from editfast.methods.registry import METHODS, get_method, resolve_hparams
 from editfast.models.load import load_model
 from editfast.models.update import restore
 from editfast.session.curves import plot_study, study_tasks, task_result
@@ -342,10 +343,17 @@ def run_study(study: dict, out: str | Path, progress: bool = True, resume: bool 
     plan = [(r, s) for r in study["runs"] for s in sessions_of(r)]
     if requests is None:
         requests = check_study(study)
-    out.mkdir(parents=True, exist_ok=True)
-    _record(out, study)
     lm = load_model(study.get("model", "smollm2-135m"), dtype=study.get("dtype", "float32"),
                     device=study.get("device", "cpu"))
+    for r in study["runs"]:  # every run's hyper-parameters against the model, before any session writes
+        try:
+            hp = resolve_hparams(r["method"], lm.spec, lm.model.config, r.get("hparams"))
+            hp.check_modules(lm.adapter)
+            check_layers(hp, lm.adapter.num_layers(lm.model))
+        except EditfastError as e:
+            raise EditfastError(f"study run {r['name']!r}: {e}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    _record(out, study)
     evals = evaluators(lm, study, progress)
     estimates = plan_study(study, lm, requests, evals, progress) if estimate else None
     templates: dict[str, list] = {}  # per method: generated once, shared by its sessions
