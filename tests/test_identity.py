@@ -13,6 +13,8 @@ from editfast.data.requests import load_dataset
 from editfast.eval.evaluator import Evaluator
 from editfast.methods.locate_then_edit import stats
 from editfast.methods.registry import make_hparams
+from editfast.cli.shared import save_model_to
+from editfast.models import routing
 from editfast.models.load import load_model
 from editfast.models.update import (
     Dense,
@@ -82,6 +84,31 @@ def test_the_fingerprint_follows_the_weights(pristine_tiny):
     assert lm.edited
     del lm.changes["model.layers.1.mlp#grace"]  # the routed method removes its module: the chain it found
     assert lm.weights_fingerprint == base
+
+
+def test_a_routed_memory_is_part_of_the_identity(pristine_tiny, tmp_path):
+    """GRACE/WISE leave the weights as they were: whatever routes the model through a memory (a session,
+    the facade, ``eval --edits``) changes its identity, with nobody calling ``advance``; a saved routed
+    model loads as its own, unedited."""
+    lm = pristine_tiny
+    base = lm.weights_fingerprint
+    name = "model.layers.1.mlp.down_proj"
+    d_in, d_out = lm.model.get_submodule(name).in_features, lm.model.get_submodule(name).out_features
+    g = torch.Generator().manual_seed(0)
+    book = routing.Codebook(torch.randn(3, d_in, generator=g), torch.randn(3, d_out, generator=g), torch.ones(3))
+    try:
+        routing.install(lm.model, name, book)
+        one = lm.weights_fingerprint
+        assert lm.edited and one != base
+        book.values[0] += 1  # the memory trained further: another model
+        assert lm.weights_fingerprint not in (base, one)
+        save_model_to(lm, tmp_path)
+    finally:
+        routing.uninstall(lm.model)
+    assert lm.weights_fingerprint == base and not lm.edited
+    again = load_model(str(tmp_path / "model"))
+    assert routing.routes(again.model) and not again.edited  # as loaded: its fingerprint covers its memory
+    assert again.weights_fingerprint == again.fingerprint != base
 
 
 def test_update_digests_name_kind_weight_scale_and_content():

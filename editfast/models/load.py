@@ -117,6 +117,16 @@ class LoadedModel:
     changes: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
     # per weight editfast changed: the sha256 of its content before the first change (as loaded)
     base_digests: dict[str, str] = field(default_factory=dict, repr=False)
+    # the digest of the memories the model routed through as loaded (a saved GRACE/WISE model's): a
+    # route installed, changed or removed since is a change of the model (``routing.digest``)
+    base_routes: str | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        self.base_routes = routing.digest(self.model)
+
+    def _routes_changed(self) -> str | None:
+        now = routing.digest(self.model)
+        return now if now != self.base_routes else None
 
     @property
     def weights_fingerprint(self) -> str:
@@ -127,16 +137,18 @@ class LoadedModel:
         loaded content again (restored by any means, ``load_state_dict`` too) counts as unchanged:
         reading this hashes the changed weights, never the others."""
         self._settle()
-        if not self.changes:
+        routes = self._routes_changed()
+        if not self.changes and routes is None:
             return self.fingerprint
-        doc = json.dumps([self.fingerprint, sorted([k, list(v)] for k, v in self.changes.items())])
+        doc = json.dumps([self.fingerprint, sorted([k, list(v)] for k, v in self.changes.items())]
+                         + ([["routes", routes]] if routes is not None else []))
         return hashlib.sha256(doc.encode()).hexdigest()
 
     @property
     def edited(self) -> bool:
         """Whether the weights changed since loading (through editfast's updates or installed modules)."""
         self._settle()
-        return bool(self.changes)
+        return bool(self.changes) or self._routes_changed() is not None
 
     def advance(self, name: str, digest: str) -> None:
         """Record that ``name`` (a weight, or a module a routed method installs) changed by ``digest``

@@ -28,6 +28,7 @@ shared context's cache and then its continuations.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -171,6 +172,23 @@ def uninstall(model: nn.Module, name: str | None = None) -> None:
 def routes(model: nn.Module) -> dict[str, Memory]:
     r = _routing(model)
     return {k: m for k, (m, _) in r.routes.items()} if r is not None else {}
+
+
+def digest(model: nn.Module) -> str | None:
+    """The sha256 of every route of ``model`` (module, kind, config, tensors' dtype, shape and
+    bytes); None when it routes nowhere. Part of the model's weights identity."""
+    rs = routes(model)
+    if not rs:
+        return None
+    h = hashlib.sha256()
+    for name in sorted(rs):
+        m = rs[name]
+        h.update(json.dumps([name, m.kind, m.config()], sort_keys=True, default=str).encode())
+        for k, t in sorted(m.tensors().items()):
+            t = t.detach().contiguous().cpu()
+            h.update(json.dumps([k, str(t.dtype), list(t.shape)]).encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def sequence_level(model: nn.Module) -> bool:
