@@ -234,6 +234,9 @@ def finetune(lm, sites: list[str], chunks: list[_Rows], hp: FTHyperParams, trace
     were when it returns or raises."""
     model = lm.model
     params = [weight_param(model, s) for s in sites]
+    for s in sites:  # an offloaded weight's values live outside the module: training them would change nothing
+        if model.get_parameter(s).is_meta:
+            raise EditfastError(f"fine-tuning cannot train {s}: a device map offloads it; load the model on one device")
     W0 = [p.detach().clone() for p, _ in params]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     losses: list[float] = []
