@@ -397,8 +397,11 @@ class EditSession:
         by: dict[str, Any] = {}
         if self.evaluate:
             reqs = self.requests[:k] if k else self.requests
-            per = edit_metrics(self.lm, reqs, self.kind, self.eval_batch_size, progress=self.progress,
-                               desc=f"edit metrics at {k} edits")
+            if k == 0 and self._pre is not None:  # the unedited model's scores, taken just before: not twice
+                per = [{key: v for key, v in row.items() if key != "fluency"} for row in self._pre]
+            else:
+                per = edit_metrics(self.lm, reqs, self.kind, self.eval_batch_size, progress=self.progress,
+                                   desc=f"edit metrics at {k} edits")
             point["edit_metrics"] = {key: v for key, v in summarize(per).items() if key != "n"}
             point["edit_metrics_of"] = "edited so far" if k else "all requests, unedited"
             if k == len(self.requests):
