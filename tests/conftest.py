@@ -26,7 +26,7 @@ try:
 except ImportError:  # pragma: no cover
     pass
 
-from helpers import smollm2, weights  # noqa: E402  (after TRITON_INTERPRET: helpers import editfast)
+from helpers import reset, smollm2, weights  # noqa: E402  (after TRITON_INTERPRET: helpers import editfast)
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +46,7 @@ def pristine(smol):
     """SmolLM2, every weight restored after the test."""
     saved = weights(smol)
     yield smol
-    smol.model.load_state_dict(saved)
+    reset(smol, saved)
 
 
 @pytest.fixture(scope="module")
@@ -62,4 +62,4 @@ def pristine_tiny(tiny):
     """The module's tiny llama, every weight restored after the test."""
     saved = weights(tiny)
     yield tiny
-    tiny.model.load_state_dict(saved)
+    reset(tiny, saved)

@@ -235,6 +235,8 @@ def test_resume_and_undo_bit_identical(routed_tiny, tmp_path, monkeypatch):
     three = EditSession(lm, "wise", REQS[:3], **kw)
     three.run()
     st3, lg3 = used_state(three), probe_logits(lm)
+    routing.uninstall(lm.model)  # the base again: a run folder starts only on the model as loaded
+    assert not lm.edited
     full = EditSession(lm, "wise", REQS, out=tmp_path / "run", **kw)
     full.run()
     st5, lg5 = used_state(full), probe_logits(lm)

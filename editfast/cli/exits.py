@@ -94,6 +94,7 @@ def signals_remembered() -> Iterator[None]:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         sys.unraisablehook = hook
+        reset_terminated()  # answered (exit 130/143): what runs next in this process starts clean
 
 
 def run(command: Callable[[], object]) -> None:

@@ -440,6 +440,9 @@ class WISE(Method):
         """Route the edited module through the state's memories (``routing.SideMemory``): W' and the
         shards' memories (WISE-Retrieve), or W' and the merged weight (WISE-Merge)."""
         name = weight_name(lm.adapter, hp)
+        if not int(scalar(state, "count", 0)):  # no edit yet (prepared, or undone to 0): the model as loaded
+            routing.uninstall(lm.model, name.rsplit(".", 1)[0])
+            return
         module = lm.model.get_submodule(name.rsplit(".", 1)[0])
         base = module.weight.detach()
         t = state.tensors

@@ -28,7 +28,6 @@ import torch
 
 from editfast.core.paths import cache_dir, write_cache
 from editfast.eval.evaluator import Evaluator
-from editfast.models.update import restore
 from editfast.session.session import EditSession
 
 CALIBRATION_FACTS = 2
@@ -132,7 +131,7 @@ def _calibrate_edit(lm, study: dict, r: dict, facts: list) -> dict:
         s.weight_changes()
         weights_s = time.perf_counter() - t
     finally:
-        restore(lm, s.base)
+        s.release()
     return {"method": r["method"], "edit_s_per_fact": tm["edit_s"] / len(facts),
             "edit_metrics_s_per_fact": (tm.get("eval_pre_s", 0.0) + tm.get("eval_post_s", 0.0)) / (2 * len(facts)),
             "weights_s": weights_s, "seconds": time.perf_counter() - t0}

@@ -43,6 +43,7 @@ from editfast.eval.generation import (
 from editfast.methods.base import Method, State
 from editfast.methods.hparams import HParams, check_layers
 from editfast.methods.registry import get_method, make_hparams, resolve_hparams
+from editfast.models import routing
 from editfast.models.load import max_positions
 from editfast.models.update import (
     Update,
@@ -356,6 +357,13 @@ class EditSession:
             self.timings["batches"].append({"seconds": e.info.get("seconds"), "targets_s": e.info.get("targets_s"),
                                             "n": e.end - e.start, "replayed": True})
         self.method.install(self.lm, self.hp, self.state)  # a routed method's memory as replayed
+
+    def release(self) -> None:
+        """Give the model back as this session found it: the base weights, and a routed method's
+        memory removed (a study's next session, a plan's next calibration, start from it)."""
+        restore(self.lm, self.base)
+        if self.method.routes:
+            routing.uninstall(self.lm.model)
 
     def undo(self, k: int) -> None:
         """Set the weights (and method state) to the run's after ``k`` edits: base, then batches 1..k."""

@@ -43,7 +43,6 @@ from editfast.eval.tasks import resolve_tasks
 from editfast.methods.hparams import check_layers
 from editfast.methods.registry import METHODS, get_method, resolve_hparams
 from editfast.models.load import load_model
-from editfast.models.update import restore
 from editfast.session.curves import plot_study, study_tasks, task_result
 from editfast.session.plan import evaluators, plan_study, run_protocols, sessions_of
 from editfast.session.session import EditSession, parse_checkpoints
@@ -383,7 +382,7 @@ def run_study(study: dict, out: str | Path, progress: bool = True, resume: bool 
                 templates.setdefault(run["method"], res.templates)
                 curve, timings = res.curve, res.timings
             finally:
-                restore(lm, s.base)
+                s.release()
         est = next((e for e in (estimates or {}).get("sessions", []) if e["session"] == sess["dir"]), None)
         runs_out.append({"run": run["name"], "session": sess["dir"], "label": label, "method": run["method"],
                          "setting": run["setting"], "batch_size": sess["batch_size"], "curve": curve,
@@ -492,7 +491,7 @@ def report_md(doc: dict) -> str:
             out.append(f"| {l['label']} | " + " | ".join("-" if by.get(e) is None else f"{by[e]:.3g}" for e in edits)
                        + " |")
         out.append("")
-    return "\n".join(out + time_md(doc["sessions"]))
+    return "\n".join(out + time_md(doc.get("sessions") or []))
 
 
 def _eval_split(p: dict) -> dict[str, float]:
@@ -510,6 +509,8 @@ def _eval_split(p: dict) -> dict[str, float]:
 def time_md(sessions: list[dict]) -> list[str]:
     """Where each session's time went (editing, of it target optimisation; each checkpoint part),
     with the plan's estimate beside the measured total."""
+    if not sessions:
+        return []
     parts = list(dict.fromkeys(k for s in sessions for p in s["curve"]["points"] for k in _eval_split(p)))
     out = ["## Where the time went (seconds; estimate from the plan's calibration)", "",
            "| session | estimate | measured | editing | of it targets | " + " | ".join(parts) + " |",

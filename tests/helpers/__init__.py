@@ -67,6 +67,16 @@ def weights(lm) -> dict:
     return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
 
 
+def reset(lm, saved: dict) -> None:
+    """``lm`` as loaded again after a test: the weights ``saved`` put back, every routed memory removed
+    and its record of changes cleared (a shared fixture is never handed on edited)."""
+    from editfast.models import routing
+
+    lm.model.load_state_dict(saved)
+    routing.uninstall(lm.model)
+    lm.changes.clear()
+
+
 _USER_CACHE = os.environ.get("EDITFAST_CACHE")  # as the run began, before any test's monkeypatch
 _SMOLLM2: list = []
 
