@@ -69,7 +69,6 @@ batch journals only the rows it wrote (``rows``, ``keys``, ``values``, ``eps``, 
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -80,7 +79,7 @@ import torch.nn.functional as F
 from editfast.core.errors import EditfastError, HParamsError
 from editfast.engine.kv import right_pad
 from editfast.methods.base import Method, State
-from editfast.methods.hparams import HParams
+from editfast.methods.hparams import HParams, check_inner_params, inner_params_module
 from editfast.methods.locate_then_edit.targets import target_text
 from editfast.models import routing
 from editfast.models.archs import output_logits
@@ -116,16 +115,8 @@ class GraceHyperParams(HParams):
 
     def validate(self) -> None:
         if self.inner_params is not None:
-            if not isinstance(self.inner_params, list) or len(self.inner_params) != 1 \
-                    or not isinstance(self.inner_params[0], str):
-                raise HParamsError(f"hparams: inner_params={self.inner_params} must name one weight (GRACE routes "
-                                   "one module)")
-            m = re.fullmatch(r"(.+?)\.(\d+)\.(.+?)(?:\.weight|\.bias)?",
-                             self.inner_params[0].replace("[", ".").replace("]", ""))
-            if m is None:
-                raise HParamsError(f"hparams: inner_params={self.inner_params} must name a weight of a decoder "
-                                   "layer, e.g. model.layers[27].mlp.down_proj.weight")
-            self.layers, self.module = [int(m.group(2))], m.group(3)
+            layer, self.module = inner_params_module(self.inner_params, "GRACE")
+            self.layers = [layer]
         super().validate()
         if len(self.layers) != 1:
             raise HParamsError(f"hparams: layers={self.layers} must name one layer (GRACE routes one module)")
@@ -136,10 +127,7 @@ class GraceHyperParams(HParams):
 
     def check_modules(self, adapter) -> None:
         if self.inner_params is not None:
-            prefix = self.inner_params[0].replace("[", ".").replace("]", "").split(f".{self.layers[0]}.")[0]
-            if f"{prefix}.{{}}" != adapter.layer_tmp:
-                raise HParamsError(f"hparams: inner_params={self.inner_params} names layers under {prefix!r}; this "
-                                   f"model's decoder layers are {adapter.layer_tmp.format('N')!r}")
+            check_inner_params(self.inner_params, self.layers[0], adapter)
 
 
 # -----------------------------------------------------------------------------------------------

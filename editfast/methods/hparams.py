@@ -254,3 +254,23 @@ def model_differs(given: str, model_name: str) -> bool:
     """Whether a file's ``model_name`` names another model than ``given`` (compared by last path part)."""
     last = lambda s: re.split(r"[/:\\]", str(s).rstrip("/"))[-1].lower()
     return last(given) != last(model_name)
+
+
+def inner_params_module(inner_params, method: str) -> tuple[int, str]:
+    """EasyEdit's ``inner_params`` of the methods that edit one module (GRACE, WISE): one weight's name
+    (``model.layers[27].mlp.down_proj.weight``) -> its layer and the module under the decoder layer."""
+    if not isinstance(inner_params, list) or len(inner_params) != 1 or not isinstance(inner_params[0], str):
+        raise HParamsError(f"hparams: inner_params={inner_params} must name one weight ({method} edits one module)")
+    m = re.fullmatch(r"(.+?)\.(\d+)\.(.+?)(?:\.weight|\.bias)?", inner_params[0].replace("[", ".").replace("]", ""))
+    if m is None:
+        raise HParamsError(f"hparams: inner_params={inner_params} must name a weight of a decoder layer, e.g. "
+                           "model.layers[27].mlp.down_proj.weight")
+    return int(m.group(2)), m.group(3)
+
+
+def check_inner_params(inner_params, layer: int, adapter) -> None:
+    """``inner_params`` names a weight under this model's decoder layers (``adapter.layer_tmp``)."""
+    prefix = inner_params[0].replace("[", ".").replace("]", "").split(f".{layer}.")[0]
+    if f"{prefix}.{{}}" != adapter.layer_tmp:
+        raise HParamsError(f"hparams: inner_params={inner_params} names layers under {prefix!r}; this model's "
+                           f"decoder layers are {adapter.layer_tmp.format('N')!r}")

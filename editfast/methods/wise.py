@@ -77,7 +77,6 @@ number) with ``memory.{i}`` and ``memory.{i}.min``, and ``merged`` (WISE-Merge).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,7 +90,7 @@ from editfast.data.corpus import corpus_texts
 from editfast.data.requests import load_dataset
 from editfast.engine.kv import right_pad
 from editfast.methods.base import Method, State
-from editfast.methods.hparams import HParams
+from editfast.methods.hparams import HParams, check_inner_params, inner_params_module
 from editfast.methods.locate_then_edit.targets import target_text
 from editfast.methods.mend.net import Above, TokenBatch
 from editfast.models import routing
@@ -149,13 +148,8 @@ class WISEHyperParams(HParams):
 
     def validate(self) -> None:
         if self.inner_params:  # EasyEdit's name of the edited weight decides the layer and the module
-            if len(self.inner_params) != 1:
-                raise HParamsError(f"hparams: inner_params={self.inner_params} must name one weight")
-            m = re.fullmatch(r"(.+?)[.\[](\d+)\]?\.(.+?)(?:\.weight)?", str(self.inner_params[0]))
-            if m is None:
-                raise HParamsError(f"hparams: inner_params={self.inner_params} is not a layer's weight "
-                                   "(e.g. model.layers[27].mlp.down_proj.weight)")
-            self.layers, self.module = [int(m.group(2))], m.group(3)
+            layer, self.module = inner_params_module(self.inner_params, "WISE")
+            self.layers = [layer]
         super().validate()
         if len(self.layers) != 1:
             raise HParamsError(f"hparams: layers={self.layers} is not allowed; WISE edits one layer")
@@ -176,10 +170,7 @@ class WISEHyperParams(HParams):
 
     def check_modules(self, adapter) -> None:
         if self.inner_params:
-            prefix = re.sub(r"\[(\d+)\]", r".\1", self.inner_params[0]).rsplit(f".{self.layers[0]}.", 1)[0]
-            if prefix != adapter.layer_tmp.format(self.layers[0]).rsplit(".", 1)[0]:
-                raise HParamsError(f"hparams: inner_params={self.inner_params} names no layer of this model "
-                                   f"(its layers are {adapter.layer_tmp})")
+            check_inner_params(self.inner_params, self.layers[0], adapter)
 
 
 def weight_name(adapter, hp: WISEHyperParams) -> str:
