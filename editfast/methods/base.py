@@ -31,7 +31,8 @@ import torch
 
 from editfast.data.requests import Request
 from editfast.methods.hparams import HParams
-from editfast.models.update import Update
+from editfast.core.errors import EditfastError, HParamsError
+from editfast.models.update import Update, weight_param
 
 
 @dataclass
@@ -118,3 +119,24 @@ class Method:
              progress: bool = False) -> Iterator[list[Update]]:
         """Yield one batch's updates, group by group; the caller applies each group before the next."""
         raise NotImplementedError
+
+
+def module_name(lm, layer: int, module: str) -> str:
+    """The module ``module`` ("rewrite": the model's MLP output projection, else a dotted name under the
+    decoder layer) of decoder layer ``layer``, by its full name."""
+    if module == "rewrite":
+        return lm.adapter.rewrite_tmp.format(layer)
+    return f"{lm.adapter.layer_tmp.format(layer)}.{module}"
+
+
+def matrix_module(lm, layer: int, module: str, key: str) -> str:
+    """``module_name``, checked to hold a weight matrix; HParamsError naming the hyper-parameter ``key``."""
+    name = module_name(lm, layer, module)
+    try:
+        W, _ = weight_param(lm.model, f"{name}.weight")
+    except EditfastError:
+        raise HParamsError(f"hparams: {key}: the model has no weight {name}.weight") from None
+    if W.dim() != 2:
+        raise HParamsError(f"hparams: {key}: {name}.weight is not a matrix")
+    return name
+

@@ -78,7 +78,7 @@ import torch.nn.functional as F
 
 from editfast.core.errors import EditfastError, HParamsError
 from editfast.engine.kv import right_pad
-from editfast.methods.base import Method, State
+from editfast.methods.base import Method, State, matrix_module
 from editfast.methods.hparams import HParams, check_inner_params, inner_params_module
 from editfast.methods.locate_then_edit.targets import target_text
 from editfast.models import routing
@@ -242,16 +242,7 @@ class Grace(Method):
     routes = True
 
     def module_name(self, lm, hp) -> str:
-        layer = hp.layers[0]
-        name = lm.adapter.rewrite_tmp.format(layer) if hp.module == "rewrite" \
-            else f"{lm.adapter.layer_tmp.format(layer)}.{hp.module}"
-        try:
-            W, _ = weight_param(lm.model, f"{name}.weight")
-        except EditfastError:
-            raise HParamsError(f"hparams: module: the model has no weight {name}.weight") from None
-        if W.dim() != 2:
-            raise HParamsError(f"hparams: module: {name}.weight is not a matrix")
-        return name
+        return matrix_module(lm, hp.layers[0], hp.module, "module")
 
     def sites(self, lm, hp) -> list[str]:
         return [f"{self.module_name(lm, hp)}.weight"]  # never written: its drift is reported (zero)

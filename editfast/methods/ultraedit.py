@@ -70,7 +70,7 @@ import torch.nn.functional as F
 
 from editfast.core.errors import EditfastError, HParamsError
 from editfast.engine.kv import right_pad
-from editfast.methods.base import Method, State
+from editfast.methods.base import Method, State, matrix_module
 from editfast.methods.hparams import HParams
 from editfast.methods.locate_then_edit.targets import target_text
 from editfast.models.archs import output_logits
@@ -208,15 +208,7 @@ class UltraEdit(Method):
     def module_names(self, lm, hp) -> list[str]:
         """The edited modules, in ``layers`` order; each must exist and hold a weight matrix."""
         mods = hp.modules * len(hp.layers) if len(hp.modules) == 1 else hp.modules
-        names = [lm.adapter.rewrite_tmp.format(l) if m == "rewrite" else f"{lm.adapter.layer_tmp.format(l)}.{m}"
-                 for l, m in zip(hp.layers, mods)]
-        for name in names:
-            try:
-                W, _ = weight_param(lm.model, f"{name}.weight")
-            except EditfastError:
-                raise HParamsError(f"hparams: modules: the model has no weight {name}.weight") from None
-            if W.dim() != 2:
-                raise HParamsError(f"hparams: modules: {name}.weight is not a matrix")
+        names = [matrix_module(lm, layer, m, "modules") for layer, m in zip(hp.layers, mods)]
         if len(set(names)) != len(names):
             raise HParamsError(f"hparams: modules name a module twice: {names}")
         return names
@@ -302,7 +294,7 @@ class UltraEdit(Method):
     def read_reference(self, lm, turn: _Turn, names: list[str]):
         """The original step by step: one forward/backward per sub-batch with full logits, the edited
         weights requiring gradients and module hooks (``util.TracerDict``); keys per sub-batch."""
-        model, tok = lm.model, lm.tokenizer
+        model = lm.model
         device = next(model.parameters()).device
         params = [model.get_submodule(n).weight for n in names]
         keys = {n: [] for n in names}
