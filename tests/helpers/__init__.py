@@ -26,7 +26,7 @@ name: tiny
 model: random:tiny-llama
 dataset: zsre-alt
 templates: fixed
-eval: {tasks: "sst2,wikitext", limit: 4, limits: {wikitext: 2}}
+eval: {tasks: "sst2,wikitext", limit: 4, limits: {wikitext: 1}}
 runs:
   - {name: rome-seq, method: rome, setting: sequential, n: 2, eval_at: [0, 1, 2]}
   - {name: memit-batch, method: memit, setting: batch, sizes: [1, 2]}
