@@ -172,7 +172,7 @@ def test_study_figures_readable():
     fig = overview_figure(runs, study_tasks(runs))
     panels = [a for a in fig.axes if a.has_data()]
     assert [a.get_title() for a in panels] == ["rte accuracy", "wikitext perplexity (lower is better) · log",
-                                               "fluency fluency"]
+                                               "fluency"]
     assert [a.get_yscale() for a in panels] == ["linear", "log", "linear"]
     fluency = [list(line.get_ydata()) for line in panels[2].get_lines() if len(line.get_xdata()) > 1]
     assert fluency[0] == pytest.approx([6.2 - e / 1000 for e in (0, 1, 10, 100, 1000)])

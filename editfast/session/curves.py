@@ -316,7 +316,8 @@ def _ylabel(runs: list[dict], task: str) -> str:
     for c in runs:
         _, _, _, primary, hib = _task_series(c, task)
         if primary:
-            return f"{task} {primary}" + ("" if hib else " (lower is better)") + (" · log" if "perplexity" in primary else "")
+            name = task if primary == task else f"{task} {primary}"  # "fluency", not "fluency fluency"
+            return name + ("" if hib else " (lower is better)") + (" · log" if "perplexity" in primary else "")
     return task
 
 
