@@ -140,4 +140,5 @@ def test_fluency_in_the_tables():
            "lines": [{"label": "memit", "points": pts}]}
     report = report_md(doc)
     assert "| efficacy | paraphrase | fluency |" in report and "5.610 → 4.250" in report
-    assert "## Fluency" in report and "probe P" in report and "| memit | 5.61 | 4.25 |" in report
+    assert "## Fluency" in report and "probe P" in report and "| memit | 5.610 ± 0.100 | 4.250 ± 0.100 |" in report
+    assert "## fluency" not in report  # one fluency table, titled with its probe set

@@ -469,21 +469,22 @@ def report_md(doc: dict) -> str:
     if "plots/overview.png" in doc.get("plots", []):
         out += ["![ability against edits, a panel per task](plots/overview.png)", ""]
     out += comparison_md(lines, tasks)
+    probe = _probe(lines)
     for t in tasks:
         edits = sorted({p["edits"] for l in lines for p in l["points"] if task_result(p, t)})
         first = next(task_result(p, t) for l in lines for p in l["points"] if task_result(p, t))
-        out += [f"## {t} ({first['primary']}{'' if first['higher_is_better'] else ', lower is better'})", "",
+        title = (f"Fluency (n-gram entropy of top-k samples of the probe set's generation prompts; {probe})"
+                 if t == "fluency" and probe else
+                 f"{t} ({first['primary']}{'' if first['higher_is_better'] else ', lower is better'})")
+        out += [f"## {title}", "",
                 "| run | " + " | ".join(map(str, edits)) + " |", "|---|" + "---|" * len(edits)]
         for l in lines:
             by = {p["edits"]: task_result(p, t) for p in l["points"]}
             out.append(f"| {l['label']} | " + " | ".join(_fmt(by.get(e)) for e in edits) + " |")
         out.append("")
     edits = sorted({p["edits"] for l in lines for p in l["points"]})
-    probe = _probe(lines)
-    fluency = f"Fluency (n-gram entropy of top-k samples of the probe set's generation prompts; {probe})"
     for title, get in (("Edit success (first edit metric: efficacy or rewrite accuracy, of the facts edited so far)",
                         lambda p: (headline_edit_metric(p.get("edit_metrics")) or (None, None))[1]),
-                       *([(fluency, _fluency)] if probe else []),
                        ("Weight drift ‖W − W₀‖₁ over the edited matrices", _drift)):
         out += [f"## {title}", "", "| run | " + " | ".join(map(str, edits)) + " |", "|---|" + "---|" * len(edits)]
         for l in lines:
