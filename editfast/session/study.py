@@ -543,6 +543,7 @@ def comparison_md(lines: list[dict], tasks: list[str]) -> list[str]:
             if k.endswith(("_success", "_acc")) and k not in rates:
                 rates.append(k)
     flu = _probe(lines) is not None
+    tasks = [t for t in tasks if not (flu and t == "fluency")]  # fluency's column comes once, beside the edit rates
     cols = [k.removesuffix("_success").removesuffix("_acc") for k in rates] + (["fluency"] if flu else []) + tasks
     out = ["## Comparison: unedited → last checkpoint", "",
            "| run | edits | s / edit | " + " | ".join(cols) + " | ‖W − W₀‖₁ |", "|---|" + "---|" * (len(cols) + 3)]
