@@ -281,6 +281,8 @@ def test_study_runs_the_grid(tmp_path, capsys):
     # every session's unedited evaluation after the first came from the cache
     cached = [s["curve"]["points"][0]["tasks"]["sst2"].get("cached") for s in doc["sessions"]]
     assert cached[0] is None and all(cached[1:])
+    for s in doc["sessions"][1:]:  # what the cache answered cost the checkpoint nothing
+        assert set(s["curve"]["points"][0]["eval_s_by"]["tasks"].values()) == {0.0}
     code, _, err = run_cli(["study", str(f), "--out", str(out), "--quiet"], capsys)
     assert code == 2 and "--resume" in err
     code, _, err = run_cli(["study", str(f), "--out", str(out), "--quiet", "--resume"], capsys)

@@ -417,13 +417,15 @@ class EditSession:
             by["edit_metrics"] = time.perf_counter() - t
         if self.evaluator is not None:
             point["tasks"] = self.evaluator.run(base=k == 0)
-            by["tasks"] = {name: doc.get("seconds", 0.0) for name, doc in point["tasks"].items()}
+            # a result read from the cache cost this checkpoint nothing (its "seconds" are its first measurement's)
+            by["tasks"] = {name: 0.0 if doc.get("cached") else doc.get("seconds", 0.0)
+                           for name, doc in point["tasks"].items()}
         if self.fluency:
             if self._probe is None:
                 self._probe = probe(self.lm.tokenizer, self.seed, self.fluency_probe)
             # the unedited model's: measured once, for every session of a study
             point["generation"] = self._probe.measure(self.engine, self._probe.cache_file(self.lm) if k == 0 else None)
-            by["generation"] = point["generation"]["seconds"]
+            by["generation"] = 0.0 if point["generation"].get("cached") else point["generation"]["seconds"]
         point["weights"] = self.weight_changes()
         memory = self.method.memory_size(self.state)
         if memory is not None:
