@@ -383,3 +383,19 @@ def test_all_tasks_both_protocols_on_smollm2(smol, protocol):
     if protocol == "standard":
         ppl = next(t for t in res.tasks if t.task == "wikitext").metrics["perplexity"]
         assert 5 < ppl < 100, ppl  # a trained 135M model on Wikipedia text; a random one is ~50,000
+
+
+def test_wikitext_is_scored_once_under_several_protocols():
+    from editfast.eval.evaluator import Evaluator
+    from editfast.models.load import load_model
+
+    tiny = load_model("random:tiny-llama")
+    both = Evaluator(tiny, "sst2,wikitext", ["standard", "paper"], 2, 0, progress=False, limits={"wikitext": 1})
+    res = both.run()
+    assert list(res) == ["sst2:standard", "wikitext:standard", "sst2:paper", "wikitext:paper"]
+    assert sum(t.name == "wikitext" for _, _, plan in both.plans for t, _, _ in plan.entries) == 1
+    alone = Evaluator(tiny, "wikitext", "paper", 2, 0, progress=False, limits={"wikitext": 1}).run()["wikitext"]
+    shared = res["wikitext:paper"]
+    assert shared["protocol"] == "paper" and shared["metrics"] == alone["metrics"] == res["wikitext:standard"]["metrics"]
+    assert shared["seconds"] == 0 and shared["scored_under"] == "standard"  # its time is counted once
+    assert res["sst2:paper"]["protocol"] == "paper" and res["sst2:paper"]["seconds"] > 0

@@ -27,6 +27,8 @@ class Task:
     lm_eval_names: dict[str, str] = {"accuracy": "acc"}  # editfast metric -> lm-eval's name for it
     num_fewshot: dict[str, int] = {}  # protocol -> exemplars in the prompt (0 if absent)
     target_key: str = "label"  # the example's field holding its gold answer
+    # the same requests and scores under every protocol: an evaluation under several scores it once
+    protocol_free: bool = False
 
     def load(self) -> list[dict[str, Any]]:
         """All examples of the shipped data file, in file order. Raise DataError if missing/malformed."""

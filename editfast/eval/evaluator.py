@@ -31,12 +31,17 @@ class Evaluator:
         self.lm, self.seed, self.progress, self.batch_tokens = lm, seed, progress, batch_tokens
         protocols = [protocols] if isinstance(protocols, str) else list(protocols)
         limits = limits or {}
-        names = [t.name for t in resolve_tasks(tasks)]
+        resolved = resolve_tasks(tasks)
+        names = [t.name for t in resolved]
+        free = {t.name for t in resolved if t.protocol_free}
         self.plans = []  # (protocol, limit, plan)
-        for p in protocols:
+        for i, p in enumerate(protocols):
             for lim in dict.fromkeys(limits.get(t, limit) for t in names):
-                group = [t for t in names if limits.get(t, limit) == lim]
-                self.plans.append((p, lim, EvalPlan.build(group, p, lim, seed)))
+                group = [t for t in names if limits.get(t, limit) == lim and not (i and t in free)]
+                if group:
+                    self.plans.append((p, lim, EvalPlan.build(group, p, lim, seed)))
+        # (task, protocol scored under, protocol reported under too): WikiText once, not once per protocol
+        self.shared = [(t, protocols[0], p) for p in protocols[1:] for t in names if t in free]
         self.keyed = len(protocols) > 1
         self._engine = None
 
@@ -91,5 +96,8 @@ class Evaluator:
                     write_cache(self.cache_file(t.task, p, lim),
                                 json.dumps({**doc, "cache_key": key}, indent=2, default=str) + "\n")
                 out[self.key(t.task, p)] = doc
+        for name, scored, p in self.shared:  # the same numbers; their seconds were spent once
+            out[self.key(name, p)] = {**out[self.key(name, scored)], "protocol": p, "seconds": 0.0,
+                                      "requests_per_s": None, "scored_under": scored}
         order = [self.key(t.name, p) for p, _, plan in self.plans for t, _, _ in plan.entries]
-        return {k: out[k] for k in order}
+        return {k: out[k] for k in order + [self.key(name, p) for name, _, p in self.shared]}

@@ -29,6 +29,7 @@ class WikiText(BaseTask):
     name, category, data_file = "wikitext", "perplexity", "wikitext103/wiki.test.tokens.gz"
     primary = {"standard": "perplexity", "paper": "perplexity"}
     higher_is_better = False
+    protocol_free = True
     target_key = "text"
     lm_eval_names = {"perplexity": "token_perplexity"}  # lm-eval's "perplexity" is exp(-mean per-document LL)
 
