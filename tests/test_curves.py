@@ -178,3 +178,17 @@ def test_study_figures_readable():
     assert fluency[0] == pytest.approx([6.2 - e / 1000 for e in (0, 1, 10, 100, 1000)])
     fig.canvas.draw()
     assert fig.legends and fig.legends[0].get_window_extent().x0 >= max(a.get_window_extent().x1 for a in panels)
+
+
+def test_a_run_under_both_protocols_joins_the_standard_panels():
+    from editfast.session.curves import study_tasks, task_result
+
+    def point(edits, tasks):
+        return {"edits": edits, "tasks": {k: {"primary": "accuracy", "metrics": {"accuracy": v}} for k, v in tasks.items()}}
+
+    one = {"points": [point(0, {"sst2": 0.6, "wikitext": 16.0})]}
+    both = {"points": [point(0, {"sst2:standard": 0.61, "wikitext:standard": 16.5, "sst2:paper": 0.01,
+                                 "wikitext:paper": 16.5})]}
+    assert study_tasks([one, both]) == ["sst2", "wikitext", "sst2:paper"]  # WikiText's paper numbers are its standard ones
+    assert task_result(both["points"][0], "sst2")["metrics"]["accuracy"] == 0.61
+    assert task_result(both["points"][0], "sst2:paper")["metrics"]["accuracy"] == 0.01

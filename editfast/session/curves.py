@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
+from editfast.core.errors import EditfastError
 from editfast.core.paths import atomic_path
 from editfast.eval.edit_metrics import HEADLINE_EDIT_METRICS
+from editfast.eval.tasks import resolve_tasks
 
 EXACT_SPECTRAL_MAX = 2048  # min(shape) up to which the spectral norm is an exact SVD
 
@@ -128,11 +130,24 @@ def _edit_metric_names(curve: dict) -> list[str]:
     return sorted(names, key=lambda k: (k not in first, first.index(k) if k in first else 0))
 
 
+def _panel(key: str) -> str | None:
+    """The panel a task key is drawn in: "sst2:standard" with "sst2", "sst2:paper" its own; None for a
+    protocol-free task under a second protocol ("wikitext:paper": the standard panel's numbers)."""
+    task, _, protocol = key.partition(":")
+    if not protocol or protocol == "standard":
+        return task
+    try:
+        free = resolve_tasks(task)[0].protocol_free
+    except EditfastError:  # a task this version does not know: drawn under its key
+        free = False
+    return None if free else key
+
+
 def _task_names(curves: list[dict]) -> list[str]:
     names: list[str] = []
     for c in curves:
         for p in c.get("points") or []:
-            names += [k for k in (p.get("tasks") or {}) if k not in names]
+            names += [k for k in map(_panel, p.get("tasks") or {}) if k and k not in names]
     return names
 
 
@@ -238,7 +253,10 @@ def run_styles(runs: list[dict]) -> list[dict]:
 def task_result(p: dict, task: str) -> dict | None:
     """A point's result for ``task`` in the tasks' layout; "fluency" is read from the point's
     ``generation`` (n-gram entropy of greedy generations) where no task of that name ran."""
-    t = (p.get("tasks") or {}).get(task)
+    tasks = p.get("tasks") or {}
+    t = tasks.get(task)
+    if t is None and ":" not in task:  # a run evaluated under several protocols: its standard one is the task's
+        t = tasks.get(f"{task}:standard")
     if t is None and task == "fluency" and isinstance(p.get("generation"), dict) and "fluency" in p["generation"]:
         g = p["generation"]
         t = {"primary": "fluency", "higher_is_better": True, "metrics": {"fluency": g["fluency"]},
